@@ -1,0 +1,198 @@
+"""Typed, frozen configuration, validated once at the boundary.
+
+Every dataclass checks its own fields in `__post_init__` and raises `ConfigError` with one line
+naming the field, the value and what is allowed. `from_config_dict` converts an ml_collections
+`ConfigDict` (the config files under `configs/`) section by section and prefixes the section name,
+so a user sees `moe.top_k=9: must be <= moe.num_experts=8`.
+
+This module imports no JAX: configs can be validated before any backend starts.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Optional
+
+DTYPES = ("float32", "bfloat16")
+
+
+class ConfigError(ValueError):
+  """A configuration value is invalid; the message is one line naming the key."""
+
+
+def _fail(key: str, value: Any, allowed: str):
+  raise ConfigError(f"{key}={value!r}: {allowed}")
+
+
+def _positive(obj, *names):
+  for name in names:
+    value = getattr(obj, name)
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+      _fail(name, value, "must be a positive integer")
+
+
+def _non_negative(obj, *names):
+  for name in names:
+    value = getattr(obj, name)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+      _fail(name, value, "must be a number >= 0")
+
+
+def _one_of(obj, name, choices):
+  value = getattr(obj, name)
+  if value not in choices:
+    _fail(name, value, f"must be one of {', '.join(map(repr, choices))}")
+
+
+def _is_bool(obj, *names):
+  for name in names:
+    if not isinstance(getattr(obj, name), bool):
+      _fail(name, getattr(obj, name), "must be True or False")
+
+
+@dataclasses.dataclass(frozen=True)
+class MoEConfig:
+  """One DeepSeek-V3 MoE layer: routed experts, shared experts, router and balancing."""
+  embed_dim: int = 64
+  num_experts: int = 8
+  top_k: int = 2
+  expert_ffn_dim: int = 64
+  num_shared_experts: int = 1
+  score_fn: str = "sigmoid"          # "sigmoid" (V3) or "softmax" (Switch/Mixtral)
+  n_groups: int = 1                  # expert groups for group-limited routing
+  topk_groups: int = 1               # groups whose experts may be selected
+  routed_scaling: float = 1.0        # multiplies the routed gates (V3: 2.5)
+  norm_topk: bool = True             # divide selected gates by their sum
+  capacity_factor: Optional[float] = None  # None: dropless; else rows per expert = cf*T*k/E
+  grouped_backend: str = "auto"      # "auto", "ragged" (lax.ragged_dot) or "padded" (buckets)
+  aux_loss_coef: float = 0.0         # GShard/Switch load-balancing loss weight
+  seq_aux_loss_coef: float = 0.0     # V3 sequence-wise balance loss weight
+  z_loss_coef: float = 0.0           # router z-loss weight
+  bias_update_rate: float = 1e-3     # aux-loss-free bias step (gamma); 0 disables
+  dtype: str = "float32"             # compute dtype of the experts
+  parallelism: str = "none"          # "none", "alltoall" (shard_map) or "gshard" (SPMD einsum)
+
+  def __post_init__(self):
+    _positive(self, "embed_dim", "num_experts", "top_k", "expert_ffn_dim", "n_groups",
+              "topk_groups")
+    _non_negative(self, "num_shared_experts", "aux_loss_coef", "seq_aux_loss_coef",
+                  "z_loss_coef", "bias_update_rate", "routed_scaling")
+    if isinstance(self.num_shared_experts, float):
+      _fail("num_shared_experts", self.num_shared_experts, "must be an integer >= 0")
+    _one_of(self, "score_fn", ("sigmoid", "softmax"))
+    _one_of(self, "grouped_backend", ("auto", "ragged", "padded"))
+    _one_of(self, "dtype", DTYPES)
+    _one_of(self, "parallelism", ("none", "alltoall", "gshard"))
+    _is_bool(self, "norm_topk")
+    if self.top_k > self.num_experts:
+      _fail("top_k", self.top_k, f"must be <= num_experts={self.num_experts}")
+    if self.num_experts % self.n_groups:
+      _fail("n_groups", self.n_groups, f"must divide num_experts={self.num_experts}")
+    if self.topk_groups > self.n_groups:
+      _fail("topk_groups", self.topk_groups, f"must be <= n_groups={self.n_groups}")
+    per_group = self.num_experts // self.n_groups
+    if self.top_k > self.topk_groups * per_group:
+      _fail("top_k", self.top_k,
+            f"must be <= topk_groups*experts_per_group={self.topk_groups * per_group}")
+    if self.n_groups > 1 and per_group < 2:
+      _fail("n_groups", self.n_groups, "needs >= 2 experts per group (group score = top-2 sum)")
+    if self.capacity_factor is not None and (
+        isinstance(self.capacity_factor, bool) or
+        not isinstance(self.capacity_factor, (int, float)) or self.capacity_factor <= 0):
+      _fail("capacity_factor", self.capacity_factor, "must be None (dropless) or a number > 0")
+
+  @property
+  def experts_per_group(self) -> int:
+    return self.num_experts // self.n_groups
+
+
+@dataclasses.dataclass(frozen=True)
+class FP8Config:
+  """FP8 mixed precision: which scaling recipe the dense and expert matmuls use."""
+  recipe: str = "none"               # "none", "tensor", "delayed" or "blockwise" (DeepSeek-V3)
+  fwd_dtype: str = "e4m3"            # FP8 type of activations and weights
+  grad_dtype: str = "e4m3"           # FP8 type of gradients: "e4m3" (V3) or "e5m2" (hybrid)
+  tile: int = 128                    # activation tile 1 x tile, weight block tile x tile
+  amax_history_len: int = 16         # "delayed": amax history length
+  power_of_two_scale: bool = False   # round scales up to 2^k
+  dispatch: bool = False             # FP8 activations through the expert all-to-all
+
+  def __post_init__(self):
+    _one_of(self, "recipe", ("none", "tensor", "delayed", "blockwise"))
+    _one_of(self, "fwd_dtype", ("e4m3", "e5m2"))
+    _one_of(self, "grad_dtype", ("e4m3", "e5m2"))
+    _positive(self, "tile", "amax_history_len")
+    _is_bool(self, "power_of_two_scale", "dispatch")
+
+
+MESH_AXES = ("data", "fsdp", "expert", "tensor")
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshConfig:
+  """Device mesh sizes; their product must equal the device count (checked in sharding.py)."""
+  data: int = 1
+  fsdp: int = 1
+  expert: int = 1
+  tensor: int = 1
+
+  def __post_init__(self):
+    _positive(self, *MESH_AXES)
+
+  @property
+  def shape(self) -> dict[str, int]:
+    return {axis: getattr(self, axis) for axis in MESH_AXES}
+
+  @property
+  def size(self) -> int:
+    n = 1
+    for axis in MESH_AXES:
+      n *= getattr(self, axis)
+    return n
+
+  def check_devices(self, num_devices: int):
+    if self.size != num_devices:
+      shape = "x".join(f"{a}={s}" for a, s in self.shape.items())
+      _fail("mesh", shape, f"product {self.size} must equal the device count {num_devices}")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  """The decoder: embeddings, attention (MLA or MHA/GQA), first_k_dense dense blocks, then MoE."""
+  vocab_size: int = 259              # byte tokenizer: 256 bytes + BOS, EOS, PAD
+  embed_dim: int = 64
+  num_layers: int = 2
+  first_k_dense: int = 1             # the first k blocks use a dense SwiGLU instead of MoE
+  dense_ffn_dim: int = 256
+  attention: str = "mla"             # "mla" (DeepSeek-V2/V3) or "mha" (MHA/GQA baseline)
+  num_heads: int = 4
+  num_kv_heads: int = 4              # "mha" only: GQA when < num_heads
+  head_dim: int = 16                 # "mha" only
+  q_lora_rank: int = 0               # "mla": 0 = no query compression
+  kv_lora_rank: int = 32             # "mla": joint key/value latent width
+  qk_nope_head_dim: int = 16         # "mla": per-head key/query part without RoPE
+  qk_rope_head_dim: int = 8          # "mla": decoupled RoPE key, shared across heads
+  v_head_dim: int = 16               # "mla"
+  rope_theta: float = 10000.0
+  max_seq_len: int = 256
+  mtp_depth: int = 0                 # multi-token prediction modules (V3: 1)
+  mtp_loss_weight: float = 0.3
+  norm_eps: float = 1e-6
+  init_std: float = 0.02
+  dtype: str = "float32"             # compute dtype; parameters stay float32
+
+  def __post_init__(self):
+    _positive(self, "vocab_size", "embed_dim", "num_layers", "dense_ffn_dim", "num_heads",
+              "num_kv_heads", "head_dim", "kv_lora_rank", "qk_nope_head_dim",
+              "qk_rope_head_dim", "v_head_dim", "max_seq_len")
+    _non_negative(self, "first_k_dense", "q_lora_rank", "mtp_depth", "mtp_loss_weight",
+                  "norm_eps", "init_std", "rope_theta")
+    _one_of(self, "attention", ("mla", "mha"))
+    _one_of(self, "dtype", DTYPES)
+    if self.first_k_dense > self.num_layers:
+      _fail("first_k_dense", self.first_k_dense, f"must be <= num_layers={self.num_layers}")
+    if self.num_heads % self.num_kv_heads:
+      _fail("num_kv_heads", self.num_kv_heads, f"must divide num_heads={self.num_heads}")
+    if self.qk_rope_head_dim % 2:
+      _fail("qk_rope_head_dim", self.qk_rope_head_dim, "must be even (RoPE rotates pairs)")
+    if self.attention == "mha" and self.head_dim % 2:
+      _fail("head_dim", self.head_dim, "must be even (RoPE rotates pairs)")
