@@ -196,3 +196,52 @@ class ModelConfig:
       _fail("qk_rope_head_dim", self.qk_rope_head_dim, "must be even (RoPE rotates pairs)")
     if self.attention == "mha" and self.head_dim % 2:
       _fail("head_dim", self.head_dim, "must be even (RoPE rotates pairs)")
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+  """Where tokens come from. Batches are a pure function of (seed, step, process index)."""
+  source: str = "stdlib"             # "stdlib" (Python's own source), "text", "tokens", "synthetic"
+  path: str = ""                     # "text": directory or glob; "tokens": prepared token file
+  heldout_fraction: float = 0.02     # share of files (or tokens) held out for evaluation
+
+  def __post_init__(self):
+    _one_of(self, "source", ("stdlib", "text", "tokens", "synthetic"))
+    if self.source in ("text", "tokens") and not self.path:
+      _fail("path", self.path, f"must name a file, directory or glob when source={self.source!r}")
+    if not isinstance(self.heldout_fraction, (int, float)) or not 0 < self.heldout_fraction < 1:
+      _fail("heldout_fraction", self.heldout_fraction, "must be a number in (0, 1)")
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+  """Optimisation, logging, evaluation and checkpointing of a training run."""
+  steps: int = 300
+  batch_size: int = 16               # global sequences per step
+  seq_len: int = 128
+  learning_rate: float = 3e-3        # peak, after linear warmup, then cosine decay
+  warmup_steps: int = 30
+  min_lr_ratio: float = 0.1          # final learning rate / peak
+  weight_decay: float = 0.1
+  b1: float = 0.9
+  b2: float = 0.95
+  grad_clip: float = 1.0             # global-norm clipping; 0 disables
+  log_every: int = 10
+  eval_every: int = 100
+  eval_batches: int = 4
+  checkpoint_every: int = 100
+  keep_checkpoints: int = 3
+  max_bad_steps: int = 5             # non-finite steps in a row before the run stops
+  seed: int = 0
+  optimizer_state_dtype: str = "float32"  # AdamW moments: "float32" or "bfloat16"
+
+  def __post_init__(self):
+    _positive(self, "steps", "batch_size", "seq_len", "log_every", "eval_every", "eval_batches",
+              "checkpoint_every", "keep_checkpoints", "max_bad_steps")
+    _non_negative(self, "learning_rate", "warmup_steps", "min_lr_ratio", "weight_decay",
+                  "grad_clip", "seed")
+    _one_of(self, "optimizer_state_dtype", DTYPES)
+    for name in ("b1", "b2"):
+      value = getattr(self, name)
+      if not isinstance(value, (int, float)) or not 0 <= value < 1:
+        _fail(name, value, "must be a number in [0, 1)")
