@@ -1,0 +1,4 @@
+"""The functional DeepSeek-V3 MoE layer: `init`, `apply`, `update_bias` (see `layer.py`)."""
+from moe_jax.moe.layer import apply, init, swiglu, update_bias
+
+__all__ = ["apply", "init", "swiglu", "update_bias"]

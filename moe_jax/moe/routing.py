@@ -1,0 +1,93 @@
+"""Router maths: scores, group-limited top-k selection, gates, balance losses, load statistics.
+
+All functions take flat tokens (`T` = tokens, `E` = experts, `K` = experts per token) and work in
+float32 whatever the compute dtype, because routing decisions flip on tiny score differences.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from moe_jax.config import MoEConfig
+
+
+def scores(logits_TxE: jax.Array, score_fn: str) -> jax.Array:
+  """Affinity of each token for each expert: sigmoid (DeepSeek-V3) or softmax (Switch)."""
+  logits_TxE = logits_TxE.astype(jnp.float32)
+  if score_fn == "sigmoid":
+    return jax.nn.sigmoid(logits_TxE)
+  return jax.nn.softmax(logits_TxE, axis=-1)
+
+
+def select(scores_TxE: jax.Array, bias_E: jax.Array, cfg: MoEConfig) -> jax.Array:
+  """Indices [T, K] of the chosen experts.
+
+  The bias only steers selection (aux-loss-free balancing); with `n_groups > 1` a group's score is
+  the sum of its two best biased scores, and only the best `topk_groups` groups compete. Ties go
+  to the lower index (`lax.top_k`'s rule), which the NumPy reference in the tests mirrors.
+  """
+  biased_TxE = jax.lax.stop_gradient(scores_TxE) + bias_E.astype(jnp.float32)[None, :]
+  if cfg.n_groups > 1:
+    t = biased_TxE.shape[0]
+    grouped_TxGxM = biased_TxE.reshape(t, cfg.n_groups, cfg.experts_per_group)
+    group_score_TxG = jax.lax.top_k(grouped_TxGxM, 2)[0].sum(-1)
+    _, best_groups_TxJ = jax.lax.top_k(group_score_TxG, cfg.topk_groups)
+    keep_TxG = jax.nn.one_hot(best_groups_TxJ, cfg.n_groups, dtype=jnp.int32).sum(1) > 0
+    keep_TxE = jnp.repeat(keep_TxG, cfg.experts_per_group, axis=1)
+    biased_TxE = jnp.where(keep_TxE, biased_TxE, -jnp.inf)
+  _, idx_TxK = jax.lax.top_k(biased_TxE, cfg.top_k)
+  return idx_TxK.astype(jnp.int32)
+
+
+def gates(scores_TxE: jax.Array, idx_TxK: jax.Array, cfg: MoEConfig) -> jax.Array:
+  """Combine weights from the unbiased scores of the selected experts."""
+  gates_TxK = jnp.take_along_axis(scores_TxE, idx_TxK, axis=-1)
+  if cfg.norm_topk:
+    # The epsilon matches the reference implementations, so loaded checkpoints agree exactly.
+    gates_TxK = gates_TxK / (gates_TxK.sum(-1, keepdims=True) + 1e-20)
+  return gates_TxK * cfg.routed_scaling
+
+
+def load(idx_TxK: jax.Array, num_experts: int) -> jax.Array:
+  """Assignments per expert, [E] float32."""
+  one_hot = jax.nn.one_hot(idx_TxK.reshape(-1), num_experts, dtype=jnp.float32)
+  return one_hot.sum(0)
+
+
+def max_violation(load_E: jax.Array) -> jax.Array:
+  """MaxVio of the aux-loss-free balancing paper: max load / mean load - 1."""
+  return load_E.max() / jnp.maximum(load_E.mean(), 1e-9) - 1.0
+
+
+def _probabilities(scores_TxE: jax.Array, score_fn: str) -> jax.Array:
+  if score_fn == "sigmoid":
+    return scores_TxE / (scores_TxE.sum(-1, keepdims=True) + 1e-20)
+  return scores_TxE
+
+
+def balance_loss(scores_TxE: jax.Array, idx_TxK: jax.Array, cfg: MoEConfig) -> jax.Array:
+  """Switch/GShard loss E * sum_e f_e * P_e; 1.0 when perfectly balanced.
+
+  f_e is the share of assignments that went to expert e, P_e its mean routing probability.
+  """
+  f_E = load(idx_TxK, cfg.num_experts) / idx_TxK.size
+  p_E = _probabilities(scores_TxE, cfg.score_fn).mean(0)
+  return cfg.num_experts * jnp.sum(f_E * p_E)
+
+
+def sequence_balance_loss(scores_BxSxE: jax.Array, idx_BxSxK: jax.Array,
+                          cfg: MoEConfig) -> jax.Array:
+  """DeepSeek-V3's sequence-wise balance loss: the Switch loss per sequence, averaged."""
+  per_sequence = jax.vmap(lambda s, i: balance_loss(s, i, cfg))(scores_BxSxE, idx_BxSxK)
+  return per_sequence.mean()
+
+
+def z_loss(logits_TxE: jax.Array) -> jax.Array:
+  """Router z-loss (ST-MoE): mean squared log-partition, keeps logits from drifting large."""
+  return jnp.mean(jax.nn.logsumexp(logits_TxE.astype(jnp.float32), axis=-1) ** 2)
+
+
+def update_bias(bias_E: jax.Array, load_E: jax.Array, rate: float) -> jax.Array:
+  """Aux-loss-free balancing step: raise the bias of under-loaded experts, lower over-loaded."""
+  load_E = jax.lax.stop_gradient(load_E.astype(jnp.float32))
+  return bias_E + rate * jnp.sign(load_E.mean() - load_E)
