@@ -1,0 +1,340 @@
+"""FP8 numerics: scaled quantization and an FP8 matmul with a custom VJP.
+
+Quantization maps x to `q = saturate(round_to_nearest_even(x / scale))` in an ml_dtypes FP8 type
+(`float8_e4m3fn`, max 448, or `float8_e5m2`, max 57344), so `x ~= q * scale`. `scale` is float32
+with one entry per block of the last two dims (`block_shape`, ragged edge blocks allowed, leading
+dims are batch dims with their own scales) or one for the whole tensor (`block_shape=None`):
+`scale = amax(block) / max_finite`, 1 for an all-zero block, optionally rounded up to 2^k.
+
+Recipes (`FP8Config.recipe`) for `fp8_dot` ([..., M, K] @ [K, N]) and `fp8_grouped_dot`
+([E, C, K] @ [E, K, N], one product per expert; every scale below is then per expert):
+  "none"       a plain dot in the input dtype, no quantization.
+  "tensor"     one current scale per tensor (x, w, and the output gradient g).
+  "delayed"    one scale per tensor taken from an amax history (Transformer-Engine style).
+  "blockwise"  DeepSeek-V3: x and g in 1 x tile tiles along the contraction dim, w in
+               tile x tile blocks; partial sums of each tile-long chunk of the contraction are
+               accumulated in float32 and scaled there (the "promotion" V3 does every 128
+               elements), so the result is dequantize-then-matmul up to float32 rounding.
+The three products of a training step are quantized as follows (x, w in `fwd_dtype`, g in
+`grad_dtype`): y = x @ w; dx = g @ w^T (g tiled along N, w's blocks transposed); dw = x^T @ g
+(x and g both tiled along the token dim M, the contraction dim there). With leading dims,
+`fp8_dot` flattens them into the token dim first.
+
+Delayed-scaling state. The amax of g is only seen in the backward pass, so the histories travel
+the way Flax's `OVERWRITE_WITH_GRADIENT` collection does: the state dict
+`{"x": hist, "w": hist, "g": hist}` (float32, [L] or [E, L], from `init_delayed_state`) is an
+input of the dot, and its *cotangent* is the updated state. The forward quantizes with
+`scale = max(history) / max_finite` (the step's own amax is not used, values beyond the history's
+range saturate); the cotangent is the history rolled by one with the step's amax at index 0.
+A caller keeps the state in its train state (and checkpoints it), differentiates the loss with
+respect to it too, and replaces the state with that gradient; it must never reach the optimizer.
+Each dot needs its own state: a state shared by two calls (or summed over micro-batches) gets
+summed cotangents. A forward-only call (evaluation) leaves the state as it was.
+
+Platform facts (XLA:CPU, jax 0.10.2): FP8 dot_general upcasts to float32, so the numerics are
+exact FP8 rounding at float32 speed; casts to FP8 round to nearest even but do not saturate
+(overflow gives nan in e4m3fn, inf in e5m2), hence the explicit clip; float32 subnormals are
+flushed to zero, hence scales are kept >= 2^-126; division by a broadcast becomes a multiply by
+the reciprocal (1 ulp off), hence `_divide`. The VJP of a cast to FP8 casts the cotangent to
+FP8 *unscaled* (small gradients become 0, large ones nan): never differentiate through `quantize`;
+wrap FP8 transport (e.g. expert dispatch) in a custom VJP, as `fp8_dot` does.
+"""
+from __future__ import annotations
+
+import functools
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from moe_jax.config import FP8Config
+
+BlockShape = Optional[tuple[int, int]]
+DelayedState = dict[str, jax.Array]
+
+FP8_DTYPES = {"e4m3": jnp.float8_e4m3fn, "e5m2": jnp.float8_e5m2}
+# Smallest normal float32: XLA:CPU flushes subnormals, so a smaller scale would divide by zero.
+_MIN_SCALE = 2.0 ** -126
+
+
+def max_finite(dtype) -> float:
+  """Largest finite value of an FP8 dtype (448 for e4m3fn, 57344 for e5m2)."""
+  return float(jnp.finfo(dtype).max)
+
+
+def _divide(a: jax.Array, b: jax.Array) -> jax.Array:
+  """a / b, correctly rounded. XLA rewrites division by a broadcast into multiplication by its
+  reciprocal (up to 1 ulp off, so scales and FP8 values would hinge on pattern matching); the
+  barrier hides the broadcast, at the cost of materializing b at a's shape."""
+  return a / lax.optimization_barrier(jnp.broadcast_to(b, a.shape))
+
+
+def _num_blocks(shape: tuple[int, ...], block_shape: tuple[int, int]) -> tuple[int, int]:
+  (M, N), (bm, bn) = shape[-2:], block_shape
+  return -(-M // bm), -(-N // bn)
+
+
+def _check(x: jax.Array, block_shape: BlockShape):
+  if block_shape is None:
+    return
+  if x.ndim < 2:
+    raise ValueError(f"block_shape={block_shape} needs an array of rank >= 2, got {x.shape}")
+  if len(block_shape) != 2 or min(block_shape) <= 0:
+    raise ValueError(f"block_shape={block_shape}: must be None or two positive integers")
+
+
+def block_amax(x: jax.Array, block_shape: BlockShape) -> jax.Array:
+  """max |x| per block of the last two dims ([..., ceil(M/bm), ceil(N/bn)]), or a scalar."""
+  _check(x, block_shape)
+  x = jnp.abs(x.astype(jnp.float32))
+  if block_shape is None:
+    return jnp.max(x)
+  (Mb, Nb), (bm, bn) = _num_blocks(x.shape, block_shape), block_shape
+  M, N = x.shape[-2:]
+  # Zero padding cannot raise an amax, so ragged edge blocks need no mask.
+  pad = [(0, 0)] * (x.ndim - 2) + [(0, Mb * bm - M), (0, Nb * bn - N)]
+  x = jnp.pad(x, pad).reshape(x.shape[:-2] + (Mb, bm, Nb, bn))
+  return jnp.max(x, axis=(-3, -1))
+
+
+def compute_scale(amax: jax.Array, dtype, power_of_two: bool = False) -> jax.Array:
+  """float32 scale = amax / max_finite(dtype); 1 where amax is 0; optionally rounded up to 2^k."""
+  amax = amax.astype(jnp.float32)
+  scale = _divide(amax, jnp.float32(max_finite(dtype)))
+  scale = jnp.where(amax > 0, jnp.maximum(scale, _MIN_SCALE), 1.0).astype(jnp.float32)
+  if power_of_two:
+    # Rounding up the mantissa bits of a positive normal float is an exact ceil to 2^k.
+    bits = lax.bitcast_convert_type(scale, jnp.int32)
+    bits = (bits + 0x7FFFFF) & jnp.int32(-0x800000)
+    scale = lax.bitcast_convert_type(bits, jnp.float32)
+  return scale
+
+
+def _expand(scale: jax.Array, block_shape: BlockShape, shape: tuple[int, ...]) -> jax.Array:
+  """Repeats per-block scales to the full shape of the quantized array."""
+  if block_shape is None:
+    return scale
+  (M, N), (bm, bn) = shape[-2:], block_shape
+  full = jnp.repeat(jnp.repeat(scale, bm, axis=-2), bn, axis=-1)
+  return full[..., :M, :N]
+
+
+def quantize_with_scale(x: jax.Array, scale: jax.Array, *, dtype=jnp.float8_e4m3fn,
+                        block_shape: BlockShape = (1, 128)) -> jax.Array:
+  """Casts x / scale to dtype, rounding to nearest even and saturating at +-max_finite."""
+  _check(x, block_shape)
+  fmax = max_finite(dtype)
+  y = _divide(x.astype(jnp.float32), _expand(scale.astype(jnp.float32), block_shape, x.shape))
+  return jnp.clip(y, -fmax, fmax).astype(dtype)
+
+
+def quantize(x: jax.Array, *, dtype=jnp.float8_e4m3fn, block_shape: BlockShape = (1, 128),
+             power_of_two: bool = False) -> tuple[jax.Array, jax.Array]:
+  """Returns (q, scale) with x ~= q * scale, scales from each block's current amax.
+
+  block_shape=(1, 128) gives DeepSeek-V3's activation tiles (one scale per row per 128
+  columns), (128, 128) its weight blocks, None one scale for the whole tensor. Works for any
+  [..., M, N] (e.g. dispatch rows [T, D], D a multiple of 128 or not).
+  """
+  scale = compute_scale(block_amax(x, block_shape), dtype, power_of_two)
+  return quantize_with_scale(x, scale, dtype=dtype, block_shape=block_shape), scale
+
+
+def dequantize(q: jax.Array, scale: jax.Array, *, block_shape: BlockShape = (1, 128),
+               out_dtype=jnp.float32) -> jax.Array:
+  """q * scale in float32 (block scales repeated over their blocks), cast to out_dtype."""
+  _check(q, block_shape)
+  full = _expand(scale.astype(jnp.float32), block_shape, q.shape)
+  return (q.astype(jnp.float32) * full).astype(out_dtype)
+
+
+def quantization_error(x: jax.Array, *, block_shape: BlockShape = (1, 128),
+                       dtype=jnp.float8_e4m3fn, power_of_two: bool = False,
+                       where: Optional[jax.Array] = None) -> jax.Array:
+  """Relative error ||dequantize(quantize(x)) - x|| / ||x|| (over `where` only, if given)."""
+  q, scale = quantize(x, dtype=dtype, block_shape=block_shape, power_of_two=power_of_two)
+  x32 = x.astype(jnp.float32)
+  err = dequantize(q, scale, block_shape=block_shape) - x32
+  if where is not None:
+    err, x32 = jnp.where(where, err, 0.0), jnp.where(where, x32, 0.0)
+  return jnp.linalg.norm(err) / jnp.linalg.norm(x32)
+
+
+# ----------------------------------------------------------------------------------------------
+# Delayed scaling state.
+
+def init_delayed_state(history_len: int, num_groups: Optional[int] = None) -> DelayedState:
+  """Zero amax histories for x, w and g: [history_len], or [num_groups, history_len] for
+  `fp8_grouped_dot`. Zero history means scale 1 on the first step."""
+  shape = (history_len,) if num_groups is None else (num_groups, history_len)
+  return {k: jnp.zeros(shape, jnp.float32) for k in ("x", "w", "g")}
+
+
+def _roll_history(history_GxL: jax.Array, amax_G: jax.Array) -> jax.Array:
+  return jnp.concatenate([amax_G[:, None], history_GxL[:, :-1]], axis=1)
+
+
+# ----------------------------------------------------------------------------------------------
+# Products. Everything below works on a leading group dim G (G=1 for a plain dot).
+
+def _dot_f32(a_GxMxC: jax.Array, b_GxCxN: jax.Array) -> jax.Array:
+  dims = (((2,), (1,)), ((0,), (0,)))
+  return lax.dot_general(a_GxMxC, b_GxCxN, dims, preferred_element_type=jnp.float32)
+
+
+def _tensor_matmul(qa: jax.Array, qb: jax.Array, sa_G: jax.Array, sb_G: jax.Array) -> jax.Array:
+  """Per-tensor scaled product; one float32 accumulation over the whole contraction."""
+  return _dot_f32(qa, qb) * (sa_G * sb_G)[:, None, None]
+
+
+def _chunked_matmul(qa_GxMxC: jax.Array, sa_GxMxCb: jax.Array, qb_GxCxN: jax.Array,
+                    sb_GxCbxN: jax.Array, tile: int) -> jax.Array:
+  """sum_c (qa[..., c-chunk] @ qb[c-chunk, :]) * sa[:, c] * sb[c, :], float32 throughout.
+
+  Each tile-long chunk of the contraction is its own float32 dot whose partial sum is scaled
+  and added in float32: the promotion DeepSeek-V3 does on tensor cores. Holds Cb partial
+  products at once (Cb x the output's memory); a fused kernel is the GPU path.
+  """
+  G, M, C = qa_GxMxC.shape
+  N = qb_GxCxN.shape[2]
+  Cb = sa_GxMxCb.shape[2]
+  pad = Cb * tile - C
+  qa = jnp.pad(qa_GxMxC, ((0, 0), (0, 0), (0, pad))).reshape(G, M, Cb, tile)
+  qb = jnp.pad(qb_GxCxN, ((0, 0), (0, pad), (0, 0))).reshape(G, Cb, tile, N)
+  dims = (((3,), (2,)), ((0, 2), (0, 1)))
+  p_GxCbxMxN = lax.dot_general(qa, qb, dims, preferred_element_type=jnp.float32)
+  sa_GxCbxMx1 = jnp.swapaxes(sa_GxMxCb, 1, 2)[..., None]
+  return jnp.sum(p_GxCbxMxN * sa_GxCbxMx1 * sb_GxCbxN[:, :, None, :], axis=1)
+
+
+def _tensor_quantize(x_GxMxN: jax.Array, scale_G: jax.Array, dtype) -> jax.Array:
+  full = (max(x_GxMxN.shape[1], 1), max(x_GxMxN.shape[2], 1))
+  return quantize_with_scale(x_GxMxN, scale_G[:, None, None], dtype=dtype, block_shape=full)
+
+
+def _tensor_amax(x_GxMxN: jax.Array) -> jax.Array:
+  return jnp.max(jnp.abs(x_GxMxN.astype(jnp.float32)), axis=(1, 2), initial=0.0)
+
+
+def _per_tensor_scales(cfg: FP8Config, x, w, g, state: DelayedState):
+  """Scales of x, w and g ([G] each) for the "tensor" and "delayed" recipes."""
+  fwd, grad = FP8_DTYPES[cfg.fwd_dtype], FP8_DTYPES[cfg.grad_dtype]
+  p2 = cfg.power_of_two_scale
+  if cfg.recipe == "delayed":
+    amaxes = [jnp.max(state[k], axis=1) for k in ("x", "w", "g")]
+  else:
+    amaxes = [_tensor_amax(t) if t is not None else None for t in (x, w, g)]
+  return [compute_scale(a, dt, p2) if a is not None else None
+          for a, dt in zip(amaxes, (fwd, fwd, grad))]
+
+
+def _forward(cfg: FP8Config, x_GxMxK, w_GxKxN, state: DelayedState) -> jax.Array:
+  fwd, t = FP8_DTYPES[cfg.fwd_dtype], cfg.tile
+  p2 = cfg.power_of_two_scale
+  if cfg.recipe == "blockwise":
+    qx, sx = quantize(x_GxMxK, dtype=fwd, block_shape=(1, t), power_of_two=p2)
+    qw, sw = quantize(w_GxKxN, dtype=fwd, block_shape=(t, t), power_of_two=p2)
+    sw_GxKbxN = _expand(sw, (1, t), w_GxKxN.shape[:1] + sw.shape[1:2] + w_GxKxN.shape[2:])
+    return _chunked_matmul(qx, sx, qw, sw_GxKbxN, t)
+  sx, sw, _ = _per_tensor_scales(cfg, x_GxMxK, w_GxKxN, None, state)
+  return _tensor_matmul(_tensor_quantize(x_GxMxK, sx, fwd), _tensor_quantize(w_GxKxN, sw, fwd),
+                        sx, sw)
+
+
+def _backward(cfg: FP8Config, x_GxMxK, w_GxKxN, g_GxMxN, state: DelayedState):
+  fwd, grad, t = FP8_DTYPES[cfg.fwd_dtype], FP8_DTYPES[cfg.grad_dtype], cfg.tile
+  p2 = cfg.power_of_two_scale
+  xT_GxKxM = jnp.swapaxes(x_GxMxK, 1, 2)
+  if cfg.recipe == "blockwise":
+    # dx = g @ w^T: g tiled along N; w's 128x128 blocks, transposed, serve unchanged.
+    qg, sg = quantize(g_GxMxN, dtype=grad, block_shape=(1, t), power_of_two=p2)
+    qw, sw = quantize(w_GxKxN, dtype=fwd, block_shape=(t, t), power_of_two=p2)
+    K = w_GxKxN.shape[1]
+    swT_GxNbxK = _expand(jnp.swapaxes(sw, 1, 2), (1, t), sw.shape[:1] + sw.shape[2:] + (K,))
+    dx = _chunked_matmul(qg, sg, jnp.swapaxes(qw, 1, 2), swT_GxNbxK, t)
+    # dw = x^T @ g: both tiled along the token dim M, which is the contraction here.
+    qxT, sxT = quantize(xT_GxKxM, dtype=fwd, block_shape=(1, t), power_of_two=p2)
+    qg2, sg2 = quantize(g_GxMxN, dtype=grad, block_shape=(t, 1), power_of_two=p2)
+    dw = _chunked_matmul(qxT, sxT, qg2, sg2, t)
+    return dx, dw
+  sx, sw, sg = _per_tensor_scales(cfg, x_GxMxK, w_GxKxN, g_GxMxN, state)
+  qg = _tensor_quantize(g_GxMxN, sg, grad)
+  qwT = jnp.swapaxes(_tensor_quantize(w_GxKxN, sw, fwd), 1, 2)
+  dx = _tensor_matmul(qg, qwT, sg, sw)
+  dw = _tensor_matmul(_tensor_quantize(xT_GxKxM, sx, fwd), qg, sx, sg)
+  return dx, dw
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _fp8_matmul(cfg: FP8Config, x_GxMxK, w_GxKxN, state: DelayedState):
+  return _forward(cfg, x_GxMxK, w_GxKxN, state).astype(x_GxMxK.dtype)
+
+
+def _fp8_matmul_fwd(cfg, x_GxMxK, w_GxKxN, state):
+  # x and w are kept, not their FP8 forms: dw needs x re-tiled along tokens anyway, and w
+  # (a parameter) stays alive regardless. Re-quantizing is deterministic, so it matches.
+  y = _forward(cfg, x_GxMxK, w_GxKxN, state).astype(x_GxMxK.dtype)
+  return y, (x_GxMxK, w_GxKxN, state)
+
+
+def _fp8_matmul_bwd(cfg, residuals, g_GxMxN):
+  x, w, state = residuals
+  dx, dw = _backward(cfg, x, w, g_GxMxN, state)
+  new_state = {}
+  if cfg.recipe == "delayed":
+    amax = {"x": _tensor_amax(x), "w": _tensor_amax(w), "g": _tensor_amax(g_GxMxN)}
+    new_state = {k: _roll_history(state[k], amax[k]) for k in state}
+  return dx.astype(x.dtype), dw.astype(w.dtype), new_state
+
+
+_fp8_matmul.defvjp(_fp8_matmul_fwd, _fp8_matmul_bwd)
+
+
+def _check_state(cfg: FP8Config, state: Optional[DelayedState], groups: Optional[int]):
+  if cfg.recipe != "delayed":
+    if state is not None:
+      raise ValueError(f"fp8 recipe={cfg.recipe!r} takes no delayed-scaling state")
+    return {}
+  if state is None or set(state) != {"x", "w", "g"}:
+    raise ValueError("fp8 recipe='delayed' needs state={'x','w','g'} from init_delayed_state")
+  want = (cfg.amax_history_len,) if groups is None else (groups, cfg.amax_history_len)
+  for k, h in state.items():
+    if h.shape != want:
+      raise ValueError(f"delayed state[{k!r}].shape={h.shape}: expected {want}")
+  return state
+
+
+def fp8_dot(x: jax.Array, w_KxN: jax.Array, cfg: FP8Config,
+            state: Optional[DelayedState] = None) -> jax.Array:
+  """x [..., M, K] @ w [K, N] -> [..., M, N] in x's dtype, quantized per `cfg.recipe`.
+
+  "delayed" needs `state` (see the module docstring: its gradient is the updated state);
+  the other recipes take none. Leading dims of x are flattened into the token dim.
+  """
+  K, N = w_KxN.shape
+  if x.shape[-1] != K:
+    raise ValueError(f"fp8_dot: x.shape={x.shape} does not contract with w.shape={w_KxN.shape}")
+  if cfg.recipe == "none":
+    _check_state(cfg, state, None)
+    return jnp.matmul(x, w_KxN.astype(x.dtype))
+  state = _check_state(cfg, state, None)
+  state_1xL = {k: h[None] for k, h in state.items()}
+  y = _fp8_matmul(cfg, x.reshape(1, -1, K), w_KxN[None], state_1xL)
+  return y.reshape(x.shape[:-1] + (N,))
+
+
+def fp8_grouped_dot(x_ExCxK: jax.Array, w_ExKxN: jax.Array, cfg: FP8Config,
+                    state: Optional[DelayedState] = None) -> jax.Array:
+  """One product per expert: [E, C, K] @ [E, K, N] -> [E, C, N] in x's dtype.
+
+  Per-tensor scales ("tensor", "delayed") are per expert; "delayed" state is [E, L].
+  """
+  E, C, K = x_ExCxK.shape
+  if w_ExKxN.ndim != 3 or w_ExKxN.shape[:2] != (E, K):
+    raise ValueError(f"fp8_grouped_dot: x.shape={x_ExCxK.shape} vs w.shape={w_ExKxN.shape}")
+  if cfg.recipe == "none":
+    _check_state(cfg, state, E)
+    return jnp.einsum("eck,ekn->ecn", x_ExCxK, w_ExKxN.astype(x_ExCxK.dtype))
+  return _fp8_matmul(cfg, x_ExCxK, w_ExKxN, _check_state(cfg, state, E))
+
