@@ -49,19 +49,29 @@ def num_rows(num_assignments: int, num_experts: int, cap: int, block: int) -> in
 
 
 def make_plan(idx_TxK: jax.Array, num_experts: int, *, block: int,
-              capacity_factor: Optional[float] = None) -> Plan:
-  """Sorts assignments by expert and lays them out in block-padded expert-major rows."""
+              capacity_factor: Optional[float] = None,
+              valid_TxK: Optional[jax.Array] = None) -> Plan:
+  """Sorts assignments by expert and lays them out in block-padded expert-major rows.
+
+  Invalid assignments (`valid_TxK` False: empty slots of an exchange buffer) get no row and do
+  not count towards `kept`.
+  """
   e_A = idx_TxK.reshape(-1).astype(jnp.int32)
   a = e_A.shape[0]
   cap = capacity(a, num_experts, capacity_factor)
   r = num_rows(a, num_experts, cap, block)
+  if valid_TxK is not None:
+    # Invalid slots become a phantom expert E that sorts last and owns no rows.
+    e_A = jnp.where(valid_TxK.reshape(-1), e_A, num_experts)
 
   order_A = jnp.argsort(e_A, stable=True)
   e_sorted_A = e_A[order_A]
-  counts_E = jnp.bincount(e_A, length=num_experts).astype(jnp.int32)
+  counts_E = jnp.bincount(e_A, length=num_experts + 1).astype(jnp.int32)
   start_E = jnp.cumsum(counts_E) - counts_E
   rank_A = jnp.arange(a, dtype=jnp.int32) - start_E[e_sorted_A]
-  kept_sorted_A = rank_A < cap
+  kept_sorted_A = (rank_A < cap) & (e_sorted_A < num_experts)
+  counts_E = counts_E[:num_experts]
+  e_sorted_A = jnp.minimum(e_sorted_A, num_experts - 1)
 
   kept_E = jnp.minimum(counts_E, cap)
   padded_E = -(-kept_E // block) * block

@@ -76,17 +76,26 @@ def routed_experts(x_TxD: jax.Array, experts: dict, idx_TxK: jax.Array, gates_Tx
   return y_TxD, plan.kept
 
 
-def statistics(logits_TxE, scores_TxE, idx_TxK, kept, seq_shape, cfg: MoEConfig) -> dict:
-  """Load, balance losses and their weighted sum (`balance_loss`, to add to the training loss)."""
-  load_E = routing.load(idx_TxK, cfg.num_experts)
+def statistics(logits_TxE, scores_TxE, idx_TxK, kept, seq_shape, cfg: MoEConfig,
+               total=lambda v: v) -> dict:
+  """Load, balance losses and their weighted sum (`balance_loss`, to add to the training loss).
+
+  `total` sums a per-shard value over every token shard: the identity on one device, a psum in
+  the expert-parallel layer, so that every shard sees the global statistics (and so updates the
+  router bias identically).
+  """
   e, k = cfg.num_experts, cfg.top_k
+  tokens = total(jnp.float32(idx_TxK.shape[0]))
+  load_E = total(routing.load(idx_TxK, e))
+  prob_sum_E = total(routing.probabilities(scores_TxE, cfg.score_fn).sum(0))
+  seq_losses = routing.sequence_balance_losses(
+      scores_TxE.reshape(*seq_shape, e), idx_TxK.reshape(*seq_shape, k), cfg)
   aux = {
       "load": load_E,
-      "aux_loss": routing.balance_loss(scores_TxE, idx_TxK, cfg),
-      "seq_aux_loss": routing.sequence_balance_loss(
-          scores_TxE.reshape(*seq_shape, e), idx_TxK.reshape(*seq_shape, k), cfg),
-      "z_loss": routing.z_loss(logits_TxE),
-      "dropped_fraction": (idx_TxK.size - kept).astype(jnp.float32) / idx_TxK.size,
+      "aux_loss": routing.switch_loss(load_E, prob_sum_E, tokens, cfg),
+      "seq_aux_loss": total(seq_losses.sum()) / total(jnp.float32(seq_losses.shape[0])),
+      "z_loss": total(routing.z_loss_sum(logits_TxE)) / tokens,
+      "dropped_fraction": (tokens * k - total(kept.astype(jnp.float32))) / (tokens * k),
       "max_vio": routing.max_violation(load_E),
   }
   aux["balance_loss"] = (cfg.aux_loss_coef * aux["aux_loss"] +

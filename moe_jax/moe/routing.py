@@ -59,32 +59,38 @@ def max_violation(load_E: jax.Array) -> jax.Array:
   return load_E.max() / jnp.maximum(load_E.mean(), 1e-9) - 1.0
 
 
-def _probabilities(scores_TxE: jax.Array, score_fn: str) -> jax.Array:
+def probabilities(scores_TxE: jax.Array, score_fn: str) -> jax.Array:
+  """Scores as a distribution over experts (sigmoid scores are normalised per token)."""
   if score_fn == "sigmoid":
     return scores_TxE / (scores_TxE.sum(-1, keepdims=True) + 1e-20)
   return scores_TxE
 
 
-def balance_loss(scores_TxE: jax.Array, idx_TxK: jax.Array, cfg: MoEConfig) -> jax.Array:
-  """Switch/GShard loss E * sum_e f_e * P_e; 1.0 when perfectly balanced.
+def switch_loss(load_E: jax.Array, prob_sum_E: jax.Array, tokens, cfg: MoEConfig) -> jax.Array:
+  """Switch/GShard loss E * sum_e f_e * P_e from sums; 1.0 when perfectly balanced.
 
   f_e is the share of assignments that went to expert e, P_e its mean routing probability.
+  Taking sums (not means) lets the expert-parallel layer reduce them over shards first.
   """
-  f_E = load(idx_TxK, cfg.num_experts) / idx_TxK.size
-  p_E = _probabilities(scores_TxE, cfg.score_fn).mean(0)
-  return cfg.num_experts * jnp.sum(f_E * p_E)
+  f_E = load_E / (tokens * cfg.top_k)
+  return cfg.num_experts * jnp.sum(f_E * prob_sum_E / tokens)
 
 
-def sequence_balance_loss(scores_BxSxE: jax.Array, idx_BxSxK: jax.Array,
-                          cfg: MoEConfig) -> jax.Array:
-  """DeepSeek-V3's sequence-wise balance loss: the Switch loss per sequence, averaged."""
-  per_sequence = jax.vmap(lambda s, i: balance_loss(s, i, cfg))(scores_BxSxE, idx_BxSxK)
-  return per_sequence.mean()
+def balance_loss(scores_TxE: jax.Array, idx_TxK: jax.Array, cfg: MoEConfig) -> jax.Array:
+  """The Switch loss of one group of tokens."""
+  prob_sum_E = probabilities(scores_TxE, cfg.score_fn).sum(0)
+  return switch_loss(load(idx_TxK, cfg.num_experts), prob_sum_E, idx_TxK.shape[0], cfg)
 
 
-def z_loss(logits_TxE: jax.Array) -> jax.Array:
-  """Router z-loss (ST-MoE): mean squared log-partition, keeps logits from drifting large."""
-  return jnp.mean(jax.nn.logsumexp(logits_TxE.astype(jnp.float32), axis=-1) ** 2)
+def sequence_balance_losses(scores_BxSxE: jax.Array, idx_BxSxK: jax.Array,
+                            cfg: MoEConfig) -> jax.Array:
+  """DeepSeek-V3's sequence-wise balance loss: the Switch loss of each sequence, [B]."""
+  return jax.vmap(lambda s, i: balance_loss(s, i, cfg))(scores_BxSxE, idx_BxSxK)
+
+
+def z_loss_sum(logits_TxE: jax.Array) -> jax.Array:
+  """Router z-loss (ST-MoE) summed over tokens: squared log-partition, keeps logits small."""
+  return jnp.sum(jax.nn.logsumexp(logits_TxE.astype(jnp.float32), axis=-1) ** 2)
 
 
 def update_bias(bias_E: jax.Array, load_E: jax.Array, rate: float) -> jax.Array:
