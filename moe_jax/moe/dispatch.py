@@ -22,6 +22,8 @@ from typing import NamedTuple, Optional
 import jax
 import jax.numpy as jnp
 
+from moe_jax.moe import manual
+
 
 class Plan(NamedTuple):
   row_A: jax.Array           # [A] row of each assignment; R (out of range) when dropped
@@ -50,16 +52,20 @@ def num_rows(num_assignments: int, num_experts: int, cap: int, block: int) -> in
 
 def make_plan(idx_TxK: jax.Array, num_experts: int, *, block: int,
               capacity_factor: Optional[float] = None,
-              valid_TxK: Optional[jax.Array] = None) -> Plan:
+              valid_TxK: Optional[jax.Array] = None, slots: Optional[int] = None) -> Plan:
   """Sorts assignments by expert and lays them out in block-padded expert-major rows.
 
   Invalid assignments (`valid_TxK` False: empty slots of an exchange buffer) get no row and do
-  not count towards `kept`.
+  not count towards `kept`. With `slots`, every expert owns exactly `slots` rows starting at
+  `e * slots` (the fixed-size buckets of an all-to-all buffer); assignments beyond drop.
   """
   e_A = idx_TxK.reshape(-1).astype(jnp.int32)
   a = e_A.shape[0]
   cap = capacity(a, num_experts, capacity_factor)
-  r = num_rows(a, num_experts, cap, block)
+  if slots is None:
+    r = num_rows(a, num_experts, cap, block)
+  else:
+    cap, r = min(cap, slots), num_experts * slots
   if valid_TxK is not None:
     # Invalid slots become a phantom expert E that sorts last and owns no rows.
     e_A = jnp.where(valid_TxK.reshape(-1), e_A, num_experts)
@@ -74,7 +80,10 @@ def make_plan(idx_TxK: jax.Array, num_experts: int, *, block: int,
   e_sorted_A = jnp.minimum(e_sorted_A, num_experts - 1)
 
   kept_E = jnp.minimum(counts_E, cap)
-  padded_E = -(-kept_E // block) * block
+  if slots is None:
+    padded_E = -(-kept_E // block) * block
+  else:
+    padded_E = jnp.full((num_experts,), slots, jnp.int32)
   end_E = jnp.cumsum(padded_E)
   row_sorted_A = jnp.where(kept_sorted_A, end_E[e_sorted_A] - padded_E[e_sorted_A] + rank_A, r)
   # Integer scatters below only build the index maps; no gradient ever flows through them.
@@ -99,13 +108,14 @@ def gather_rows(src_NxD: jax.Array, idx_M: jax.Array, inverse_NxJ: jax.Array) ->
 
 
 def _gather_rows_fwd(src_NxD, idx_M, inverse_NxJ):
-  return gather_rows(src_NxD, idx_M, inverse_NxJ), (idx_M, inverse_NxJ)
+  # A zero-size slice remembers how the source varies over shard_map axes, at no cost.
+  return gather_rows(src_NxD, idx_M, inverse_NxJ), (idx_M, inverse_NxJ, src_NxD[:0])
 
 
 def _gather_rows_bwd(res, dout_MxD):
-  idx_M, inverse_NxJ = res
+  idx_M, inverse_NxJ, src_like = res
   dsrc_NxJxD = jnp.take(dout_MxD, inverse_NxJ, axis=0, mode="fill", fill_value=0)
-  return dsrc_NxJxD.sum(1), None, None
+  return manual.cotangent_like(dsrc_NxJxD.sum(1), src_like), None, None
 
 
 gather_rows.defvjp(_gather_rows_fwd, _gather_rows_bwd)

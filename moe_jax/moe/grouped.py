@@ -17,6 +17,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from moe_jax.moe import manual
 from moe_jax.moe.dispatch import Plan
 
 
@@ -74,8 +75,8 @@ def _swiglu_blocks_fwd(x_RxD, gate_ExDxF, up_ExDxF, down_ExFxD, block_expert_N, 
             jax.lax.dynamic_update_slice_in_dim(a_RxF, a_BxF, start, axis=0),
             jax.lax.dynamic_update_slice_in_dim(b_RxF, b_BxF, start, axis=0))
 
-  zeros = (jnp.zeros((r, d), x_RxD.dtype), jnp.zeros((r, f), x_RxD.dtype),
-           jnp.zeros((r, f), x_RxD.dtype))
+  operands = (x_RxD, gate_ExDxF, up_ExDxF, down_ExFxD, block_expert_N)
+  zeros = tuple(manual.zeros(shape, x_RxD.dtype, *operands) for shape in ((r, d), (r, f), (r, f)))
   y_RxD, a_RxF, b_RxF = jax.lax.fori_loop(0, used_blocks, body, zeros)
   residuals = (x_RxD, a_RxF, b_RxF, gate_ExDxF, up_ExDxF, down_ExFxD, block_expert_N,
                used_blocks)
@@ -106,11 +107,14 @@ def _swiglu_blocks_bwd(block, residuals, dy_RxD):
     dx_RxD = jax.lax.dynamic_update_slice_in_dim(dx_RxD, dx_BxD, n * block, axis=0)
     return dx_RxD, dgate, dup, ddown
 
-  init = (jnp.zeros_like(x_RxD), jnp.zeros(gate_ExDxF.shape, f32),
-          jnp.zeros(up_ExDxF.shape, f32), jnp.zeros(down_ExFxD.shape, f32))
+  operands = (x_RxD, a_RxF, gate_ExDxF, up_ExDxF, down_ExFxD, block_expert_N, dy_RxD)
+  init = (manual.zeros(x_RxD.shape, x_RxD.dtype, *operands),
+          *(manual.zeros(w.shape, f32, *operands) for w in (gate_ExDxF, up_ExDxF, down_ExFxD)))
   dx_RxD, dgate, dup, ddown = jax.lax.fori_loop(0, used_blocks, body, init)
-  return (dx_RxD, dgate.astype(gate_ExDxF.dtype), dup.astype(up_ExDxF.dtype),
-          ddown.astype(down_ExFxD.dtype), None, None)
+  cts = (dx_RxD, dgate.astype(gate_ExDxF.dtype), dup.astype(up_ExDxF.dtype),
+         ddown.astype(down_ExFxD.dtype))
+  primals = (x_RxD, gate_ExDxF, up_ExDxF, down_ExFxD)
+  return (*(manual.cotangent_like(c, p) for c, p in zip(cts, primals)), None, None)
 
 
 _swiglu_blocks.defvjp(_swiglu_blocks_fwd, _swiglu_blocks_bwd)

@@ -1,0 +1,153 @@
+"""The MoE layer sharded over a device mesh: experts split over the `experts` logical axis.
+
+Two implementations, chosen by `MoEConfig.parallelism`; both give the single-device layer's
+outputs and gradients (dropless), and both reduce the load statistics over every token shard, so
+each device updates the router bias identically.
+
+- `alltoall` (`shard_map`): tokens x[T_B, D] split over every token axis. Each shard routes its
+  own tokens, packs them into fixed-size buckets per destination expert shard
+  (send[ep, C, D]), exchanges them with one all-to-all over the expert axis, runs its local
+  experts on what arrived, and sends the results back the same way. Expert weights may also be
+  split over `expert_mlp` (tensor): each tensor shard then holds partial sums, and one psum at
+  the end adds routed and shared experts together.
+  Bucket size C: with a capacity factor, `cf * T_local * K / ep` (drops counted per destination);
+  dropless, `T_local * K`, the only static size that can never overflow: up to `ep` times the
+  bytes actually needed. XLA:CPU has no ragged all-to-all; `ragged_all_to_all` on GPU/TPU sends
+  only the rows that exist.
+- `gshard` (SPMD einsum): tokens in groups of one shard each, one-hot dispatch into
+  [experts, groups, capacity] buckets, expert einsums on expert-sharded weights, one-hot combine;
+  the sharding constraints make the SPMD partitioner insert the all-to-alls. The baseline.
+"""
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+
+from moe_jax import sharding
+from moe_jax.config import MoEConfig
+from moe_jax.moe import dispatch, grouped
+from moe_jax.moe.local import route, statistics, swiglu
+
+_EXPERT_SPECS = {"gate": ("experts", None, "expert_mlp"), "up": ("experts", None, "expert_mlp"),
+                 "down": ("experts", "expert_mlp", None)}
+_SHARED_SPECS = {"gate": (None, "mlp"), "up": (None, "mlp"), "down": ("mlp", None)}
+
+
+def _mesh():
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty:
+    raise ValueError("moe.parallelism needs a device mesh: call inside jax.set_mesh(mesh)")
+  return mesh
+
+
+def _check_divisible(cfg: MoEConfig, tokens: int, seq_len: int, mesh):
+  ep = sharding.shard_count(mesh, "experts")
+  shards = sharding.shard_count(mesh, "batch")
+  if cfg.num_experts % ep:
+    raise ValueError(f"moe.num_experts={cfg.num_experts}: must be divisible by the expert "
+                     f"mesh axis ({ep})")
+  if tokens % shards or (tokens // shards) % seq_len:
+    raise ValueError(f"x has {tokens} tokens in sequences of {seq_len}: whole sequences must "
+                     f"split evenly over the {shards} token shards of the mesh")
+
+
+def _spec_tree(params: dict) -> dict:
+  specs = {"router": {"kernel": sharding.logical_to_spec((None, None))},
+           "experts": {k: sharding.logical_to_spec(v) for k, v in _EXPERT_SPECS.items()}}
+  if "shared" in params:
+    specs["shared"] = {k: sharding.logical_to_spec(v) for k, v in _SHARED_SPECS.items()}
+  return specs
+
+
+def _alltoall_body(params, state, x_TxD, cfg: MoEConfig, seq_len: int, ep: int):
+  """Runs on one device: x_TxD are its tokens, params["experts"] its experts."""
+  t, d = x_TxD.shape
+  e_local = params["experts"]["gate"].shape[0]
+  assert e_local * ep == cfg.num_experts, (e_local, ep)
+  total = lambda v: jax.lax.psum(v, sharding.TOKEN_AXES)
+
+  logits_TxE, scores_TxE, idx_TxK, gates_TxK = route(params, state, x_TxD, cfg)
+  k = cfg.top_k
+  bucket = dispatch.capacity(t * k, ep, cfg.capacity_factor)
+  send = dispatch.make_plan(idx_TxK // e_local, ep, block=1, slots=bucket)
+  xc_TxD = x_TxD.astype(cfg.dtype)
+  x_send = dispatch.permute(xc_TxD, send, k)                            # [ep * C, D]
+  local_expert_A = (idx_TxK % e_local).reshape(-1)
+  expert_send = jnp.take(local_expert_A, send.src_R, mode="fill", fill_value=0)
+  valid_send = send.src_R < t * k
+
+  exchange = lambda v: jax.lax.all_to_all(v, sharding.EXPERT_AXIS, 0, 0, tiled=True)
+  x_recv, expert_recv, valid_recv = exchange(x_send), exchange(expert_send), exchange(valid_send)
+
+  backend = grouped.resolve_backend(cfg.grouped_backend)
+  block = grouped.block_size(t * k, e_local, backend)
+  local = dispatch.make_plan(expert_recv[:, None], e_local, block=block,
+                             valid_TxK=valid_recv[:, None])
+  y_rows = grouped.swiglu(dispatch.permute(x_recv, local, 1), params["experts"], local, backend)
+  y_recv = dispatch.unpermute(y_rows, local, 1).reshape(-1, d)
+  y_TxKxD = dispatch.unpermute(exchange(y_recv), send, k)
+  y_TxD = jnp.einsum("tkd,tk->td", y_TxKxD, gates_TxK.astype(y_TxKxD.dtype))
+  if "shared" in params:
+    y_TxD = y_TxD + swiglu(xc_TxD, params["shared"])
+  # Expert and shared weights split over ffn give partial sums; one reduction adds both.
+  y_TxD = jax.lax.psum(y_TxD, sharding.TENSOR_AXIS)
+  aux = statistics(logits_TxE, scores_TxE, idx_TxK, send.kept, (t // seq_len, seq_len), cfg,
+                   total=total)
+  return y_TxD, aux
+
+
+def apply_alltoall(params: dict, state: dict, x_TxD: jax.Array, cfg: MoEConfig,
+                   seq_len: int) -> tuple[jax.Array, dict]:
+  mesh = _mesh()
+  _check_divisible(cfg, x_TxD.shape[0], seq_len, mesh)
+  ep = sharding.shard_count(mesh, "experts")
+  tokens = sharding.logical_to_spec(("batch", None))
+  body = lambda p, s, x: _alltoall_body(p, s, x, cfg, seq_len, ep)
+  fn = jax.shard_map(body, mesh=mesh,
+                     in_specs=(_spec_tree(params), {"router_bias": sharding.logical_to_spec(
+                         (None,))}, tokens),
+                     out_specs=(tokens, jax.sharding.PartitionSpec()))
+  return fn(params, state, x_TxD)
+
+
+def apply_gshard(params: dict, state: dict, x_TxD: jax.Array, cfg: MoEConfig,
+                 seq_len: int) -> tuple[jax.Array, dict]:
+  mesh = _mesh()
+  _check_divisible(cfg, x_TxD.shape[0], seq_len, mesh)
+  t, d = x_TxD.shape
+  g = sharding.shard_count(mesh, "batch")
+  s, k, e = t // g, cfg.top_k, cfg.num_experts
+  # Dropless: a token picks distinct experts, so no expert gets more than the group's tokens.
+  cap = s if cfg.capacity_factor is None else min(s, math.ceil(cfg.capacity_factor * s * k / e))
+
+  x_TxD = sharding.constrain(x_TxD, ("batch", None))
+  logits_TxE, scores_TxE, idx_TxK, gates_TxK = route(params, state, x_TxD, cfg)
+  x_TxD = x_TxD.astype(cfg.dtype)
+  # Position of each assignment in its expert's bucket, first come first served per group.
+  onehot_GxSKxE = jax.nn.one_hot(idx_TxK.reshape(g, s * k), e, dtype=jnp.int32)
+  position_GxSKxE = jnp.cumsum(onehot_GxSKxE, axis=1) * onehot_GxSKxE - 1
+  position_GxSxK = position_GxSKxE.max(-1).reshape(g, s, k)
+  kept_GxSxK = position_GxSxK < cap
+  slot_GxSxKxC = jax.nn.one_hot(jnp.where(kept_GxSxK, position_GxSxK, cap), cap, dtype=x_TxD.dtype)
+  expert_GxSxKxE = jax.nn.one_hot(idx_TxK.reshape(g, s, k), e, dtype=x_TxD.dtype)
+  dispatch_GxSxExC = jnp.einsum("gske,gskc->gsec", expert_GxSxKxE, slot_GxSxKxC)
+  combine_GxSxExC = jnp.einsum("gske,gskc,gsk->gsec", expert_GxSxKxE, slot_GxSxKxC,
+                               gates_TxK.reshape(g, s, k).astype(x_TxD.dtype))
+
+  x_GxSxD = sharding.constrain(x_TxD.reshape(g, s, d), ("batch", None, None))
+  x_ExGxCxD = jnp.einsum("gsec,gsd->egcd", dispatch_GxSxExC, x_GxSxD)
+  x_ExGxCxD = sharding.constrain(x_ExGxCxD, ("experts", "expert_tokens", None, None))
+  w = {name: v.astype(x_TxD.dtype) for name, v in params["experts"].items()}
+  h = jax.nn.silu(jnp.einsum("egcd,edf->egcf", x_ExGxCxD, w["gate"])) * jnp.einsum(
+      "egcd,edf->egcf", x_ExGxCxD, w["up"])
+  y_ExGxCxD = jnp.einsum("egcf,efd->egcd", h, w["down"])
+  y_ExGxCxD = sharding.constrain(y_ExGxCxD, ("experts", "expert_tokens", None, None))
+  y_GxSxD = jnp.einsum("gsec,egcd->gsd", combine_GxSxExC, y_ExGxCxD)
+  y_TxD = sharding.constrain(y_GxSxD.reshape(t, d), ("batch", None))
+  if "shared" in params:
+    y_TxD = y_TxD + swiglu(x_TxD, params["shared"])
+  aux = statistics(logits_TxE, scores_TxE, idx_TxK, kept_GxSxK.sum(), (t // seq_len, seq_len),
+                   cfg)
+  return y_TxD, aux
