@@ -52,39 +52,39 @@ def _block(x, n, block):
   return jax.lax.dynamic_slice_in_dim(x, n * block, block, axis=0)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
-def _swiglu_blocks(x_RxD, gate_ExDxF, up_ExDxF, down_ExFxD, block_expert_N, used_blocks, block):
-  return _swiglu_blocks_fwd(x_RxD, gate_ExDxF, up_ExDxF, down_ExFxD, block_expert_N,
-                            used_blocks, block)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
+def _swiglu_blocks(x_RxD, gate_up_ExDx2F, down_ExFxD, block_expert_N, used_blocks, block):
+  return _swiglu_blocks_fwd(x_RxD, gate_up_ExDx2F, down_ExFxD, block_expert_N, used_blocks,
+                            block)[0]
 
 
-def _swiglu_blocks_fwd(x_RxD, gate_ExDxF, up_ExDxF, down_ExFxD, block_expert_N, used_blocks,
-                       block):
+def _swiglu_blocks_fwd(x_RxD, gate_up_ExDx2F, down_ExFxD, block_expert_N, used_blocks, block):
   r, d = x_RxD.shape
-  f = gate_ExDxF.shape[-1]
+  f2 = gate_up_ExDx2F.shape[-1]
 
   def body(n, carry):
-    y_RxD, a_RxF, b_RxF = carry
+    y_RxD, ab_Rx2F = carry
     e = block_expert_N[n]
-    x_BxD = _block(x_RxD, n, block)
-    a_BxF = x_BxD @ _expert(gate_ExDxF, e)
-    b_BxF = x_BxD @ _expert(up_ExDxF, e)
-    y_BxD = (jax.nn.silu(a_BxF) * b_BxF) @ _expert(down_ExFxD, e)
+    # gate and up side by side: one wide product per block instead of two narrow ones.
+    ab_Bx2F = _block(x_RxD, n, block) @ _expert(gate_up_ExDx2F, e)
+    y_BxD = _hidden(ab_Bx2F) @ _expert(down_ExFxD, e)
     start = n * block
     return (jax.lax.dynamic_update_slice_in_dim(y_RxD, y_BxD, start, axis=0),
-            jax.lax.dynamic_update_slice_in_dim(a_RxF, a_BxF, start, axis=0),
-            jax.lax.dynamic_update_slice_in_dim(b_RxF, b_BxF, start, axis=0))
+            jax.lax.dynamic_update_slice_in_dim(ab_Rx2F, ab_Bx2F, start, axis=0))
 
-  operands = (x_RxD, gate_ExDxF, up_ExDxF, down_ExFxD, block_expert_N)
-  zeros = tuple(manual.zeros(shape, x_RxD.dtype, *operands) for shape in ((r, d), (r, f), (r, f)))
-  y_RxD, a_RxF, b_RxF = jax.lax.fori_loop(0, used_blocks, body, zeros)
-  residuals = (x_RxD, a_RxF, b_RxF, gate_ExDxF, up_ExDxF, down_ExFxD, block_expert_N,
-               used_blocks)
-  return y_RxD, residuals
+  operands = (x_RxD, gate_up_ExDx2F, down_ExFxD, block_expert_N)
+  zeros = tuple(manual.zeros(shape, x_RxD.dtype, *operands) for shape in ((r, d), (r, f2)))
+  y_RxD, ab_Rx2F = jax.lax.fori_loop(0, used_blocks, body, zeros)
+  return y_RxD, (x_RxD, ab_Rx2F, gate_up_ExDx2F, down_ExFxD, block_expert_N, used_blocks)
+
+
+def _hidden(ab_Bx2F):
+  a_BxF, b_BxF = jnp.split(ab_Bx2F, 2, axis=-1)
+  return jax.nn.silu(a_BxF) * b_BxF
 
 
 def _swiglu_blocks_bwd(block, residuals, dy_RxD):
-  x_RxD, a_RxF, b_RxF, gate_ExDxF, up_ExDxF, down_ExFxD, block_expert_N, used_blocks = residuals
+  x_RxD, ab_Rx2F, gate_up_ExDx2F, down_ExFxD, block_expert_N, used_blocks = residuals
   f32 = jnp.float32
 
   def accumulate(w, e, delta):
@@ -92,28 +92,26 @@ def _swiglu_blocks_bwd(block, residuals, dy_RxD):
     return jax.lax.dynamic_update_index_in_dim(w, _expert(w, e) + delta, e, axis=0)
 
   def body(n, carry):
-    dx_RxD, dgate, dup, ddown = carry
+    dx_RxD, dgate_up, ddown = carry
     e = block_expert_N[n]
-    x_BxD, a_BxF, b_BxF, dy_BxD = (_block(t, n, block) for t in (x_RxD, a_RxF, b_RxF, dy_RxD))
+    x_BxD, ab_Bx2F, dy_BxD = (_block(t, n, block) for t in (x_RxD, ab_Rx2F, dy_RxD))
+    a_BxF, b_BxF = jnp.split(ab_Bx2F, 2, axis=-1)
     silu_BxF = jax.nn.silu(a_BxF)
-    h_BxF = silu_BxF * b_BxF
-    ddown = accumulate(ddown, e, jnp.dot(h_BxF.T, dy_BxD, preferred_element_type=f32))
+    ddown = accumulate(ddown, e, jnp.dot((silu_BxF * b_BxF).T, dy_BxD,
+                                         preferred_element_type=f32))
     dh_BxF = dy_BxD @ _expert(down_ExFxD, e).T
-    db_BxF = dh_BxF * silu_BxF
-    da_BxF = dh_BxF * b_BxF * _silu_grad(a_BxF)
-    dgate = accumulate(dgate, e, jnp.dot(x_BxD.T, da_BxF, preferred_element_type=f32))
-    dup = accumulate(dup, e, jnp.dot(x_BxD.T, db_BxF, preferred_element_type=f32))
-    dx_BxD = da_BxF @ _expert(gate_ExDxF, e).T + db_BxF @ _expert(up_ExDxF, e).T
+    dab_Bx2F = jnp.concatenate([dh_BxF * b_BxF * _silu_grad(a_BxF), dh_BxF * silu_BxF], -1)
+    dgate_up = accumulate(dgate_up, e, jnp.dot(x_BxD.T, dab_Bx2F, preferred_element_type=f32))
+    dx_BxD = dab_Bx2F @ _expert(gate_up_ExDx2F, e).T
     dx_RxD = jax.lax.dynamic_update_slice_in_dim(dx_RxD, dx_BxD, n * block, axis=0)
-    return dx_RxD, dgate, dup, ddown
+    return dx_RxD, dgate_up, ddown
 
-  operands = (x_RxD, a_RxF, gate_ExDxF, up_ExDxF, down_ExFxD, block_expert_N, dy_RxD)
+  operands = (x_RxD, ab_Rx2F, gate_up_ExDx2F, down_ExFxD, block_expert_N, dy_RxD)
   init = (manual.zeros(x_RxD.shape, x_RxD.dtype, *operands),
-          *(manual.zeros(w.shape, f32, *operands) for w in (gate_ExDxF, up_ExDxF, down_ExFxD)))
-  dx_RxD, dgate, dup, ddown = jax.lax.fori_loop(0, used_blocks, body, init)
-  cts = (dx_RxD, dgate.astype(gate_ExDxF.dtype), dup.astype(up_ExDxF.dtype),
-         ddown.astype(down_ExFxD.dtype))
-  primals = (x_RxD, gate_ExDxF, up_ExDxF, down_ExFxD)
+          *(manual.zeros(w.shape, f32, *operands) for w in (gate_up_ExDx2F, down_ExFxD)))
+  dx_RxD, dgate_up, ddown = jax.lax.fori_loop(0, used_blocks, body, init)
+  cts = (dx_RxD, dgate_up.astype(gate_up_ExDx2F.dtype), ddown.astype(down_ExFxD.dtype))
+  primals = (x_RxD, gate_up_ExDx2F, down_ExFxD)
   return (*(manual.cotangent_like(c, p) for c, p in zip(cts, primals)), None, None)
 
 
@@ -133,6 +131,6 @@ def swiglu(x_RxD: jax.Array, experts: dict, plan: Plan, backend: str) -> jax.Arr
   if backend == "ragged":
     return _swiglu_ragged(x_RxD, gate, up, down, plan.group_sizes_E)
   if backend == "padded":
-    return _swiglu_blocks(x_RxD, gate, up, down, plan.block_expert_N, plan.used_blocks,
-                          plan.block)
+    return _swiglu_blocks(x_RxD, jnp.concatenate([gate, up], -1), down, plan.block_expert_N,
+                          plan.used_blocks, plan.block)
   raise ValueError(f"grouped_backend={backend!r}: must be 'ragged' or 'padded'")

@@ -53,20 +53,31 @@ def _check_divisible(cfg: MoEConfig, tokens: int, seq_len: int, mesh):
                      f"split evenly over the {shards} token shards of the mesh")
 
 
-def _spec_tree(params: dict) -> dict:
-  specs = {"router": {"kernel": sharding.logical_to_spec((None, None))},
-           "experts": {k: sharding.logical_to_spec(v) for k, v in _EXPERT_SPECS.items()}}
+def _spec(names, mesh) -> jax.sharding.PartitionSpec:
+  """The rules' spec without mesh axes of size 1, so nothing counts as varying over them (a
+  psum over a size-1 axis still compiles to an all-reduce on XLA:CPU)."""
+  def keep(axes):
+    axes = (axes,) if isinstance(axes, str) else (axes or ())
+    axes = tuple(a for a in axes if mesh.shape[a] > 1)
+    return axes or None
+  return jax.sharding.PartitionSpec(*(keep(a) for a in sharding.logical_to_spec(names)))
+
+
+def _spec_tree(params: dict, mesh) -> dict:
+  specs = {"router": {"kernel": _spec((None, None), mesh)},
+           "experts": {k: _spec(v, mesh) for k, v in _EXPERT_SPECS.items()}}
   if "shared" in params:
-    specs["shared"] = {k: sharding.logical_to_spec(v) for k, v in _SHARED_SPECS.items()}
+    specs["shared"] = {k: _spec(v, mesh) for k, v in _SHARED_SPECS.items()}
   return specs
 
 
-def _alltoall_body(params, state, x_TxD, cfg: MoEConfig, seq_len: int, ep: int):
+def _alltoall_body(params, state, x_TxD, cfg: MoEConfig, seq_len: int, ep: int, tensor: int):
   """Runs on one device: x_TxD are its tokens, params["experts"] its experts."""
   t, d = x_TxD.shape
   e_local = params["experts"]["gate"].shape[0]
   assert e_local * ep == cfg.num_experts, (e_local, ep)
-  total = lambda v: jax.lax.psum(v, sharding.TOKEN_AXES)
+  token_axes = tuple(a for a in sharding.TOKEN_AXES if jax.sharding.get_abstract_mesh().shape[a] > 1)
+  total = lambda v: jax.lax.psum(v, token_axes) if token_axes else v
 
   logits_TxE, scores_TxE, idx_TxK, gates_TxK = route(params, state, x_TxD, cfg)
   k = cfg.top_k
@@ -74,17 +85,18 @@ def _alltoall_body(params, state, x_TxD, cfg: MoEConfig, seq_len: int, ep: int):
   send = dispatch.make_plan(idx_TxK // e_local, ep, block=1, slots=bucket)
   xc_TxD = x_TxD.astype(cfg.dtype)
   x_send = dispatch.permute(xc_TxD, send, k)                            # [ep * C, D]
+  # Empty slots carry the out-of-range expert id e_local, so no separate validity mask travels.
   local_expert_A = (idx_TxK % e_local).reshape(-1)
-  expert_send = jnp.take(local_expert_A, send.src_R, mode="fill", fill_value=0)
-  valid_send = send.src_R < t * k
+  expert_send = jnp.take(local_expert_A, send.src_R, mode="fill", fill_value=e_local)
 
-  exchange = lambda v: jax.lax.all_to_all(v, sharding.EXPERT_AXIS, 0, 0, tiled=True)
-  x_recv, expert_recv, valid_recv = exchange(x_send), exchange(expert_send), exchange(valid_send)
+  exchange = lambda v: (jax.lax.all_to_all(v, sharding.EXPERT_AXIS, 0, 0, tiled=True)
+                        if ep > 1 else v)
+  x_recv, expert_recv = exchange(x_send), exchange(expert_send)
 
   backend = grouped.resolve_backend(cfg.grouped_backend)
   block = grouped.block_size(t * k, e_local, backend)
   local = dispatch.make_plan(expert_recv[:, None], e_local, block=block,
-                             valid_TxK=valid_recv[:, None])
+                             valid_TxK=expert_recv[:, None] < e_local)
   y_rows = grouped.swiglu(dispatch.permute(x_recv, local, 1), params["experts"], local, backend)
   y_recv = dispatch.unpermute(y_rows, local, 1).reshape(-1, d)
   y_TxKxD = dispatch.unpermute(exchange(y_recv), send, k)
@@ -92,7 +104,8 @@ def _alltoall_body(params, state, x_TxD, cfg: MoEConfig, seq_len: int, ep: int):
   if "shared" in params:
     y_TxD = y_TxD + swiglu(xc_TxD, params["shared"])
   # Expert and shared weights split over ffn give partial sums; one reduction adds both.
-  y_TxD = jax.lax.psum(y_TxD, sharding.TENSOR_AXIS)
+  if tensor > 1:
+    y_TxD = jax.lax.psum(y_TxD, sharding.TENSOR_AXIS)
   aux = statistics(logits_TxE, scores_TxE, idx_TxK, send.kept, (t // seq_len, seq_len), cfg,
                    total=total)
   return y_TxD, aux
@@ -103,11 +116,12 @@ def apply_alltoall(params: dict, state: dict, x_TxD: jax.Array, cfg: MoEConfig,
   mesh = _mesh()
   _check_divisible(cfg, x_TxD.shape[0], seq_len, mesh)
   ep = sharding.shard_count(mesh, "experts")
-  tokens = sharding.logical_to_spec(("batch", None))
-  body = lambda p, s, x: _alltoall_body(p, s, x, cfg, seq_len, ep)
+  tensor = sharding.shard_count(mesh, "expert_mlp")
+  tokens = _spec(("batch", None), mesh)
+  body = lambda p, s, x: _alltoall_body(p, s, x, cfg, seq_len, ep, tensor)
   fn = jax.shard_map(body, mesh=mesh,
-                     in_specs=(_spec_tree(params), {"router_bias": sharding.logical_to_spec(
-                         (None,))}, tokens),
+                     in_specs=(_spec_tree(params, mesh), {"router_bias": _spec((None,), mesh)},
+                               tokens),
                      out_specs=(tokens, jax.sharding.PartitionSpec()))
   return fn(params, state, x_TxD)
 
@@ -123,7 +137,13 @@ def apply_gshard(params: dict, state: dict, x_TxD: jax.Array, cfg: MoEConfig,
   cap = s if cfg.capacity_factor is None else min(s, math.ceil(cfg.capacity_factor * s * k / e))
 
   x_TxD = sharding.constrain(x_TxD, ("batch", None))
-  logits_TxE, scores_TxE, idx_TxK, gates_TxK = route(params, state, x_TxD, cfg)
+  # Routing is per token; left to the partitioner, top_k would gather every score everywhere.
+  tokens = _spec(("batch", None), mesh)
+  replicated = jax.sharding.PartitionSpec()
+  logits_TxE, scores_TxE, idx_TxK, gates_TxK = jax.shard_map(
+      lambda p, s, x: route(p, s, x, cfg), mesh=mesh,
+      in_specs=({"router": {"kernel": replicated}}, {"router_bias": replicated}, tokens),
+      out_specs=(tokens,) * 4)({"router": params["router"]}, state, x_TxD)
   x_TxD = x_TxD.astype(cfg.dtype)
   # Position of each assignment in its expert's bucket, first come first served per group.
   onehot_GxSKxE = jax.nn.one_hot(idx_TxK.reshape(g, s * k), e, dtype=jnp.int32)
