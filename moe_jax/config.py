@@ -10,7 +10,11 @@ This module imports no JAX: configs can be validated before any backend starts.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Optional
+import glob
+import os
+import types
+import typing
+from typing import Any, Mapping, Optional
 
 DTYPES = ("float32", "bfloat16")
 
@@ -178,6 +182,7 @@ class ModelConfig:
   mtp_loss_weight: float = 0.3
   norm_eps: float = 1e-6
   init_std: float = 0.02
+  pad_id: int = 258                  # targets equal to it are left out of the loss; -1: none
   dtype: str = "float32"             # compute dtype; parameters stay float32
 
   def __post_init__(self):
@@ -188,6 +193,9 @@ class ModelConfig:
                   "norm_eps", "init_std", "rope_theta")
     _one_of(self, "attention", ("mla", "mha"))
     _one_of(self, "dtype", DTYPES)
+    if (isinstance(self.pad_id, bool) or not isinstance(self.pad_id, int) or
+        not -1 <= self.pad_id < self.vocab_size):
+      _fail("pad_id", self.pad_id, f"must be an integer in [-1, vocab_size={self.vocab_size})")
     if self.first_k_dense > self.num_layers:
       _fail("first_k_dense", self.first_k_dense, f"must be <= num_layers={self.num_layers}")
     if self.num_heads % self.num_kv_heads:
@@ -234,6 +242,8 @@ class TrainConfig:
   max_bad_steps: int = 5             # non-finite steps in a row before the run stops
   seed: int = 0
   optimizer_state_dtype: str = "float32"  # AdamW moments: "float32" or "bfloat16"
+  # Fault injection for tests of the numerics guard: these steps (0-based) get NaN gradients.
+  inject_nan_at_steps: tuple[int, ...] = ()
 
   def __post_init__(self):
     _positive(self, "steps", "batch_size", "seq_len", "log_every", "eval_every", "eval_batches",
@@ -245,3 +255,148 @@ class TrainConfig:
       value = getattr(self, name)
       if not isinstance(value, (int, float)) or not 0 <= value < 1:
         _fail(name, value, "must be a number in [0, 1)")
+    for step in self.inject_nan_at_steps:
+      if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+        _fail("inject_nan_at_steps", self.inject_nan_at_steps, "must be integers >= 0")
+
+
+# ----------------------------------------------------------------------------- the whole config
+
+SECTIONS = {"model": ModelConfig, "moe": MoEConfig, "fp8": FP8Config, "mesh": MeshConfig,
+            "train": TrainConfig, "data": DataConfig}
+
+
+@dataclasses.dataclass(frozen=True)
+class ExperimentConfig:
+  """Everything one run needs; built by `from_config_dict`, which checks how sections agree."""
+  experiment: str = "train"          # what experiments/run.py dispatches to
+  model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
+  moe: MoEConfig = dataclasses.field(default_factory=MoEConfig)
+  fp8: FP8Config = dataclasses.field(default_factory=FP8Config)
+  mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
+  train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
+  data: DataConfig = dataclasses.field(default_factory=DataConfig)
+
+  def __post_init__(self):
+    if not isinstance(self.experiment, str) or not self.experiment:
+      _fail("experiment", self.experiment, "must be a non-empty string")
+    model, moe, mesh, train = self.model, self.moe, self.mesh, self.train
+    if moe.embed_dim != model.embed_dim:
+      _fail("moe.embed_dim", moe.embed_dim,
+            f"must equal model.embed_dim={model.embed_dim} (leave it out to inherit it)")
+    if train.seq_len > model.max_seq_len:
+      _fail("train.seq_len", train.seq_len, f"must be <= model.max_seq_len={model.max_seq_len}")
+    tokens = mesh.data * mesh.fsdp * mesh.expert
+    # Each mesh axis must split the dims it shards evenly (see the rules in sharding.py).
+    splits = [("moe.num_experts", moe.num_experts, "mesh.expert", mesh.expert),
+              ("train.batch_size", train.batch_size, "mesh.data*fsdp*expert", tokens),
+              ("model.embed_dim", model.embed_dim, "mesh.fsdp", mesh.fsdp),
+              ("model.num_heads", model.num_heads, "mesh.tensor", mesh.tensor),
+              ("model.dense_ffn_dim", model.dense_ffn_dim, "mesh.tensor", mesh.tensor),
+              ("moe.expert_ffn_dim", moe.expert_ffn_dim, "mesh.tensor", mesh.tensor),
+              ("model.vocab_size", model.vocab_size, "mesh.tensor", mesh.tensor)]
+    if model.attention == "mha":
+      splits.append(("model.num_kv_heads", model.num_kv_heads, "mesh.tensor", mesh.tensor))
+    for key, value, axis, size in splits:
+      if value % size:
+        _fail(key, value, f"must be divisible by {axis}={size}")
+    _check_data_path(self.data)
+
+  def check_devices(self, num_devices: int, num_processes: int = 1):
+    """The parts that depend on the machine: the mesh must cover exactly the devices."""
+    self.mesh.check_devices(num_devices)
+    if self.train.batch_size % num_processes:
+      _fail("train.batch_size", self.train.batch_size,
+            f"must be divisible by the process count {num_processes}")
+
+  def to_dict(self) -> dict:
+    """Plain JSON-able values; `from_config_dict` of it gives this config back."""
+    return dataclasses.asdict(self)
+
+
+def _check_data_path(data: DataConfig):
+  """A missing corpus is a config error found before any work, not a crash after start-up."""
+  if data.source == "tokens" and not os.path.isfile(data.path):
+    _fail("data.path", data.path, "no such file; give a token file written by prepare_tokens")
+  if data.source == "text" and not (os.path.exists(data.path) or glob.glob(data.path,
+                                                                           recursive=True)):
+    _fail("data.path", data.path, "matches nothing; give a file, a directory or a glob")
+
+
+def _optional(hint):
+  """X for Optional[X], else None."""
+  if typing.get_origin(hint) in (typing.Union, getattr(types, "UnionType", None)):
+    return next(a for a in typing.get_args(hint) if a is not type(None))
+  return None
+
+
+def _type_name(hint) -> str:
+  if _optional(hint) is not None:
+    return f"None or {_type_name(_optional(hint))}"
+  if typing.get_origin(hint) is tuple:
+    return "a tuple of integers"
+  return {int: "an integer", float: "a number", bool: "True or False", str: "a string"}[hint]
+
+
+def _ok(value: Any, hint) -> bool:
+  if _optional(hint) is not None:
+    return value is None or _ok(value, _optional(hint))
+  if hint is bool or isinstance(value, bool):
+    return hint is bool and isinstance(value, bool)
+  if hint is int:
+    return isinstance(value, int)
+  if hint is float:
+    return isinstance(value, (int, float))
+  if hint is str:
+    return isinstance(value, str)
+  if typing.get_origin(hint) is tuple:
+    return isinstance(value, (list, tuple)) and all(_ok(v, int) for v in value)
+  raise TypeError(f"unsupported config field type {hint}")
+
+
+def _convert(key: str, value: Any, hint) -> Any:
+  """value as the field's type; ints widen to floats, nothing else is coerced."""
+  if not _ok(value, hint):
+    _fail(key, value, f"must be {_type_name(hint)}")
+  hint = _optional(hint) or hint
+  if value is not None and hint is float:
+    return float(value)
+  return tuple(value) if typing.get_origin(hint) is tuple else value
+
+
+def _section(name: str, cls, values: Any, extra: Optional[dict] = None):
+  if not isinstance(values, Mapping):
+    _fail(name, values, "must be a section (a ConfigDict)")
+  hints = typing.get_type_hints(cls)
+  known = [f.name for f in dataclasses.fields(cls)]
+  kwargs = dict(extra or {})
+  for key, value in values.items():
+    if key not in hints:
+      _fail(f"{name}.{key}", value, f"unknown key; {name} has {', '.join(known)}")
+    kwargs[key] = _convert(f"{name}.{key}", value, hints[key])
+  try:
+    return cls(**kwargs)
+  except ConfigError as e:
+    raise ConfigError(f"{name}.{e}") from None
+
+
+def from_config_dict(config: Any) -> ExperimentConfig:
+  """The typed, validated config of a ConfigDict (or a plain nested dict, e.g. config.json).
+
+  Raises ConfigError with one line naming the first bad key, its value and what is allowed.
+  Sections left out take their defaults; moe.embed_dim defaults to model.embed_dim.
+  """
+  values = config.to_dict() if hasattr(config, "to_dict") else dict(config)
+  for key, value in values.items():
+    if key != "experiment" and key not in SECTIONS:
+      _fail(key, value, f"unknown key; a config has experiment, {', '.join(SECTIONS)}")
+  experiment = values.get("experiment", "train")
+  if not isinstance(experiment, str):
+    _fail("experiment", experiment, "must be a string")
+  sections = {}
+  model = sections["model"] = _section("model", ModelConfig, values.get("model", {}))
+  for name, cls in SECTIONS.items():
+    if name != "model":
+      extra = {"embed_dim": model.embed_dim} if name == "moe" else None
+      sections[name] = _section(name, cls, values.get(name, {}), extra)
+  return ExperimentConfig(experiment=experiment, **sections)

@@ -1,0 +1,406 @@
+"""The DeepSeek-V3-style decoder: embeddings, first_k_dense dense blocks, MoE blocks, MTP modules.
+
+Thin Flax modules create every parameter with logical axis names; the maths is in pure functions
+(`attention.attention_apply`, `moe.apply`, `swiglu`, `project`). Callers use the functions below
+on plain pytrees, never the modules:
+
+  init(key, model_cfg, moe_cfg) -> (params, moe_state)
+  apply(params, moe_state, tokens_BxS, model_cfg, moe_cfg) -> (logits_BxSxV, aux)
+  loss(params, moe_state, batch, model_cfg, moe_cfg) -> (loss, metrics)
+  update_moe_state(moe_state, load_LxE, moe_cfg) -> moe_state
+  generate(params, moe_state, prompt_BxP, model_cfg, moe_cfg, *, max_new_tokens, key, ...)
+  param_axes / moe_state_axes(model_cfg, moe_cfg) -> logical names, from the modules' metadata
+  count_params(model_cfg, moe_cfg) -> parameter counts (see params_count.py)
+
+Parameters (float32, plain nested dicts):
+  embed/embedding [V, D]; layer_<i>/{attn_norm, attn, ffn_norm, ffn}; final_norm; head/kernel
+  [D, V] (untied, as V3); mtp_<k>/{embed_norm, hidden_norm, proj [2D, D], block, final_norm}.
+  A dense ffn is {gate, up, down}; an MoE ffn has moe.init's layout {router, experts, shared}.
+
+MoE state: {"layer_<i>": {"router_bias": [E]}} for every MoE block, numbered as in V3's
+checkpoint: main blocks first_k_dense..L-1, then MTP module k's block as layer L+k. Every
+per-layer aux array (`load` [L_moe, E], ...) has one row per entry, in ascending layer number.
+The bias is a Flax variable collection ("moe_state"), never a parameter, so it gets no gradient.
+
+Multi-token prediction (V3 section 2.2): module k (0-based) at position i combines the previous
+depth's hidden state h_i (the main model's last block output for k = 0) with the embedding of
+token i+k+1, projects [2D -> D], runs one block and the shared output head, and so predicts
+token i+k+2. The module reads the input tokens shifted left by k+1 (wrapping around); its last
+k+1 positions have no target and are left out of the MTP loss. Concatenation order is
+[norm(embedding); norm(hidden)], the order of the released V3 weights' eh_proj.
+
+Dtypes: parameters float32; the residual stream, attention and dense blocks compute in
+model_cfg.dtype, the MoE layers in moe_cfg.dtype (routing always float32); logits float32.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from jax.sharding import PartitionSpec
+
+from moe_jax import attention, moe, params_count, sharding
+from moe_jax import generate as sampling
+from moe_jax.config import ModelConfig, MoEConfig
+from moe_jax.layers import RMSNorm, logical_param
+
+Params = dict[str, Any]
+MoEState = dict[str, dict[str, jax.Array]]
+
+ACTIVATION_AXES = ("batch", "seq", "embed")
+LOGIT_AXES = ("batch", "seq", "vocab")
+# Expert weights have their own width names so that sharding.py can split them unlike dense ones.
+EXPERT_IN_AXES = ("experts", "expert_embed", "expert_mlp")
+EXPERT_OUT_AXES = ("experts", "expert_mlp", "expert_embed")
+
+
+def project(x: jax.Array, w_KxN: jax.Array, out_dtype=None) -> jax.Array:
+  """x [..., K] @ w [K, N] in x's dtype: every dense matmul of this file (dense FFN, MTP
+  projection, output head), so FP8 drops in here. attention.py and moe/ have their own."""
+  return jnp.matmul(x, w_KxN.astype(x.dtype), preferred_element_type=out_dtype)
+
+
+def swiglu(x: jax.Array, w: Params) -> jax.Array:
+  """down(silu(x @ gate) * (x @ up)) through `project`."""
+  return project(jax.nn.silu(project(x, w["gate"])) * project(x, w["up"]), w["down"])
+
+
+def _swiglu_specs(d: int, f: int, in_axes, out_axes, lead: tuple[int, ...] = ()):
+  return (("gate", lead + (d, f), in_axes), ("up", lead + (d, f), in_axes),
+          ("down", lead + (f, d), out_axes))
+
+
+def is_moe_layer(cfg: ModelConfig, index: int) -> bool:
+  """Block `index` (MTP blocks numbered from num_layers) is MoE; MTP blocks follow the model."""
+  return cfg.first_k_dense < cfg.num_layers and index >= cfg.first_k_dense
+
+
+# ----------------------------------------------------------------------------- Flax modules
+
+
+class Weights(nn.Module):
+  """A group of float32 N(0, std) parameters: specs ((name, shape, axes), ...) -> {name: array}."""
+  specs: tuple
+  std: float
+
+  @nn.compact
+  def __call__(self) -> Params:
+    init = nn.initializers.normal(stddev=self.std)
+    return {name: logical_param(self, name, init, shape, axes)
+            for name, shape, axes in self.specs}
+
+
+class MoE(nn.Module):
+  """moe.apply over parameters laid out as moe.init's; the router bias is a "moe_state" variable."""
+  cfg: MoEConfig
+  std: float
+
+  @nn.compact
+  def __call__(self, x_BxSxD: jax.Array) -> tuple[jax.Array, dict]:
+    d, e, f, s = (self.cfg.embed_dim, self.cfg.num_experts, self.cfg.expert_ffn_dim,
+                  self.cfg.num_shared_experts)
+    params = {
+        # Every token scores every expert, so the router's expert dim is never split.
+        "router": Weights((("kernel", (d, e), ("embed", None)),), self.std, name="router")(),
+        "experts": Weights(_swiglu_specs(d, f, EXPERT_IN_AXES, EXPERT_OUT_AXES, (e,)), self.std,
+                           name="experts")(),
+    }
+    if s:
+      params["shared"] = Weights(_swiglu_specs(d, s * f, ("embed", "mlp"), ("mlp", "embed")),
+                                 self.std, name="shared")()
+    bias = self.variable("moe_state", "router_bias",
+                         nn.with_logical_partitioning(jnp.zeros, (None,)), (e,), jnp.float32)
+    return moe.apply(params, {"router_bias": bias.value}, x_BxSxD, self.cfg)
+
+
+class Block(nn.Module):
+  """Pre-norm residual block: x + attn(norm(x)), then x + ffn(norm(x)); ffn dense or MoE."""
+  cfg: ModelConfig
+  moe_cfg: Optional[MoEConfig]  # None: dense SwiGLU of width cfg.dense_ffn_dim
+
+  @nn.compact
+  def __call__(self, x_BxTxD: jax.Array, pos=0, cache: Optional[attention.Cache] = None):
+    cfg = self.cfg
+    h_BxTxD, cache = attention.Attention(cfg, name="attn")(
+        RMSNorm(cfg.norm_eps, name="attn_norm")(x_BxTxD), pos, cache)
+    x_BxTxD = x_BxTxD + h_BxTxD
+    h_BxTxD = RMSNorm(cfg.norm_eps, name="ffn_norm")(x_BxTxD)
+    if self.moe_cfg is None:
+      w = Weights(_swiglu_specs(cfg.embed_dim, cfg.dense_ffn_dim, ("embed", "mlp"),
+                                ("mlp", "embed")), cfg.init_std, name="ffn")()
+      h_BxTxD, aux = swiglu(h_BxTxD, w), None
+    else:
+      h_BxTxD, aux = MoE(self.moe_cfg, cfg.init_std, name="ffn")(h_BxTxD)
+    return sharding.constrain(x_BxTxD + h_BxTxD, ACTIVATION_AXES), aux, cache
+
+
+class MTPModule(nn.Module):
+  """One V3 multi-token prediction depth: proj[norm(emb); norm(h)] -> block -> norm -> head."""
+  cfg: ModelConfig
+  moe_cfg: Optional[MoEConfig]
+
+  @nn.compact
+  def __call__(self, h_BxSxD: jax.Array, e_BxSxD: jax.Array, head_DxV: jax.Array):
+    cfg, d = self.cfg, self.cfg.embed_dim
+    he_BxSx2D = jnp.concatenate([RMSNorm(cfg.norm_eps, name="embed_norm")(e_BxSxD),
+                                 RMSNorm(cfg.norm_eps, name="hidden_norm")(h_BxSxD)], axis=-1)
+    w = Weights((("kernel", (2 * d, d), (None, "embed")),), cfg.init_std, name="proj")()
+    h_BxSxD, aux, _ = Block(cfg, self.moe_cfg, name="block")(project(he_BxSx2D, w["kernel"]))
+    logits_BxSxV = project(RMSNorm(cfg.norm_eps, name="final_norm")(h_BxSxD), head_DxV,
+                           jnp.float32)
+    return h_BxSxD, logits_BxSxV, aux
+
+
+class Transformer(nn.Module):
+  """tokens_BxT -> (logits_BxTxV f32, [mtp logits per depth], [MoE aux per MoE block], caches).
+
+  Without caches: a training forward over positions 0..T-1, MTP modules included. With caches
+  ({"layer_<i>": attention cache}): T new tokens at `pos`, main model only.
+  """
+  cfg: ModelConfig
+  moe_cfg: MoEConfig
+
+  @nn.compact
+  def __call__(self, tokens_BxT: jax.Array, pos=0, caches: Optional[dict] = None):
+    cfg, dtype = self.cfg, jnp.dtype(self.cfg.dtype)
+    V, D = cfg.vocab_size, cfg.embed_dim
+    emb_VxD = Weights((("embedding", (V, D), ("vocab", "embed")),), cfg.init_std,
+                      name="embed")()["embedding"]
+    head_DxV = Weights((("kernel", (D, V), ("embed", "vocab")),), cfg.init_std,
+                       name="head")()["kernel"]
+
+    def embed(tokens):
+      return sharding.constrain(jnp.take(emb_VxD, tokens, axis=0).astype(dtype), ACTIVATION_AXES)
+
+    def ffn_cfg(index):
+      return self.moe_cfg if is_moe_layer(cfg, index) else None
+
+    x_BxTxD, auxes, new_caches = embed(tokens_BxT), [], {}
+    for i in range(cfg.num_layers):
+      name = f"layer_{i}"
+      x_BxTxD, aux, cache = Block(cfg, ffn_cfg(i), name=name)(
+          x_BxTxD, pos, None if caches is None else caches[name])
+      new_caches[name] = cache
+      auxes += [aux] if aux is not None else []
+    logits_BxTxV = project(RMSNorm(cfg.norm_eps, name="final_norm")(x_BxTxD), head_DxV,
+                           jnp.float32)
+    if caches is not None:
+      return sharding.constrain(logits_BxTxV, LOGIT_AXES), [], auxes, new_caches
+    mtp_logits, h_BxTxD = [], x_BxTxD
+    for k in range(cfg.mtp_depth):
+      e_BxTxD = embed(jnp.roll(tokens_BxT, -(k + 1), axis=1))
+      h_BxTxD, logits_k, aux = MTPModule(cfg, ffn_cfg(cfg.num_layers + k), name=f"mtp_{k}")(
+          h_BxTxD, e_BxTxD, head_DxV)
+      mtp_logits.append(sharding.constrain(logits_k, LOGIT_AXES))
+      auxes += [aux] if aux is not None else []
+    return sharding.constrain(logits_BxTxV, LOGIT_AXES), mtp_logits, auxes, None
+
+
+# ----------------------------------------------------------------------------- moe_state paths
+
+
+def _moe_paths(cfg: ModelConfig) -> dict[str, tuple[str, ...]]:
+  """Contract name -> the Flax module path of that block's MoE, in ascending layer order."""
+  paths = {f"layer_{i}": (f"layer_{i}", "ffn") for i in range(cfg.num_layers)}
+  paths.update({f"layer_{cfg.num_layers + k}": (f"mtp_{k}", "block", "ffn")
+                for k in range(cfg.mtp_depth)})
+  return {name: path for i, (name, path) in enumerate(paths.items()) if is_moe_layer(cfg, i)}
+
+
+def _from_flax_state(flax_state: dict, cfg: ModelConfig) -> dict:
+  def walk(tree, path):
+    for key in path:
+      tree = tree[key]
+    return dict(tree)
+  return {name: walk(flax_state, path) for name, path in _moe_paths(cfg).items()}
+
+
+def _to_flax_state(moe_state: dict, cfg: ModelConfig) -> dict:
+  tree: dict = {}
+  for name, path in _moe_paths(cfg).items():
+    node = tree
+    for key in path[:-1]:
+      node = node.setdefault(key, {})
+    node[path[-1]] = moe_state[name]
+  return tree
+
+
+def _layer_number(name: str) -> int:
+  return int(name.rsplit("_", 1)[1])
+
+
+# ----------------------------------------------------------------------------- public API
+
+
+def _module(model_cfg: ModelConfig, moe_cfg: MoEConfig) -> Transformer:
+  if moe_cfg.embed_dim != model_cfg.embed_dim:
+    raise ValueError(f"moe.embed_dim={moe_cfg.embed_dim}: must equal "
+                     f"model.embed_dim={model_cfg.embed_dim}")
+  return Transformer(model_cfg, moe_cfg)
+
+
+def _init_boxed(key: jax.Array, model_cfg: ModelConfig, moe_cfg: MoEConfig) -> dict:
+  # Flax init runs the forward once. Parameters depend on neither the sequence nor the expert
+  # parallelism, so a two-token local forward serves, and init needs no mesh.
+  moe_cfg = dataclasses.replace(moe_cfg, parallelism="none")
+  return _module(model_cfg, moe_cfg).init(key, jnp.zeros((1, 2), jnp.int32))
+
+
+@functools.lru_cache(maxsize=16)
+def abstract_variables(model_cfg: ModelConfig, moe_cfg: MoEConfig) -> dict:
+  """Boxed {"params", "moe_state"} as ShapeDtypeStructs with axis metadata; allocates nothing."""
+  return jax.eval_shape(functools.partial(_init_boxed, model_cfg=model_cfg, moe_cfg=moe_cfg),
+                        jax.random.key(0))
+
+
+@functools.partial(jax.jit, static_argnums=(1, 2))
+def init(key: jax.Array, model_cfg: ModelConfig, moe_cfg: MoEConfig) -> tuple[Params, MoEState]:
+  """Float32 parameters (plain nested dicts) and the zero router biases of every MoE block."""
+  variables = nn.meta.unbox(_init_boxed(key, model_cfg, moe_cfg))
+  return variables["params"], _from_flax_state(variables.get("moe_state", {}), model_cfg)
+
+
+def _names(boxed: Any) -> Any:
+  return jax.tree.map(tuple, nn.get_partition_spec(boxed),
+                      is_leaf=lambda x: isinstance(x, PartitionSpec))
+
+
+def param_axes(model_cfg: ModelConfig, moe_cfg: MoEConfig) -> Any:
+  """Logical axis names (a tuple per leaf) of `init`'s params, read from the modules."""
+  return _names(abstract_variables(model_cfg, moe_cfg)["params"])
+
+
+def moe_state_axes(model_cfg: ModelConfig, moe_cfg: MoEConfig) -> Any:
+  """Logical axis names of `init`'s moe_state."""
+  flax_state = abstract_variables(model_cfg, moe_cfg).get("moe_state", {})
+  return _from_flax_state(_names(flax_state), model_cfg)
+
+
+def _variables(params: Params, moe_state: MoEState, model_cfg: ModelConfig) -> dict:
+  return {"params": params, "moe_state": _to_flax_state(moe_state, model_cfg)}
+
+
+def _stack_aux(auxes: list[dict], mtp_logits: list[jax.Array], moe_cfg: MoEConfig) -> dict:
+  keys = ("load", "max_vio", "dropped_fraction", "aux_loss", "seq_aux_loss", "z_loss")
+  if auxes:
+    aux = {k: jnp.stack([a[k] for a in auxes]).astype(jnp.float32) for k in keys}
+    aux["balance_loss"] = sum(a["balance_loss"] for a in auxes)
+  else:  # a dense model: empty per-layer statistics keep the output structure fixed
+    aux = {k: jnp.zeros((0,), jnp.float32) for k in keys}
+    aux["load"] = jnp.zeros((0, moe_cfg.num_experts), jnp.float32)
+    aux["balance_loss"] = jnp.zeros((), jnp.float32)
+  aux["mtp_logits"] = jnp.stack(mtp_logits) if mtp_logits else None
+  return aux
+
+
+@functools.partial(jax.jit, static_argnums=(3, 4))
+def apply(params: Params, moe_state: MoEState, tokens_BxS: jax.Array, model_cfg: ModelConfig,
+          moe_cfg: MoEConfig) -> tuple[jax.Array, dict]:
+  """Training forward. Returns (logits_BxSxV float32, aux).
+
+  aux: "load" [L_moe, E], "max_vio" / "dropped_fraction" / "aux_loss" / "seq_aux_loss" /
+  "z_loss" [L_moe], "balance_loss" (sum of the blocks' weighted balance losses) and
+  "mtp_logits" [mtp_depth, B, S, V] (None without MTP).
+  """
+  logits_BxSxV, mtp_logits, auxes, _ = _module(model_cfg, moe_cfg).apply(
+      _variables(params, moe_state, model_cfg), tokens_BxS)
+  return logits_BxSxV, _stack_aux(auxes, mtp_logits, moe_cfg)
+
+
+def cross_entropy(logits_BxSxV: jax.Array, targets_BxS: jax.Array,
+                  mask_BxS: jax.Array) -> jax.Array:
+  """Mean negative log-likelihood of the targets over the positions where mask holds."""
+  logp_BxSxV = jax.nn.log_softmax(logits_BxSxV.astype(jnp.float32), axis=-1)
+  nll_BxS = -jnp.take_along_axis(logp_BxSxV, targets_BxS[..., None], axis=-1)[..., 0]
+  mask_BxS = mask_BxS.astype(jnp.float32)
+  return jnp.sum(nll_BxS * mask_BxS) / jnp.maximum(jnp.sum(mask_BxS), 1.0)
+
+
+@functools.partial(jax.jit, static_argnums=(3, 4))
+def loss(params: Params, moe_state: MoEState, batch: dict[str, jax.Array],
+         model_cfg: ModelConfig, moe_cfg: MoEConfig) -> tuple[jax.Array, dict]:
+  """ce + mtp_loss_weight * mtp_ce + balance_loss; targets equal to pad_id are ignored."""
+  logits_BxSxV, aux = apply(params, moe_state, batch["inputs"], model_cfg, moe_cfg)
+  targets_BxS = batch["targets"]
+  S = targets_BxS.shape[1]
+  valid_BxS = targets_BxS != model_cfg.pad_id
+  ce = cross_entropy(logits_BxSxV, targets_BxS, valid_BxS)
+  mtp_ce = jnp.zeros((), jnp.float32)
+  for k in range(model_cfg.mtp_depth):
+    # Depth k at position i predicts targets[i + k + 1]; the wrapped tail has no target.
+    has_target_1xS = (jnp.arange(S) < S - k - 1)[None, :]
+    mtp_ce += cross_entropy(aux["mtp_logits"][k], jnp.roll(targets_BxS, -(k + 1), axis=1),
+                            jnp.roll(valid_BxS, -(k + 1), axis=1) & has_target_1xS)
+  mtp_ce = mtp_ce / max(model_cfg.mtp_depth, 1)
+  total = ce + model_cfg.mtp_loss_weight * mtp_ce + aux["balance_loss"]
+  metrics = {"loss": total, "ce": ce, "mtp_ce": mtp_ce}
+  metrics.update({k: v for k, v in aux.items() if k != "mtp_logits"})
+  return total, metrics
+
+
+def update_moe_state(moe_state: MoEState, load_LxE: jax.Array, moe_cfg: MoEConfig) -> MoEState:
+  """The aux-loss-free bias step for every MoE block; row l of load is the l-th layer in order."""
+  names = sorted(moe_state, key=_layer_number)
+  if load_LxE.shape[0] != len(names):
+    raise ValueError(f"load has {load_LxE.shape[0]} rows for {len(names)} MoE blocks")
+  return {name: moe.update_bias(moe_state[name], load_LxE[i], moe_cfg)
+          for i, name in enumerate(names)}
+
+
+# ----------------------------------------------------------------------------- generation
+
+
+def init_caches(model_cfg: ModelConfig, batch: int, max_len: int) -> dict[str, attention.Cache]:
+  """Empty fixed-size KV caches ({"layer_<i>": ...}); MLA's hold the latent and RoPE key only."""
+  return {f"layer_{i}": attention.init_cache(model_cfg, batch, max_len)
+          for i in range(model_cfg.num_layers)}
+
+
+@functools.partial(jax.jit, static_argnums=(5, 6))
+def forward_cached(params: Params, moe_state: MoEState, tokens_BxT: jax.Array, pos,
+                   caches: dict, model_cfg: ModelConfig, moe_cfg: MoEConfig):
+  """T new tokens at position `pos` (traced or not) -> (logits_BxTxV float32, caches)."""
+  logits_BxTxV, _, _, caches = _module(model_cfg, moe_cfg).apply(
+      _variables(params, moe_state, model_cfg), tokens_BxT, pos, caches)
+  return logits_BxTxV, caches
+
+
+def generate(params: Params, moe_state: MoEState, prompt_BxP: jax.Array, model_cfg: ModelConfig,
+             moe_cfg: MoEConfig, *, max_new_tokens: int, key: jax.Array, temperature=0.0,
+             top_p=1.0) -> jax.Array:
+  """Prompt plus max_new_tokens sampled tokens, [B, P + max_new_tokens] int32.
+
+  temperature 0 is greedy; otherwise nucleus sampling (top_p) at that temperature; both may
+  change between calls without recompiling. All sequences share one prompt length; the cache
+  holds P + max_new_tokens <= max_seq_len slots. Compiled once per shape and config.
+  """
+  P = prompt_BxP.shape[1]
+  if P + max_new_tokens > model_cfg.max_seq_len:
+    raise ValueError(f"prompt {P} + max_new_tokens {max_new_tokens} exceeds "
+                     f"max_seq_len={model_cfg.max_seq_len}")
+  if isinstance(temperature, (int, float)) and temperature < 0:
+    raise ValueError(f"temperature={temperature}: must be >= 0 (0 = greedy)")
+  if isinstance(top_p, (int, float)) and not 0 < top_p <= 1:
+    raise ValueError(f"top_p={top_p}: must be in (0, 1]")
+  return _generate(params, moe_state, prompt_BxP, model_cfg, moe_cfg, max_new_tokens, key,
+                   temperature, top_p)
+
+
+@functools.partial(jax.jit, static_argnums=(3, 4, 5))
+def _generate(params, moe_state, prompt_BxP, model_cfg, moe_cfg, max_new_tokens, key,
+              temperature, top_p):
+  def step(tokens_BxT, pos, caches):
+    return forward_cached(params, moe_state, tokens_BxT, pos, caches, model_cfg, moe_cfg)
+
+  caches = init_caches(model_cfg, prompt_BxP.shape[0], prompt_BxP.shape[1] + max_new_tokens)
+  return sampling.decode(step, caches, prompt_BxP, max_new_tokens=max_new_tokens, key=key,
+                         temperature=temperature, top_p=top_p)
+
+
+def count_params(model_cfg: ModelConfig, moe_cfg: MoEConfig) -> dict:
+  """Total and activated-per-token parameter counts, main model and MTP apart (no allocation)."""
+  return params_count.count(abstract_variables(model_cfg, moe_cfg)["params"], moe_cfg)
