@@ -131,3 +131,37 @@ def unpermute(y_RxD: jax.Array, plan: Plan, top_k: int) -> jax.Array:
   """Expert-major rows -> [T, K, D] per (token, slot); dropped assignments read zero."""
   y_AxD = gather_rows(y_RxD, plan.row_A, plan.src_R[:, None])
   return y_AxD.reshape(-1, top_k, y_RxD.shape[-1])
+
+
+def combine(y_RxD: jax.Array, gates_TxK: jax.Array, plan: Plan) -> jax.Array:
+  """y[t] = sum_k gates[t, k] * y_rows[row[t, k]]: unpermute and weighted sum in one pass.
+
+  Fusing the two keeps the [T, K, D] intermediate out of memory in both directions.
+  """
+  t, k = gates_TxK.shape
+  return _combine(y_RxD, gates_TxK.astype(y_RxD.dtype), plan.row_A.reshape(t, k), plan.src_R)
+
+
+@jax.custom_vjp
+def _combine(y_RxD, gates_TxK, row_TxK, src_R):
+  rows_TxKxD = jnp.take(y_RxD, row_TxK, axis=0, mode="fill", fill_value=0)
+  return jnp.einsum("tkd,tk->td", rows_TxKxD, gates_TxK)
+
+
+def _combine_fwd(y_RxD, gates_TxK, row_TxK, src_R):
+  return _combine(y_RxD, gates_TxK, row_TxK, src_R), (y_RxD, gates_TxK, row_TxK, src_R)
+
+
+def _combine_bwd(res, dy_TxD):
+  y_RxD, gates_TxK, row_TxK, src_R = res
+  t, k = gates_TxK.shape
+  # Row r belongs to assignment src[r] = t * K + k; padding rows (src = T * K) read zero.
+  gate_R = jnp.take(gates_TxK.reshape(-1), src_R, mode="fill", fill_value=0)
+  dy_RxD = jnp.take(dy_TxD, src_R // k, axis=0, mode="fill", fill_value=0) * gate_R[:, None]
+  rows_TxKxD = jnp.take(y_RxD, row_TxK, axis=0, mode="fill", fill_value=0)
+  dgates_TxK = jnp.einsum("tkd,td->tk", rows_TxKxD, dy_TxD)
+  return (manual.cotangent_like(dy_RxD, y_RxD), manual.cotangent_like(dgates_TxK, gates_TxK),
+          None, None)
+
+
+_combine.defvjp(_combine_fwd, _combine_bwd)

@@ -35,9 +35,7 @@ def routed_experts(x_TxD: jax.Array, experts: dict, idx_TxK: jax.Array, gates_Tx
                             capacity_factor=cfg.capacity_factor)
   x_RxD = dispatch.permute(x_TxD, plan, cfg.top_k)
   y_RxD = grouped.swiglu(x_RxD, experts, plan, backend)
-  y_TxKxD = dispatch.unpermute(y_RxD, plan, cfg.top_k)
-  y_TxD = jnp.einsum("tkd,tk->td", y_TxKxD, gates_TxK.astype(y_TxKxD.dtype))
-  return y_TxD, plan.kept
+  return dispatch.combine(y_RxD, gates_TxK, plan), plan.kept
 
 
 def statistics(logits_TxE, scores_TxE, idx_TxK, kept, seq_shape, cfg: MoEConfig,

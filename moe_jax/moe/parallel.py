@@ -99,8 +99,7 @@ def _alltoall_body(params, state, x_TxD, cfg: MoEConfig, seq_len: int, ep: int, 
                              valid_TxK=expert_recv[:, None] < e_local)
   y_rows = grouped.swiglu(dispatch.permute(x_recv, local, 1), params["experts"], local, backend)
   y_recv = dispatch.unpermute(y_rows, local, 1).reshape(-1, d)
-  y_TxKxD = dispatch.unpermute(exchange(y_recv), send, k)
-  y_TxD = jnp.einsum("tkd,tk->td", y_TxKxD, gates_TxK.astype(y_TxKxD.dtype))
+  y_TxD = dispatch.combine(exchange(y_recv), gates_TxK, send)
   if "shared" in params:
     y_TxD = y_TxD + swiglu(xc_TxD, params["shared"])
   # Expert and shared weights split over ffn give partial sums; one reduction adds both.
