@@ -177,6 +177,14 @@ class ModelConfig:
   qk_rope_head_dim: int = 8          # "mla": decoupled RoPE key, shared across heads
   v_head_dim: int = 16               # "mla"
   rope_theta: float = 10000.0
+  # YaRN context extension, as published DeepSeek-V3 checkpoints use it (factor 40 over 4096
+  # positions); rope_factor 1 is plain RoPE and leaves the other rope_* fields unused.
+  rope_factor: float = 1.0
+  rope_original_max_len: int = 4096  # YaRN: the context length of pre-training
+  rope_beta_fast: float = 32.0       # YaRN: dims turning more often than this keep their frequency
+  rope_beta_slow: float = 1.0        # YaRN: dims turning less often than this are interpolated
+  rope_mscale: float = 0.0           # YaRN: cos/sin scale m(mscale)/m(mscale_all_dim) if both > 0
+  rope_mscale_all_dim: float = 0.0   # YaRN: softmax scale times m(mscale_all_dim)^2 (0: unchanged)
   max_seq_len: int = 256
   mtp_depth: int = 0                 # multi-token prediction modules (V3: 1)
   mtp_loss_weight: float = 0.3
@@ -190,7 +198,12 @@ class ModelConfig:
               "num_kv_heads", "head_dim", "kv_lora_rank", "qk_nope_head_dim",
               "qk_rope_head_dim", "v_head_dim", "max_seq_len")
     _non_negative(self, "first_k_dense", "q_lora_rank", "mtp_depth", "mtp_loss_weight",
-                  "norm_eps", "init_std", "rope_theta")
+                  "norm_eps", "init_std", "rope_theta", "rope_beta_fast", "rope_beta_slow",
+                  "rope_mscale", "rope_mscale_all_dim")
+    _positive(self, "rope_original_max_len")
+    if isinstance(self.rope_factor, bool) or not isinstance(self.rope_factor, (int, float)) or (
+        self.rope_factor < 1):
+      _fail("rope_factor", self.rope_factor, "must be a number >= 1 (1: plain RoPE, no YaRN)")
     _one_of(self, "attention", ("mla", "mha"))
     _one_of(self, "dtype", DTYPES)
     if (isinstance(self.pad_id, bool) or not isinstance(self.pad_id, int) or

@@ -1,0 +1,26 @@
+"""Studies run by `python -m experiments.run`, chosen by the config's `experiment` field.
+
+EXPERIMENTS maps each name to "module:function" (function defaults to `run`), a function
+`run(config: ExperimentConfig, workdir: str)`. Modules are imported only when chosen, so a study
+with heavy imports costs nothing to the others. A new study adds one line here.
+"""
+from __future__ import annotations
+
+import importlib
+from typing import Callable
+
+EXPERIMENTS = {
+    "train": "experiments.train:run",
+    "eval": "experiments.train:run_eval",
+    "count": "experiments.count:run",
+    "plot": "experiments.plot:run",
+    "sharding_study": "experiments.sharding_study:run",
+}
+
+
+def resolve(name: str) -> Callable:
+  """The run function of experiment `name`; KeyError with the known names if there is none."""
+  if name not in EXPERIMENTS:
+    raise KeyError(name)
+  module, _, function = EXPERIMENTS[name].partition(":")
+  return getattr(importlib.import_module(module), function or "run")

@@ -1,0 +1,378 @@
+"""Training: the train state, the jitted step, and the loop around it.
+
+The train state is a plain dict pytree, checkpointed whole:
+  step       int32, optimizer steps completed (batch i is a pure function of (seed, i))
+  params     float32 parameters (model.init), sharded by model.param_axes
+  moe_state  router biases, updated from the step's global expert loads (never by gradients)
+  opt_state  global-norm clipping + Adam moments + decoupled weight decay (AdamW)
+  rng        uint32 key data of a threefry key, for stochastic parts (none yet): derive per-step
+             keys as fold_in(rng, step) so that a resumed run draws the same ones
+  bad_steps  int32, non-finite steps in a row (the numerics guard)
+  fp8        FP8 scaling state, present only when the model has one (model.init_fp8_state)
+
+The learning rate is a function of `step` (linear warmup, cosine decay to min_lr_ratio), not of
+the optimizer's own count, which a skipped (non-finite) step does not advance.
+"""
+from __future__ import annotations
+
+import functools
+import json
+import math
+import os
+import signal
+import time
+from typing import Any, Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.experimental import multihost_utils
+
+from moe_jax import checkpoint, data, metrics, model, sharding
+from moe_jax.config import ConfigError, ExperimentConfig, TrainConfig
+
+BATCH_AXES = ("batch", "seq")
+CONFIG_FILE = "config.json"
+# Sections whose change makes a workdir's checkpoints unusable.
+_STATE_SECTIONS = ("model", "moe", "fp8")
+
+
+class Diverged(RuntimeError):
+  """Too many non-finite steps in a row; the message is one line."""
+
+
+def learning_rate(step: jax.Array, cfg: TrainConfig) -> jax.Array:
+  """Linear warmup to the peak over warmup_steps (step 0 already moves), then cosine decay to
+  peak * min_lr_ratio at the last step."""
+  step = jnp.asarray(step, jnp.float32)
+  warm = (step + 1) / max(cfg.warmup_steps, 1)
+  progress = jnp.clip((step - cfg.warmup_steps) / max(cfg.steps - cfg.warmup_steps - 1, 1), 0, 1)
+  cosine = cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + jnp.cos(jnp.pi * progress))
+  return cfg.learning_rate * jnp.where(step < cfg.warmup_steps, warm, cosine)
+
+
+def make_optimizer(cfg: TrainConfig) -> optax.GradientTransformation:
+  """AdamW without its learning rate (see `learning_rate`); matrices decay, norm scales do not."""
+  decay_mask = lambda params: jax.tree.map(lambda p: p.ndim >= 2, params)
+  return optax.chain(
+      optax.clip_by_global_norm(cfg.grad_clip) if cfg.grad_clip > 0 else optax.identity(),
+      optax.scale_by_adam(cfg.b1, cfg.b2, mu_dtype=jnp.dtype(cfg.optimizer_state_dtype)),
+      optax.add_decayed_weights(cfg.weight_decay, decay_mask))
+
+
+def init_state(key: jax.Array, cfg: ExperimentConfig) -> dict:
+  params, moe_state = model.init(key, cfg.model, cfg.moe)
+  state = {"step": jnp.zeros((), jnp.int32), "params": params, "moe_state": moe_state,
+           "opt_state": make_optimizer(cfg.train).init(params),
+           "rng": jax.random.key_data(jax.random.fold_in(key, 1)),
+           "bad_steps": jnp.zeros((), jnp.int32)}
+  if hasattr(model, "init_fp8_state"):
+    fp8 = model.init_fp8_state(cfg.model, cfg.moe, cfg.fp8)
+    if fp8:
+      state["fp8"] = fp8
+  return state
+
+
+def state_shardings(cfg: ExperimentConfig, mesh) -> Any:
+  """NamedShardings of the train state: parameters (and their Adam moments) by their logical
+  axes, everything else replicated."""
+  replicated = sharding.named_sharding(mesh, ())
+  abstract = jax.eval_shape(functools.partial(init_state, cfg=cfg), jax.random.key(0))
+  params = sharding.shard_like(model.param_axes(cfg.model, cfg.moe), mesh)
+  opt = optax.tree_map_params(make_optimizer(cfg.train), lambda _, s: s, abstract["opt_state"],
+                              params, transform_non_params=lambda _: replicated)
+  out = jax.tree.map(lambda _: replicated, abstract)
+  out.update(params=params, opt_state=opt,
+             moe_state=sharding.shard_like(model.moe_state_axes(cfg.model, cfg.moe), mesh))
+  return out
+
+
+def check_divisible(cfg: ExperimentConfig, mesh):
+  """Every sharded parameter dim must split evenly over its mesh axes (JAX refuses uneven)."""
+  abstract = jax.eval_shape(functools.partial(init_state, cfg=cfg), jax.random.key(0))["params"]
+  names = model.param_axes(cfg.model, cfg.moe)
+  for (path, leaf), axes in zip(jax.tree_util.tree_flatten_with_path(abstract)[0],
+                                jax.tree.leaves(names, is_leaf=lambda x: isinstance(x, tuple))):
+    for dim, (size, mesh_axes) in enumerate(zip(leaf.shape, sharding.logical_to_spec(axes))):
+      mesh_axes = (mesh_axes,) if isinstance(mesh_axes, str) else (mesh_axes or ())
+      n = math.prod(mesh.shape[a] for a in mesh_axes)
+      if size % n:
+        raise ConfigError(f"params{jax.tree_util.keystr(path)}.shape[{dim}]={size}: must be "
+                          f"divisible by mesh {'*'.join(mesh_axes)}={n} (logical {axes[dim]!r})")
+
+
+def train_step(state: dict, batch: dict, cfg: ExperimentConfig) -> tuple[dict, dict]:
+  """One AdamW step on the global batch; not applied when the loss or gradient is not finite."""
+  step = state["step"]
+  loss_fn = lambda p: model.loss(p, state["moe_state"], batch, cfg.model, cfg.moe)
+  (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
+  if cfg.train.inject_nan_at_steps:  # fault injection (tests of this guard)
+    poison = jnp.isin(step, jnp.asarray(cfg.train.inject_nan_at_steps, jnp.int32))
+    grads = jax.tree.map(lambda g: jnp.where(poison, jnp.nan, g), grads)
+  grad_norm = optax.tree.norm(grads)
+  finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+  updates, opt_state = make_optimizer(cfg.train).update(grads, state["opt_state"],
+                                                        state["params"])
+  lr = learning_rate(step, cfg.train)
+  params = optax.apply_updates(state["params"], jax.tree.map(lambda u: -lr * u, updates))
+  moe_state = model.update_moe_state(state["moe_state"], aux["load"], cfg.moe)
+  keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+  bad_steps = jnp.where(finite, 0, state["bad_steps"] + 1)
+  new_state = dict(state, step=step + 1, bad_steps=bad_steps,
+                   params=keep(params, state["params"]),
+                   opt_state=keep(opt_state, state["opt_state"]),
+                   moe_state=keep(moe_state, state["moe_state"]))
+  load = aux["load"] / jnp.maximum(aux["load"].sum(-1, keepdims=True), 1.0)
+  out = {k: aux[k] for k in ("ce", "mtp_ce", "balance_loss", "max_vio", "dropped_fraction")}
+  out.update(loss=loss, load=load, grad_norm=grad_norm, learning_rate=lr, bad_steps=bad_steps,
+             applied=finite.astype(jnp.float32))
+  return new_state, out
+
+
+def eval_step(params: dict, moe_state: dict, batch: dict, cfg: ExperimentConfig) -> dict:
+  loss, aux = model.loss(params, moe_state, batch, cfg.model, cfg.moe)
+  return {"eval_loss": loss, "eval_ce": aux["ce"]}
+
+
+class Batches:
+  """This process's rows of each global batch, placed as one global array on the mesh."""
+
+  def __init__(self, dataset: data.Dataset, cfg: TrainConfig, mesh):
+    self._dataset, self._cfg, self._mesh = dataset, cfg, mesh
+    shape = (cfg.batch_size, cfg.seq_len)
+    rows = sharding.process_rows(mesh, BATCH_AXES, shape)
+    local = rows.stop - rows.start
+    # Processes that hold the same rows (a tensor axis across hosts) read the same data.
+    self._part = dict(process_index=rows.start // local, process_count=cfg.batch_size // local)
+
+  def _place(self, local: dict) -> dict:
+    return {k: sharding.global_array(v, self._mesh, BATCH_AXES) for k, v in local.items()}
+
+  def train(self, step: int) -> dict:
+    return self._place(data.get_batch(self._dataset, "train", step, seed=self._cfg.seed,
+                                      batch_size=self._cfg.batch_size,
+                                      seq_len=self._cfg.seq_len, **self._part))
+
+  def eval(self, index: int) -> dict:
+    return self._place(data.get_eval_batch(self._dataset, index, batch_size=self._cfg.batch_size,
+                                           seq_len=self._cfg.seq_len, **self._part))
+
+
+class Setup:
+  """Everything checked and compiled before a run writes anything: mesh, data, jitted functions."""
+
+  def __init__(self, cfg: ExperimentConfig):
+    jax.config.update("jax_threefry_partitionable", True)
+    cfg.check_devices(jax.device_count(), jax.process_count())
+    self.cfg, self.mesh = cfg, sharding.make_mesh(cfg.mesh)
+    check_divisible(cfg, self.mesh)
+    self.dataset = data.load_dataset(cfg.data)
+    for split in data.SPLITS:
+      if data.num_windows(len(self.dataset.split(split)), cfg.train.seq_len) == 0:
+        raise ConfigError(f"train.seq_len={cfg.train.seq_len}: longer than the {split} split of "
+                          f"data.source={cfg.data.source!r} ({len(self.dataset.split(split))} "
+                          "tokens)")
+    self.batches = Batches(self.dataset, cfg.train, self.mesh)
+    self.shardings = state_shardings(cfg, self.mesh)
+    replicated = sharding.named_sharding(self.mesh, ())
+    batch = {k: sharding.named_sharding(self.mesh, BATCH_AXES) for k in ("inputs", "targets")}
+    self.init = self._on_mesh(jax.jit(functools.partial(init_state, cfg=cfg),
+                                       out_shardings=self.shardings))
+    self.step = self._on_mesh(jax.jit(functools.partial(train_step, cfg=cfg), donate_argnums=0,
+                                      in_shardings=(self.shardings, batch),
+                                      out_shardings=(self.shardings, replicated)))
+    self.eval = self._on_mesh(jax.jit(
+        functools.partial(eval_step, cfg=cfg), out_shardings=replicated,
+        in_shardings=(self.shardings["params"], self.shardings["moe_state"], batch)))
+
+  def _on_mesh(self, fn: Callable) -> Callable:
+    """fn traced with the mesh set: activation constraints and the expert-parallel MoE layer
+    (shard_map) read it from `jax.sharding.get_abstract_mesh()`."""
+    def call(*args):
+      with jax.set_mesh(self.mesh):
+        return fn(*args)
+    return call
+
+  def abstract_state(self) -> Any:
+    shapes = jax.eval_shape(functools.partial(init_state, cfg=self.cfg), jax.random.key(0))
+    return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), shapes,
+                        self.shardings)
+
+  def evaluate(self, state: dict) -> dict:
+    totals = None
+    for i in range(self.cfg.train.eval_batches):
+      out = self.eval(state["params"], state["moe_state"], self.batches.eval(i))
+      totals = out if totals is None else jax.tree.map(jnp.add, totals, out)
+    means = {k: float(v) / self.cfg.train.eval_batches for k, v in totals.items()}
+    means["eval_perplexity"] = metrics.perplexity(means["eval_loss"])
+    return means
+
+
+def check_workdir(cfg: ExperimentConfig, workdir: str):
+  """A workdir holding checkpoints of another model cannot be resumed: say so, change nothing."""
+  path = os.path.join(workdir, CONFIG_FILE)
+  if not os.path.exists(path):
+    return
+  with open(path) as f:
+    old = json.load(f)
+  new = cfg.to_dict()
+  for section in _STATE_SECTIONS:
+    for key, value in new[section].items():
+      if section in old and old[section].get(key, value) != value:
+        raise ConfigError(f"{section}.{key}={value!r}: the run in {workdir} used "
+                          f"{old[section][key]!r}; use another --workdir to start a new run")
+
+
+class _Preemption:
+  """SIGTERM sets a flag; the loop saves and exits at the next step boundary. With several
+  processes they agree (an all-gather) so that all stop at the same step."""
+
+  def __init__(self):
+    self.flag = False
+    self._old = signal.signal(signal.SIGTERM, self._handler)
+
+  def _handler(self, signum, frame):
+    del signum, frame
+    self.flag = True
+
+  def requested(self) -> bool:
+    if jax.process_count() == 1:
+      return self.flag
+    return bool(np.max(multihost_utils.process_allgather(np.int32(self.flag))))
+
+  def close(self):
+    signal.signal(signal.SIGTERM, self._old)
+
+
+def _mean(window: list[dict]) -> dict:
+  """Means over the window's applied steps (all steps if none was applied)."""
+  window = jax.device_get(window)
+  applied = [m for m in window if m["applied"]] or window
+  out = {k: np.mean([m[k] for m in applied], axis=0) for k in applied[0]
+         if k not in ("applied", "bad_steps", "learning_rate")}
+  out = {k: (float(v) if v.ndim == 0 else v.tolist()) for k, v in out.items()}
+  out = {k: (v if not isinstance(v, float) or math.isfinite(v) else None) for k, v in out.items()}
+  out.update(learning_rate=float(window[-1]["learning_rate"]),
+             skipped_steps=int(sum(1 - m["applied"] for m in window)),
+             bad_steps=int(window[-1]["bad_steps"]))
+  return out
+
+
+def train(cfg: ExperimentConfig, workdir: str,
+          step_hooks: Sequence[Callable[[int, dict], None]] = ()) -> dict:
+  """Trains (or resumes) the run in `workdir`; returns the last logged train record.
+
+  step_hooks: called as hook(steps_completed, state) after every step (tests use it to kill).
+  Raises ConfigError before writing anything if the config does not fit this machine or data.
+  """
+  setup = Setup(cfg)
+  check_workdir(cfg, workdir)
+  main, t = jax.process_index() == 0, cfg.train
+  say = print if main else (lambda *_: None)
+  say(f"{jax.process_count()} process(es), {jax.device_count()} devices "
+      f"({jax.devices()[0].platform}), mesh {dict(setup.mesh.shape)}, data {setup.dataset.name}")
+  os.makedirs(workdir, exist_ok=True)
+  if main:
+    with open(os.path.join(workdir, CONFIG_FILE), "w") as f:
+      json.dump(cfg.to_dict(), f, indent=2)
+  ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), keep=t.keep_checkpoints)
+  state, start = ckpt.restore_latest(setup.abstract_state(), report=say)
+  if state is None:
+    state = setup.init(jax.random.key(t.seed))
+  else:
+    say(f"resumed from step {start} ({ckpt.directory}/{start})")
+  log = metrics.MetricsLog(workdir, enabled=main, resume_step=start)
+  progress = metrics.Progress(t.steps)
+  tokens_per_step = t.batch_size * t.seq_len
+  flops_per_token = metrics.train_flops_per_token(model.count_params(cfg.model, cfg.moe),
+                                                  cfg.model, t.seq_len)
+  matmul_rate = metrics.measure_matmul_flops()
+  preemption, window, record = _Preemption(), [], {}
+  clock, clock_step = None, start
+  try:
+    batch = setup.batches.train(start) if start < t.steps else None
+    for s in range(start, t.steps):
+      state, out = setup.step(state, batch)
+      window.append(out)
+      for hook in step_hooks:
+        hook(s + 1, state)
+      if s + 1 < t.steps:
+        batch = setup.batches.train(s + 1)  # host work overlapping the device step
+      bad = int(out["bad_steps"])
+      done = s + 1
+      if clock is None:  # the first step includes compilation: time from its end
+        clock, clock_step = time.perf_counter(), done
+      elapsed, steps_timed = time.perf_counter() - clock, done - clock_step
+      diverged = bad >= t.max_bad_steps
+      if bad == 0 and (done % t.checkpoint_every == 0 or done == t.steps):
+        ckpt.save(done, state)
+      if done % t.log_every == 0 or done == t.steps or diverged:
+        record = dict(step=done, **_mean(window))
+        window = []
+        rate = steps_timed / elapsed if steps_timed and elapsed > 0 else float("nan")
+        clock, clock_step = time.perf_counter(), done  # tokens/s of this interval only
+        record.update(perplexity=metrics.perplexity(record["loss"] or float("nan")),
+                      tokens_per_s=rate * tokens_per_step,
+                      mfu=rate * tokens_per_step * flops_per_token / matmul_rate)
+        record = {k: (None if isinstance(v, float) and not math.isfinite(v) else v)
+                  for k, v in record.items()}
+        log.write(record)
+        if main:
+          eta = (t.steps - done) / rate if rate == rate and rate > 0 else None
+          progress.update(done, record["loss"] or float("nan"), record["tokens_per_s"] or 0.0,
+                          eta, f"MFU {record['mfu'] or 0:.1%}")
+      if diverged:
+        ckpt.wait()
+        raise Diverged(f"stopped at step {done}: loss or gradient norm not finite for {bad} "
+                       f"steps in a row (train.max_bad_steps={t.max_bad_steps}); the last "
+                       f"good checkpoint is step {max(ckpt.steps(), default=0)} in "
+                       f"{ckpt.directory}")
+      if done % t.eval_every == 0 or done == t.steps:
+        result = setup.evaluate(state)
+        log.write(dict(step=done, **result))
+        if main:
+          progress.message(f"step {done}: held-out loss {result['eval_loss']:.4f}")
+        clock, clock_step = time.perf_counter(), done  # evaluation is not training throughput
+      if preemption.requested():
+        ckpt.save(done, state, wait=True)
+        say(f"SIGTERM: saved step {done} to {ckpt.directory}, exiting")
+        break
+    ckpt.wait()
+  finally:
+    preemption.close()
+    if main:
+      progress.close()
+    log.close()
+    ckpt.close()
+  if main:
+    metrics.plot(workdir)
+  return record
+
+
+def load_state(cfg: ExperimentConfig, workdir: str) -> tuple[Setup, dict, int]:
+  """(setup, state, step) of the latest readable checkpoint in workdir; ConfigError if none."""
+  setup = Setup(cfg)
+  check_workdir(cfg, workdir)
+  directory = os.path.join(workdir, "checkpoints")
+  if not os.path.isdir(directory):
+    raise ConfigError(f"workdir={workdir!r}: holds no checkpoint to evaluate; train first")
+  ckpt = checkpoint.Checkpointer(directory, keep=cfg.train.keep_checkpoints)
+  try:
+    state, step = ckpt.restore_latest(setup.abstract_state())
+  finally:
+    ckpt.close()
+  if state is None:
+    raise ConfigError(f"workdir={workdir!r}: holds no checkpoint to evaluate; train first")
+  return setup, state, step
+
+
+def evaluate(cfg: ExperimentConfig, workdir: str) -> dict:
+  """Held-out loss of the latest checkpoint; printed and written to <workdir>/eval.json."""
+  setup, state, step = load_state(cfg, workdir)
+  result = dict(step=step, **setup.evaluate(state))
+  if jax.process_index() == 0:
+    print(json.dumps(result))
+    with open(os.path.join(workdir, "eval.json"), "w") as f:
+      json.dump(result, f)
+  return result

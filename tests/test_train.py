@@ -1,0 +1,160 @@
+"""The train step (numerics guard, router bias, shardings), schedule, batches and metrics output.
+
+The whole runner (resume, SIGTERM, bad configs, two processes) is tested in test_run.py.
+"""
+import io
+import json
+import os
+
+import jax
+import numpy as np
+import pytest
+
+from moe_jax import config, data, metrics, model, train
+from moe_jax.config import ConfigError
+
+
+def tiny(**train_overrides) -> config.ExperimentConfig:
+  values = {
+      "model": dict(embed_dim=32, num_layers=2, first_k_dense=1, dense_ffn_dim=64, num_heads=2,
+                    num_kv_heads=2, kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=8,
+                    v_head_dim=8, max_seq_len=32),
+      "moe": dict(num_experts=8, top_k=2, expert_ffn_dim=16, bias_update_rate=0.01,
+                  parallelism="alltoall"),  # expert-parallel: shard_map over the expert axis
+      "mesh": dict(data=2, expert=4),
+      "train": dict(dict(steps=10, batch_size=8, seq_len=16, warmup_steps=2, eval_batches=1),
+                    **train_overrides),
+      "data": dict(source="synthetic"),
+  }
+  return config.from_config_dict(values)
+
+
+@pytest.fixture(scope="module")
+def setup():
+  return train.Setup(tiny(inject_nan_at_steps=(1,)))
+
+
+def _host(tree):
+  return jax.tree.map(np.asarray, jax.device_get(tree))
+
+
+def _assert_trees_equal(a, b):
+  assert jax.tree.structure(a) == jax.tree.structure(b)
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+    np.testing.assert_array_equal(x, y)
+
+
+def test_learning_rate_warms_up_then_decays_to_the_floor():
+  cfg = tiny().train
+  lrs = [float(train.learning_rate(s, cfg)) for s in range(cfg.steps)]
+  peak = cfg.learning_rate
+  np.testing.assert_allclose(lrs[:3], [peak / 2, peak, peak], rtol=1e-6)
+  assert all(a >= b for a, b in zip(lrs[2:], lrs[3:]))
+  np.testing.assert_allclose(lrs[-1], peak * cfg.min_lr_ratio, rtol=1e-6)
+
+
+def test_parameters_and_moments_are_sharded_by_logical_axes(setup):
+  state = setup.init(jax.random.key(0))
+  experts = state["params"]["layer_1"]["ffn"]["experts"]["gate"]
+  assert experts.sharding.spec[0] == "expert"
+  assert experts.addressable_shards[0].data.shape[0] == 2  # 8 experts over expert=4
+  adam = state["opt_state"][1]  # chain: (clip, adam, decay)
+  assert adam.mu["layer_1"]["ffn"]["experts"]["gate"].sharding == experts.sharding
+  assert state["step"].sharding.is_fully_replicated
+
+
+def test_bad_step_is_skipped_and_training_goes_on(setup):
+  state = setup.init(jax.random.key(0))
+  state, out = setup.step(state, setup.batches.train(0))
+  assert int(out["applied"]) == 1 and int(out["bad_steps"]) == 0
+  bias = state["moe_state"]["layer_1"]["router_bias"]
+  assert np.any(np.asarray(bias) != 0)  # updated from the step's loads
+  before = _host(state)
+  state, out = setup.step(state, setup.batches.train(1))  # step 1: injected NaN gradients
+  assert int(out["applied"]) == 0 and int(out["bad_steps"]) == 1
+  assert not np.isfinite(float(out["grad_norm"]))
+  after = _host(state)
+  assert int(after["step"]) == 2
+  for key in ("params", "opt_state", "moe_state"):
+    _assert_trees_equal(after[key], before[key])
+  state, out = setup.step(state, setup.batches.train(2))
+  assert int(out["applied"]) == 1 and int(out["bad_steps"]) == 0
+  assert np.isfinite(float(out["loss"]))
+  assert not np.array_equal(np.asarray(state["params"]["head"]["kernel"]),
+                            after["params"]["head"]["kernel"])
+
+
+def test_batches_are_the_global_batch_on_the_mesh(setup):
+  batch = setup.batches.train(3)
+  cfg = setup.cfg.train
+  expected = data.get_batch(setup.dataset, "train", 3, batch_size=cfg.batch_size,
+                            seq_len=cfg.seq_len, seed=cfg.seed)
+  for key in ("inputs", "targets"):
+    np.testing.assert_array_equal(np.asarray(batch[key]), expected[key])
+    assert batch[key].sharding.spec[0] == ("data", "fsdp", "expert")
+
+
+def test_evaluate_is_deterministic(setup):
+  state = setup.init(jax.random.key(0))
+  first, second = setup.evaluate(state), setup.evaluate(state)
+  assert first == second and np.isfinite(first["eval_loss"])
+  np.testing.assert_allclose(first["eval_perplexity"], np.exp(first["eval_loss"]), rtol=1e-6)
+
+
+def test_flops_count_activated_matmul_parameters():
+  cfg = tiny()
+  counts = model.count_params(cfg.model, cfg.moe)
+  main = counts["main"]["activated"]
+  assert metrics.matmul_parameters(counts) == main["all"] - cfg.model.embed_dim
+  attention = 6 * 16 * 2 * (8 + 8 + 8) * 2
+  assert metrics.train_flops_per_token(counts, cfg.model, 16) == (
+      6 * metrics.matmul_parameters(counts) + attention)
+
+
+def test_metrics_log_drops_lines_after_the_resumed_step(tmp_path):
+  log = metrics.MetricsLog(str(tmp_path))
+  for step in range(1, 7):
+    log.write({"step": step, "loss": float(step), "load": np.ones((1, 2)) / 2})
+  log.close()
+  log = metrics.MetricsLog(str(tmp_path), resume_step=4)
+  log.write({"step": 5, "loss": 50.0})
+  log.close()
+  records = metrics.read_jsonl(os.path.join(tmp_path, metrics.METRICS_FILE))
+  assert [r["step"] for r in records] == [1, 2, 3, 4, 5]
+  assert records[-1]["loss"] == 50.0 and records[0]["load"] == [[0.5, 0.5]]
+  assert metrics.MetricsLog(str(tmp_path / "other"), enabled=False).enabled is False
+  assert not os.path.exists(tmp_path / "other")
+
+
+def test_plots_are_written(tmp_path):
+  with open(tmp_path / metrics.METRICS_FILE, "w") as f:
+    for step in range(1, 6):
+      f.write(json.dumps({"step": step, "loss": 5.0 - step / 2, "load": [[0.1, 0.2, 0.3, 0.4],
+                                                                           [0.25] * 4],
+                          "max_vio": [0.6, 0.0]}) + "\n")
+    f.write(json.dumps({"step": 5, "eval_loss": 3.0}) + "\n")
+  paths = metrics.plot(str(tmp_path))
+  assert sorted(os.path.basename(p) for p in paths) == ["expert_load.png", "loss.png",
+                                                         "max_vio.png"]
+  for path in paths:
+    with open(path, "rb") as f:
+      assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_progress_is_plain_lines_off_a_terminal():
+  stream = io.StringIO()
+  progress = metrics.Progress(100, stream)
+  progress.update(10, 2.5, 1234.0, 90.0)
+  progress.message("step 10: held-out loss 2.4")
+  assert stream.getvalue().splitlines() == [
+      "step 10/100  loss 2.5000  1,234 tok/s  ETA 0:01:30", "step 10: held-out loss 2.4"]
+
+
+def test_workdir_of_another_model_is_refused(tmp_path):
+  cfg = tiny()
+  with open(tmp_path / train.CONFIG_FILE, "w") as f:
+    json.dump(cfg.to_dict(), f)
+  train.check_workdir(tiny(steps=20), str(tmp_path))  # train settings may change
+  other = config.from_config_dict(dict(cfg.to_dict(), moe=dict(cfg.to_dict()["moe"], top_k=1)))
+  with pytest.raises(ConfigError, match=r"^moe\.top_k=1: the run in .* used 2; use another"):
+    train.check_workdir(other, str(tmp_path))
