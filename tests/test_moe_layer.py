@@ -203,3 +203,13 @@ def test_wrong_embed_dim_is_one_clear_error():
   params, state = moe.init(jax.random.PRNGKey(0), cfg)
   with pytest.raises(ValueError, match=r"x.shape=\(3, 5\): last dimension must equal"):
     moe.apply(params, state, jnp.zeros((3, 5)), cfg)
+
+
+@pytest.mark.parametrize("skew", [0.0, 0.3, 10.0])
+def test_buckets_overflow_and_spill(skew):
+  """Enough tokens for the batched bucket region; skew pushes rows into overflow blocks and,
+  at 10, past the overflow buffer into the second pass (everything wants expert 0)."""
+  cfg = MoEConfig(embed_dim=8, num_experts=4, expert_ffn_dim=8, top_k=1, num_shared_experts=0,
+                  grouped_backend="padded")
+  aux = check_against_reference(cfg, (2, 200), bias=[skew, 0.0, 0.0, 0.0])
+  assert float(aux["dropped_fraction"]) == 0.0

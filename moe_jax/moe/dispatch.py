@@ -3,13 +3,21 @@
 An *assignment* is one (token, slot) pair; there are `A = T * K`, numbered token-major
 (`a = t * K + k`). The plan sorts assignments by expert (stable, so earlier tokens come first and
 are the last to be dropped under a capacity) and gives each kept assignment a *row* in an
-expert-major buffer of static length `R`. Each expert's rows are padded up to a multiple of
-`block` so that every block of `block` rows belongs to one expert; the grouped matmul then runs
-one dense product per block. With `block = 1` rows are packed (the `ragged_dot` layout).
+expert-major buffer of static length `R`, in two regions:
 
-Static bound (dropless): sum_e ceil(c_e / block) * block <= A + E * (block - 1), so no
-assignment is ever dropped for lack of room; with a capacity C per expert the bound is
-E * ceil(C / block) * block.
+  buckets   [E * bucket rows]  expert e's first `bucket` assignments at rows e*bucket + rank:
+            a dense [E, bucket, D] block that one batched matmul handles at full speed.
+  overflow  [the rest]         each expert's assignments beyond its bucket, padded to a
+            multiple of `block` rows so that every block belongs to one expert; a loop runs one
+            product per used block.
+
+With `bucket = 0` everything is overflow (and with `block = 1` rows are packed: the
+`ragged_dot` layout). With `slots = C`, experts own exactly C bucket rows and nothing overflows:
+the fixed-size buckets of an all-to-all buffer.
+
+Static bound (dropless): the overflow of all experts together is at most A - bucket (the
+experts that overflow hold more than `bucket` assignments each), plus at most `block - 1`
+padding rows per expert, so no assignment is ever dropped for lack of room.
 
 Both directions are gathers with a custom VJP whose backward is also a gather (through the
 inverse map), never a scatter-add: scatters serialise on CPU and are slow on GPU.
@@ -28,11 +36,13 @@ from moe_jax.moe import manual
 class Plan(NamedTuple):
   row_A: jax.Array           # [A] row of each assignment; R (out of range) when dropped
   src_R: jax.Array           # [R] assignment that fills each row; A (out of range) for padding
-  group_sizes_E: jax.Array   # [E] rows per expert, block-padded (the ragged_dot group sizes)
-  block_expert_N: jax.Array  # [R / block] expert owning each block
-  used_blocks: jax.Array     # scalar: blocks holding at least one row, in order
+  group_sizes_E: jax.Array   # [E] overflow rows per expert, block-padded (ragged_dot groups)
+  block_expert_N: jax.Array  # [overflow rows / block] expert owning each overflow block
+  used_blocks: jax.Array     # scalar: overflow blocks holding at least one row, in order
   kept: jax.Array            # scalar: assignments that got a row
-  block: int                 # static
+  spilled_A: jax.Array       # [A] bool: within capacity but beyond `overflow_budget`: no row
+  block: int                 # static: rows per overflow block
+  bucket: int                # static: bucket rows per expert (the first E * bucket rows)
 
 
 def capacity(num_assignments: int, num_experts: int, capacity_factor: Optional[float]) -> int:
@@ -42,30 +52,35 @@ def capacity(num_assignments: int, num_experts: int, capacity_factor: Optional[f
   return max(1, math.ceil(capacity_factor * num_assignments / num_experts))
 
 
-def num_rows(num_assignments: int, num_experts: int, cap: int, block: int) -> int:
-  """Static length of the row buffer: the tightest bound that can never overflow."""
-  dropless = num_assignments + num_experts * (block - 1)
-  capped = num_experts * (-(-min(cap, num_assignments) // block) * block)
-  rows = min(dropless, capped)
+def overflow_rows(num_assignments: int, num_experts: int, cap: int, block: int,
+                  bucket: int) -> int:
+  """Static length of the overflow region: the tightest bound that can never overflow."""
+  spill = min(max(num_assignments - bucket, 0), num_experts * max(cap - bucket, 0))
+  rows = spill + num_experts * (block - 1) if spill else 0
   return -(-rows // block) * block
 
 
-def make_plan(idx_TxK: jax.Array, num_experts: int, *, block: int,
+def make_plan(idx_TxK: jax.Array, num_experts: int, *, block: int, bucket: int = 0,
               capacity_factor: Optional[float] = None,
-              valid_TxK: Optional[jax.Array] = None, slots: Optional[int] = None) -> Plan:
-  """Sorts assignments by expert and lays them out in block-padded expert-major rows.
+              valid_TxK: Optional[jax.Array] = None, slots: Optional[int] = None,
+              overflow_budget: Optional[int] = None) -> Plan:
+  """Sorts assignments by expert and lays them out in expert-major bucket + overflow rows.
 
   Invalid assignments (`valid_TxK` False: empty slots of an exchange buffer) get no row and do
-  not count towards `kept`. With `slots`, every expert owns exactly `slots` rows starting at
-  `e * slots` (the fixed-size buckets of an all-to-all buffer); assignments beyond drop.
+  not count towards `kept`. `overflow_budget` caps the overflow region below its dropless bound;
+  assignments that do not fit are marked `spilled_A` for the caller to run another way.
   """
   e_A = idx_TxK.reshape(-1).astype(jnp.int32)
   a = e_A.shape[0]
   cap = capacity(a, num_experts, capacity_factor)
-  if slots is None:
-    r = num_rows(a, num_experts, cap, block)
-  else:
-    cap, r = min(cap, slots), num_experts * slots
+  if slots is not None:
+    cap, bucket, block = min(cap, slots), slots, 1
+  bucket = min(bucket, cap)
+  dense = num_experts * bucket
+  over = overflow_rows(a, num_experts, cap, block, bucket)
+  if overflow_budget is not None:
+    over = min(over, -(-overflow_budget // block) * block)
+  r = dense + over
   if valid_TxK is not None:
     # Invalid slots become a phantom expert E that sorts last and owns no rows.
     e_A = jnp.where(valid_TxK.reshape(-1), e_A, num_experts)
@@ -76,25 +91,27 @@ def make_plan(idx_TxK: jax.Array, num_experts: int, *, block: int,
   start_E = jnp.cumsum(counts_E) - counts_E
   rank_A = jnp.arange(a, dtype=jnp.int32) - start_E[e_sorted_A]
   kept_sorted_A = (rank_A < cap) & (e_sorted_A < num_experts)
-  counts_E = counts_E[:num_experts]
+  kept_E = jnp.minimum(counts_E[:num_experts], cap)
   e_sorted_A = jnp.minimum(e_sorted_A, num_experts - 1)
 
-  kept_E = jnp.minimum(counts_E, cap)
-  if slots is None:
-    padded_E = -(-kept_E // block) * block
-  else:
-    padded_E = jnp.full((num_experts,), slots, jnp.int32)
+  over_E = jnp.maximum(kept_E - bucket, 0)
+  padded_E = -(-over_E // block) * block
   end_E = jnp.cumsum(padded_E)
-  row_sorted_A = jnp.where(kept_sorted_A, end_E[e_sorted_A] - padded_E[e_sorted_A] + rank_A, r)
+  over_row_A = dense + end_E[e_sorted_A] - padded_E[e_sorted_A] + rank_A - bucket
+  row_sorted_A = jnp.where(rank_A < bucket, e_sorted_A * bucket + rank_A, over_row_A)
+  spilled_sorted_A = kept_sorted_A & (row_sorted_A >= r)
+  row_sorted_A = jnp.where(kept_sorted_A & ~spilled_sorted_A, row_sorted_A, r)
   # Integer scatters below only build the index maps; no gradient ever flows through them.
   row_A = jnp.zeros(a, jnp.int32).at[order_A].set(row_sorted_A)
+  spilled_A = jnp.zeros(a, bool).at[order_A].set(spilled_sorted_A)
   src_R = jnp.full(r, a, jnp.int32).at[row_A].set(jnp.arange(a, dtype=jnp.int32), mode="drop")
 
-  block_start_N = jnp.arange(r // block, dtype=jnp.int32) * block
+  block_start_N = jnp.arange((r - dense) // block, dtype=jnp.int32) * block
   block_expert_N = jnp.minimum(jnp.searchsorted(end_E, block_start_N, side="right"),
                                num_experts - 1).astype(jnp.int32)
   return Plan(row_A=row_A, src_R=src_R, group_sizes_E=padded_E, block_expert_N=block_expert_N,
-              used_blocks=end_E[-1] // block, kept=kept_E.sum(), block=block)
+              used_blocks=jnp.minimum(end_E[-1], r - dense) // block,
+              kept=kept_E.sum() - spilled_A.sum(), spilled_A=spilled_A, block=block, bucket=bucket)
 
 
 @jax.custom_vjp

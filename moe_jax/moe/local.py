@@ -4,11 +4,13 @@
 """
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 
 from moe_jax.config import MoEConfig
-from moe_jax.moe import dispatch, grouped, routing
+from moe_jax.moe import dispatch, grouped, manual, routing
 
 
 def swiglu(x: jax.Array, w: dict) -> jax.Array:
@@ -30,12 +32,62 @@ def routed_experts(x_TxD: jax.Array, experts: dict, idx_TxK: jax.Array, gates_Tx
   """Dispatch, grouped SwiGLU, combine. Returns (y [T, D], kept assignments)."""
   backend = grouped.resolve_backend(cfg.grouped_backend)
   num_assignments = idx_TxK.size
-  block = grouped.block_size(num_assignments, cfg.num_experts, backend)
-  plan = dispatch.make_plan(idx_TxK, cfg.num_experts, block=block,
-                            capacity_factor=cfg.capacity_factor)
-  x_RxD = dispatch.permute(x_TxD, plan, cfg.top_k)
-  y_RxD = grouped.swiglu(x_RxD, experts, plan, backend)
-  return dispatch.combine(y_RxD, gates_TxK, plan), plan.kept
+  block, bucket = grouped.layout(num_assignments, cfg.num_experts, backend)
+  if not bucket:
+    return _run(x_TxD, experts, gates_TxK, idx_TxK, None, cfg, backend, block, 0, None)
+  # The dropless overflow bound (a routing that sends everything to one expert) is ~A rows, but
+  # balanced routings overflow a few percent, and every pass over the row buffer pays for its
+  # size. So the buffer holds a quarter of A; what does not fit (rare) runs in a second pass.
+  y_TxD, kept, spilled_TxK = _run(x_TxD, experts, gates_TxK, idx_TxK, None, cfg, backend, block,
+                                  bucket, num_assignments // 4, spilled=True)
+  y_spill = _spill(x_TxD, experts, gates_TxK, idx_TxK, spilled_TxK, cfg, backend, block)
+  return y_TxD + y_spill, kept + spilled_TxK.sum()
+
+
+def _run(x_TxD, experts, gates_TxK, idx_TxK, valid_TxK, cfg, backend, block, bucket,
+         overflow_budget, spilled=False):
+  plan = dispatch.make_plan(idx_TxK, cfg.num_experts, block=block, bucket=bucket,
+                            capacity_factor=cfg.capacity_factor, valid_TxK=valid_TxK,
+                            overflow_budget=overflow_budget)
+  y_RxD = grouped.swiglu(dispatch.permute(x_TxD, plan, cfg.top_k), experts, plan, backend)
+  y_TxD = dispatch.combine(y_RxD, gates_TxK, plan)
+  if spilled:
+    return y_TxD, plan.kept, plan.spilled_A.reshape(idx_TxK.shape)
+  return y_TxD, plan.kept
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7))
+def _spill(x_TxD, experts, gates_TxK, idx_TxK, spilled_TxK, cfg, backend, block):
+  """The assignments the first pass had no room for, on a dropless buffer; zero when none.
+
+  A custom VJP that recomputes in the backward pass: under plain autodiff, the branch not
+  taken would still have to produce (zero) residuals the size of the dropless buffer.
+  """
+  return _spill_fwd(x_TxD, experts, gates_TxK, idx_TxK, spilled_TxK, cfg, backend, block)[0]
+
+
+def _spill_fn(idx_TxK, spilled_TxK, cfg, backend, block):
+  return lambda x, w, g: _run(x, w, g, idx_TxK, spilled_TxK, cfg, backend, block, 0, None)[0]
+
+
+def _spill_fwd(x_TxD, experts, gates_TxK, idx_TxK, spilled_TxK, cfg, backend, block):
+  f = _spill_fn(idx_TxK, spilled_TxK, cfg, backend, block)
+  y_TxD = jax.lax.cond(spilled_TxK.any(), f,
+                       lambda x, w, g: manual.zeros(x.shape, x.dtype, x, *jax.tree.leaves(w), g),
+                       x_TxD, experts, gates_TxK)
+  return y_TxD, (x_TxD, experts, gates_TxK, idx_TxK, spilled_TxK)
+
+
+def _spill_bwd(cfg, backend, block, residuals, dy_TxD):
+  x_TxD, experts, gates_TxK, idx_TxK, spilled_TxK = residuals
+  f = _spill_fn(idx_TxK, spilled_TxK, cfg, backend, block)
+  zeros = lambda *args: tuple(jax.tree.map(jnp.zeros_like, a) for a in args)
+  cts = jax.lax.cond(spilled_TxK.any(), lambda *a: jax.vjp(f, *a[:3])[1](a[3]),
+                     lambda *a: zeros(*a[:3]), x_TxD, experts, gates_TxK, dy_TxD)
+  return (*cts, None, None)
+
+
+_spill.defvjp(_spill_fwd, _spill_bwd)
 
 
 def statistics(logits_TxE, scores_TxE, idx_TxK, kept, seq_shape, cfg: MoEConfig,

@@ -94,8 +94,8 @@ def _alltoall_body(params, state, x_TxD, cfg: MoEConfig, seq_len: int, ep: int, 
   x_recv, expert_recv = exchange(x_send), exchange(expert_send)
 
   backend = grouped.resolve_backend(cfg.grouped_backend)
-  block = grouped.block_size(t * k, e_local, backend)
-  local = dispatch.make_plan(expert_recv[:, None], e_local, block=block,
+  block, bucket = grouped.layout(t * k, e_local, backend)
+  local = dispatch.make_plan(expert_recv[:, None], e_local, block=block, bucket=bucket,
                              valid_TxK=expert_recv[:, None] < e_local)
   y_rows = grouped.swiglu(dispatch.permute(x_recv, local, 1), params["experts"], local, backend)
   y_recv = dispatch.unpermute(y_rows, local, 1).reshape(-1, d)
