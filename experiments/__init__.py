@@ -14,7 +14,10 @@ EXPERIMENTS = {
     "eval": "experiments.train:run_eval",
     "count": "experiments.count:run",
     "plot": "experiments.plot:run",
+    "sample": "experiments.sample:run",
     "sharding_study": "experiments.sharding_study:run",
+    "fp8_study": "experiments.fp8_study:run",
+    "hf_eval": "experiments.hf_eval:run",
 }
 
 

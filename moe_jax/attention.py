@@ -11,12 +11,17 @@ R qk_rope_head_dim, V v_head_dim.
 MLA (V3 layout). Query: x -> wq [D,H,N+R] or, with q_lora_rank > 0, x -> wq_a [D,Q] -> q_norm
 -> wq_b [Q,H,N+R]; RoPE on its last R dims. Keys/values: x -> wkv_a [D,C+R] -> (latent c, k_rope);
 c -> kv_norm; RoPE on k_rope, a single key shared by all heads; wkv_b [C,H,N+V] expands c into
-per-head nope keys and values. Scores scaled by 1/sqrt(N+R).
+per-head nope keys and values. Scores scaled by 1/sqrt(N+R) (times YaRN's mscale^2, if set).
 
 Two equivalent MLA forms: "naive" expands the latent into per-head keys and values (cheapest
 when every query meets every key once, as in training); "absorbed" folds wkv_b into the query
 and output instead, so attention runs in the latent space and the cache is never expanded:
   q_lat = q_nope @ W_UK, scores = q_lat . c + q_rope . k_rope, out = (probs @ c) @ W_UV.
+
+FP8: every projection (wq, wk, wv, wo; wq_a, wq_b, wkv_a, wkv_b) multiplies through
+`matmuls` (fp8.Matmuls; default NO_FP8, plain einsums in the compute dtype); scores, softmax and
+the attention-weighted sums stay in the compute dtype with float32 scores, as V3 keeps them.
+The absorbed form (decoding) always multiplies in the compute dtype.
 
 KV cache: a fixed-size dict per layer, written at `pos` with `dynamic_update_slice`.
   "mla": {"ckv": [B,S,C] normalised latent, "k_rope": [B,S,R] rotated key}: C + R per token.
@@ -34,8 +39,10 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from moe_jax.config import ModelConfig
-from moe_jax.layers import ROPE_HALF, apply_rope, logical_param, rms_norm
+from moe_jax.config import FP8Config, ModelConfig
+from moe_jax.fp8 import NO_FP8, Matmuls
+from moe_jax.layers import (ROPE_HALF, apply_rope, fp8_matmuls, logical_param, rms_norm,
+                            yarn_inv_freq, yarn_mscale)
 
 Params = dict[str, jax.Array]
 Cache = dict[str, jax.Array]
@@ -113,6 +120,29 @@ def cache_logical_axes(cfg: ModelConfig) -> dict[str, tuple[str, ...]]:
 # ----------------------------------------------------------------------------- shared pieces
 
 
+def _rope(cfg: ModelConfig, x_BxTxHxK: jax.Array, pos_1xT: jax.Array, layout: str) -> jax.Array:
+  """RoPE of cfg: plain, or YaRN when cfg.rope_factor > 1 (frequencies and cos/sin scale as in
+  Hugging Face's DeepSeek-V3, so that published checkpoints compute the same)."""
+  f = cfg.rope_factor
+  if f == 1:
+    return apply_rope(x_BxTxHxK, pos_1xT, cfg.rope_theta, layout)
+  inv_freq_F = yarn_inv_freq(x_BxTxHxK.shape[-1], cfg.rope_theta, f, cfg.rope_original_max_len,
+                             cfg.rope_beta_fast, cfg.rope_beta_slow)
+  m, m_all = cfg.rope_mscale, cfg.rope_mscale_all_dim
+  scale = yarn_mscale(f, m) / yarn_mscale(f, m_all) if m and m_all else yarn_mscale(f)
+  return apply_rope(x_BxTxHxK, pos_1xT, cfg.rope_theta, layout, inv_freq_F=inv_freq_F,
+                    scale=scale)
+
+
+def softmax_scale(cfg: ModelConfig, head_dim: int) -> float:
+  """MLA's 1/sqrt(head_dim), times YaRN's mscale(mscale_all_dim)^2 (in the reference's order)."""
+  scale = 1.0 / math.sqrt(head_dim)
+  if cfg.rope_factor > 1 and cfg.rope_mscale_all_dim:
+    mscale = yarn_mscale(cfg.rope_factor, cfg.rope_mscale_all_dim)
+    scale = scale * mscale * mscale
+  return scale
+
+
 def _positions(pos, T: int) -> jax.Array:
   return (jnp.asarray(pos, jnp.int32) + jnp.arange(T, dtype=jnp.int32))[None, :]
 
@@ -147,19 +177,19 @@ def _causal_mask(q_pos_1xT: jax.Array, k_pos_S: jax.Array) -> jax.Array:
 
 
 def mha_apply(cfg: ModelConfig, params: Params, x_BxTxD: jax.Array, pos=0,
-              cache: Optional[Cache] = None, *, rope_layout: str = ROPE_HALF):
+              cache: Optional[Cache] = None, *, rope_layout: str = ROPE_HALF,
+              matmuls: Matmuls = NO_FP8):
   """Causal MHA with RoPE; GQA when num_kv_heads < num_heads. Returns (y_BxTxD, cache)."""
   dtype = jnp.dtype(cfg.dtype)
   B, T, _ = x_BxTxD.shape
   H, G, K = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-  p = {name: w.astype(dtype) for name, w in params.items()}
   x_BxTxD = x_BxTxD.astype(dtype)
   q_pos_1xT = _positions(pos, T)
-  q_BxTxHxK = apply_rope(jnp.einsum("btd,dhk->bthk", x_BxTxD, p["wq"]), q_pos_1xT,
-                         cfg.rope_theta, rope_layout)
-  k_BxTxGxK = apply_rope(jnp.einsum("btd,dgk->btgk", x_BxTxD, p["wk"]), q_pos_1xT,
-                         cfg.rope_theta, rope_layout)
-  v_BxTxGxK = jnp.einsum("btd,dgk->btgk", x_BxTxD, p["wv"])
+  # Projections take the float32 masters: FP8 quantizes them directly, no bfloat16 detour.
+  proj = lambda spec, x, name: matmuls.einsum(spec, x, name, params[name])
+  q_BxTxHxK = _rope(cfg, proj("btd,dhk->bthk", x_BxTxD, "wq"), q_pos_1xT, rope_layout)
+  k_BxTxGxK = _rope(cfg, proj("btd,dgk->btgk", x_BxTxD, "wk"), q_pos_1xT, rope_layout)
+  v_BxTxGxK = proj("btd,dgk->btgk", x_BxTxD, "wv")
   if cache is None:
     k_BxSxGxK, v_BxSxGxK, k_pos_S = k_BxTxGxK, v_BxTxGxK, q_pos_1xT[0]
   else:
@@ -172,10 +202,12 @@ def mha_apply(cfg: ModelConfig, params: Params, x_BxTxD: jax.Array, pos=0,
   q_BxTxGxMxK = q_BxTxHxK.reshape(B, T, G, H // G, K)
   scores_BxGxMxTxS = jnp.einsum("btgmk,bsgk->bgmts", q_BxTxGxMxK, k_BxSxGxK,
                                 preferred_element_type=jnp.float32) / math.sqrt(K)
+  if cfg.rope_factor > 1 and cfg.rope_mscale_all_dim:  # YaRN's temperature
+    scores_BxGxMxTxS = scores_BxGxMxTxS * yarn_mscale(cfg.rope_factor, cfg.rope_mscale_all_dim)**2
   mask_1x1x1xTxS = _causal_mask(q_pos_1xT, k_pos_S)[None, None, None]
   probs_BxGxMxTxS = _masked_probs(scores_BxGxMxTxS, mask_1x1x1xTxS, dtype)
   out_BxTxGxMxK = jnp.einsum("bgmts,bsgk->btgmk", probs_BxGxMxTxS, v_BxSxGxK)
-  y_BxTxD = jnp.einsum("bthk,hkd->btd", out_BxTxGxMxK.reshape(B, T, H, K), p["wo"])
+  y_BxTxD = proj("bthk,hkd->btd", out_BxTxGxMxK.reshape(B, T, H, K), "wo")
   return y_BxTxD, cache
 
 
@@ -183,52 +215,54 @@ def mha_apply(cfg: ModelConfig, params: Params, x_BxTxD: jax.Array, pos=0,
 
 
 def mla_query(cfg: ModelConfig, params: Params, x_BxTxD: jax.Array, pos_1xT: jax.Array,
-              rope_layout: str = ROPE_HALF) -> tuple[jax.Array, jax.Array]:
+              rope_layout: str = ROPE_HALF, matmuls: Matmuls = NO_FP8
+              ) -> tuple[jax.Array, jax.Array]:
   """(q_nope_BxTxHxN, q_rope_BxTxHxR) in the compute dtype; q_rope is rotated."""
-  dtype = x_BxTxD.dtype
   if cfg.q_lora_rank > 0:
-    cq_BxTxQ = jnp.einsum("btd,dq->btq", x_BxTxD, params["wq_a"].astype(dtype))
+    cq_BxTxQ = matmuls.einsum("btd,dq->btq", x_BxTxD, "wq_a", params["wq_a"])
     cq_BxTxQ = rms_norm(cq_BxTxQ, params["q_norm"], cfg.norm_eps)
-    q_BxTxHxE = jnp.einsum("btq,qhe->bthe", cq_BxTxQ, params["wq_b"].astype(dtype))
+    q_BxTxHxE = matmuls.einsum("btq,qhe->bthe", cq_BxTxQ, "wq_b", params["wq_b"])
   else:
-    q_BxTxHxE = jnp.einsum("btd,dhe->bthe", x_BxTxD, params["wq"].astype(dtype))
+    q_BxTxHxE = matmuls.einsum("btd,dhe->bthe", x_BxTxD, "wq", params["wq"])
   N = cfg.qk_nope_head_dim
-  q_rope_BxTxHxR = apply_rope(q_BxTxHxE[..., N:], pos_1xT, cfg.rope_theta, rope_layout)
+  q_rope_BxTxHxR = _rope(cfg, q_BxTxHxE[..., N:], pos_1xT, rope_layout)
   return q_BxTxHxE[..., :N], q_rope_BxTxHxR
 
 
 def mla_latent(cfg: ModelConfig, params: Params, x_BxTxD: jax.Array, pos_1xT: jax.Array,
-               rope_layout: str = ROPE_HALF) -> tuple[jax.Array, jax.Array]:
+               rope_layout: str = ROPE_HALF, matmuls: Matmuls = NO_FP8
+               ) -> tuple[jax.Array, jax.Array]:
   """(ckv_BxTxC normalised latent, k_rope_BxTxR rotated shared key): what the cache holds."""
-  dtype = x_BxTxD.dtype
-  kv_BxTxE = jnp.einsum("btd,de->bte", x_BxTxD, params["wkv_a"].astype(dtype))
+  kv_BxTxE = matmuls.einsum("btd,de->bte", x_BxTxD, "wkv_a", params["wkv_a"])
   C = cfg.kv_lora_rank
   ckv_BxTxC = rms_norm(kv_BxTxE[..., :C], params["kv_norm"], cfg.norm_eps)
-  k_rope_BxTxR = apply_rope(kv_BxTxE[..., C:][:, :, None, :], pos_1xT, cfg.rope_theta,
-                            rope_layout)[:, :, 0, :]
+  k_rope_BxTxR = _rope(cfg, kv_BxTxE[..., C:][:, :, None, :], pos_1xT, rope_layout)[:, :, 0, :]
   return ckv_BxTxC, k_rope_BxTxR
 
 
 def mla_attend_naive(cfg: ModelConfig, params: Params, q_nope_BxTxHxN, q_rope_BxTxHxR,
-                     ckv_BxSxC, k_rope_BxSxR, mask_TxS) -> jax.Array:
+                     ckv_BxSxC, k_rope_BxSxR, mask_TxS, matmuls: Matmuls = NO_FP8) -> jax.Array:
   """Expands the latent into per-head keys and values. Returns out_BxTxHxV."""
   dtype = q_nope_BxTxHxN.dtype
   N = cfg.qk_nope_head_dim
-  kv_BxSxHxE = jnp.einsum("bsc,che->bshe", ckv_BxSxC, params["wkv_b"].astype(dtype))
+  kv_BxSxHxE = matmuls.einsum("bsc,che->bshe", ckv_BxSxC, "wkv_b", params["wkv_b"])
   k_nope_BxSxHxN, v_BxSxHxV = kv_BxSxHxE[..., :N], kv_BxSxHxE[..., N:]
   scores_BxHxTxS = (
       jnp.einsum("bthn,bshn->bhts", q_nope_BxTxHxN, k_nope_BxSxHxN,
                  preferred_element_type=jnp.float32) +
       jnp.einsum("bthr,bsr->bhts", q_rope_BxTxHxR, k_rope_BxSxR,
                  preferred_element_type=jnp.float32))
-  scale = 1.0 / math.sqrt(N + cfg.qk_rope_head_dim)
+  scale = softmax_scale(cfg, N + cfg.qk_rope_head_dim)
   probs_BxHxTxS = _masked_probs(scores_BxHxTxS * scale, mask_TxS[None, None], dtype)
   return jnp.einsum("bhts,bshv->bthv", probs_BxHxTxS, v_BxSxHxV)
 
 
 def mla_attend_absorbed(cfg: ModelConfig, params: Params, q_nope_BxTxHxN, q_rope_BxTxHxR,
-                        ckv_BxSxC, k_rope_BxSxR, mask_TxS) -> jax.Array:
-  """Attention in the latent space: W_UK folded into q, W_UV applied after. out_BxTxHxV."""
+                        ckv_BxSxC, k_rope_BxSxR, mask_TxS, matmuls: Matmuls = NO_FP8
+                        ) -> jax.Array:
+  """Attention in the latent space: W_UK folded into q, W_UV applied after. out_BxTxHxV.
+  `matmuls` is unused: the split wkv_b products are per head, not one dense projection."""
+  del matmuls
   dtype = q_nope_BxTxHxN.dtype
   N = cfg.qk_nope_head_dim
   wkv_b_CxHxE = params["wkv_b"].astype(dtype)
@@ -239,7 +273,7 @@ def mla_attend_absorbed(cfg: ModelConfig, params: Params, q_nope_BxTxHxN, q_rope
                  preferred_element_type=jnp.float32) +
       jnp.einsum("bthr,bsr->bhts", q_rope_BxTxHxR, k_rope_BxSxR,
                  preferred_element_type=jnp.float32))
-  scale = 1.0 / math.sqrt(N + cfg.qk_rope_head_dim)
+  scale = softmax_scale(cfg, N + cfg.qk_rope_head_dim)
   probs_BxHxTxS = _masked_probs(scores_BxHxTxS * scale, mask_TxS[None, None], dtype)
   out_lat_BxTxHxC = jnp.einsum("bhts,bsc->bthc", probs_BxHxTxS, ckv_BxSxC)
   return jnp.einsum("bthc,chv->bthv", out_lat_BxTxHxC, w_uv_CxHxV)
@@ -247,7 +281,7 @@ def mla_attend_absorbed(cfg: ModelConfig, params: Params, q_nope_BxTxHxN, q_rope
 
 def mla_apply(cfg: ModelConfig, params: Params, x_BxTxD: jax.Array, pos=0,
               cache: Optional[Cache] = None, *, absorb: Optional[bool] = None,
-              rope_layout: str = ROPE_HALF):
+              rope_layout: str = ROPE_HALF, matmuls: Matmuls = NO_FP8):
   """Causal MLA. Returns (y_BxTxD, cache).
 
   absorb=None picks the absorbed form with a cache (decoding: per-head keys never exist) and
@@ -257,8 +291,9 @@ def mla_apply(cfg: ModelConfig, params: Params, x_BxTxD: jax.Array, pos=0,
   T = x_BxTxD.shape[1]
   x_BxTxD = x_BxTxD.astype(dtype)
   q_pos_1xT = _positions(pos, T)
-  q_nope_BxTxHxN, q_rope_BxTxHxR = mla_query(cfg, params, x_BxTxD, q_pos_1xT, rope_layout)
-  ckv_BxSxC, k_rope_BxSxR = mla_latent(cfg, params, x_BxTxD, q_pos_1xT, rope_layout)
+  q_nope_BxTxHxN, q_rope_BxTxHxR = mla_query(cfg, params, x_BxTxD, q_pos_1xT, rope_layout,
+                                             matmuls)
+  ckv_BxSxC, k_rope_BxSxR = mla_latent(cfg, params, x_BxTxD, q_pos_1xT, rope_layout, matmuls)
   k_pos_S = q_pos_1xT[0]
   if cache is not None:
     _check_fits(pos, T, cache)
@@ -270,17 +305,18 @@ def mla_apply(cfg: ModelConfig, params: Params, x_BxTxD: jax.Array, pos=0,
     absorb = cache is not None
   attend = mla_attend_absorbed if absorb else mla_attend_naive
   out_BxTxHxV = attend(cfg, params, q_nope_BxTxHxN, q_rope_BxTxHxR, ckv_BxSxC, k_rope_BxSxR,
-                       _causal_mask(q_pos_1xT, k_pos_S))
-  y_BxTxD = jnp.einsum("bthv,hvd->btd", out_BxTxHxV, params["wo"].astype(dtype))
+                       _causal_mask(q_pos_1xT, k_pos_S), matmuls)
+  y_BxTxD = matmuls.einsum("bthv,hvd->btd", out_BxTxHxV, "wo", params["wo"])
   return y_BxTxD, cache
 
 
 def attention_apply(cfg: ModelConfig, params: Params, x_BxTxD: jax.Array, pos=0,
-                    cache: Optional[Cache] = None, *, rope_layout: str = ROPE_HALF):
+                    cache: Optional[Cache] = None, *, rope_layout: str = ROPE_HALF,
+                    matmuls: Matmuls = NO_FP8):
   """Dispatches on cfg.attention to `mla_apply` or `mha_apply`. Returns (y_BxTxD, cache)."""
   if cfg.attention == "mha":
-    return mha_apply(cfg, params, x_BxTxD, pos, cache, rope_layout=rope_layout)
-  return mla_apply(cfg, params, x_BxTxD, pos, cache, rope_layout=rope_layout)
+    return mha_apply(cfg, params, x_BxTxD, pos, cache, rope_layout=rope_layout, matmuls=matmuls)
+  return mla_apply(cfg, params, x_BxTxD, pos, cache, rope_layout=rope_layout, matmuls=matmuls)
 
 
 # ----------------------------------------------------------------------------- Flax
@@ -299,10 +335,14 @@ class Attention(nn.Module):
   """
   cfg: ModelConfig
   rope_layout: str = ROPE_HALF
+  fp8_cfg: FP8Config = FP8Config()  # recipe of the projections (not of scores or softmax)
 
   @nn.compact
   def __call__(self, x_BxTxD: jax.Array, pos=0, cache: Optional[Cache] = None):
+    specs = param_specs(self.cfg)
     params = {name: logical_param(self, name, _initializer(spec, self.cfg), spec.shape,
                                   spec.axes)
-              for name, spec in param_specs(self.cfg).items()}
-    return attention_apply(self.cfg, params, x_BxTxD, pos, cache, rope_layout=self.rope_layout)
+              for name, spec in specs.items()}
+    matmuls = fp8_matmuls(self, [n for n, s in specs.items() if not s.ones], self.fp8_cfg)
+    return attention_apply(self.cfg, params, x_BxTxD, pos, cache, rope_layout=self.rope_layout,
+                           matmuls=matmuls)

@@ -283,6 +283,7 @@ SECTIONS = {"model": ModelConfig, "moe": MoEConfig, "fp8": FP8Config, "mesh": Me
 class ExperimentConfig:
   """Everything one run needs; built by `from_config_dict`, which checks how sections agree."""
   experiment: str = "train"          # what experiments/run.py dispatches to
+  hf_path: str = ""                  # experiment=hf_eval: a Hugging Face checkpoint directory
   model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
   moe: MoEConfig = dataclasses.field(default_factory=MoEConfig)
   fp8: FP8Config = dataclasses.field(default_factory=FP8Config)
@@ -401,15 +402,19 @@ def from_config_dict(config: Any) -> ExperimentConfig:
   """
   values = config.to_dict() if hasattr(config, "to_dict") else dict(config)
   for key, value in values.items():
-    if key != "experiment" and key not in SECTIONS:
-      _fail(key, value, f"unknown key; a config has experiment, {', '.join(SECTIONS)}")
+    if key not in ("experiment", "hf_path") and key not in SECTIONS:
+      _fail(key, value,
+            f"unknown key; a config has experiment, {', '.join(SECTIONS)}, hf_path")
   experiment = values.get("experiment", "train")
   if not isinstance(experiment, str):
     _fail("experiment", experiment, "must be a string")
+  hf_path = values.get("hf_path", "")
+  if not isinstance(hf_path, str):
+    _fail("hf_path", hf_path, "must be a string (a checkpoint directory)")
   sections = {}
   model = sections["model"] = _section("model", ModelConfig, values.get("model", {}))
   for name, cls in SECTIONS.items():
     if name != "model":
       extra = {"embed_dim": model.embed_dim} if name == "moe" else None
       sections[name] = _section(name, cls, values.get(name, {}), extra)
-  return ExperimentConfig(experiment=experiment, **sections)
+  return ExperimentConfig(experiment=experiment, hf_path=hf_path, **sections)

@@ -25,7 +25,8 @@ the way Flax's `OVERWRITE_WITH_GRADIENT` collection does: the state dict
 `{"x": hist, "w": hist, "g": hist}` (float32, [L] or [E, L], from `init_delayed_state`) is an
 input of the dot, and its *cotangent* is the updated state. The forward quantizes with
 `scale = max(history) / max_finite` (the step's own amax is not used, values beyond the history's
-range saturate); the cotangent is the history rolled by one with the step's amax at index 0.
+range saturate; only an all-zero history, i.e. the first step, takes the current amax); the
+cotangent is the history rolled by one with the step's amax at index 0.
 A caller keeps the state in its train state (and checkpoints it), differentiates the loss with
 respect to it too, and replaces the state with that gradient; it must never reach the optimizer.
 Each dot needs its own state: a state shared by two calls (or summed over micro-batches) gets
@@ -38,11 +39,16 @@ flushed to zero, hence scales are kept >= 2^-126; division by a broadcast become
 the reciprocal (1 ulp off), hence `_divide`. The VJP of a cast to FP8 casts the cotangent to
 FP8 *unscaled* (small gradients become 0, large ones nan): never differentiate through `quantize`;
 wrap FP8 transport (e.g. expert dispatch) in a custom VJP, as `fp8_dot` does.
+
+Model seam: `fp8_einsum` runs a dense projection written as an einsum ("btd,dhk->bthk") through
+`fp8_dot`, and `Matmuls` bundles a layer's recipe with its per-matrix delayed states, so layers
+call `matmuls.einsum(spec, x, "wq", w)` whatever the recipe.
 """
 from __future__ import annotations
 
 import functools
-from typing import Optional
+import math
+from typing import Mapping, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
@@ -221,10 +227,15 @@ def _per_tensor_scales(cfg: FP8Config, x, w, g, state: DelayedState):
   """Scales of x, w and g ([G] each) for the "tensor" and "delayed" recipes."""
   fwd, grad = FP8_DTYPES[cfg.fwd_dtype], FP8_DTYPES[cfg.grad_dtype]
   p2 = cfg.power_of_two_scale
+  current = [_tensor_amax(t) if t is not None else None for t in (x, w, g)]
+  amaxes = current
   if cfg.recipe == "delayed":
-    amaxes = [jnp.max(state[k], axis=1) for k in ("x", "w", "g")]
-  else:
-    amaxes = [_tensor_amax(t) if t is not None else None for t in (x, w, g)]
+    # An all-zero history (the first step) has seen nothing: scale 1 would flush every small
+    # gradient to zero, so that step scales by the current amax, as "tensor" does.
+    amaxes = []
+    for k, now in zip(("x", "w", "g"), current):
+      seen = jnp.max(state[k], axis=1)
+      amaxes.append(seen if now is None else jnp.where(seen > 0, seen, now))
   return [compute_scale(a, dt, p2) if a is not None else None
           for a, dt in zip(amaxes, (fwd, fwd, grad))]
 
@@ -338,3 +349,44 @@ def fp8_grouped_dot(x_ExCxK: jax.Array, w_ExKxN: jax.Array, cfg: FP8Config,
     return jnp.einsum("eck,ekn->ecn", x_ExCxK, w_ExKxN.astype(x_ExCxK.dtype))
   return _fp8_matmul(cfg, x_ExCxK, w_ExKxN, _check_state(cfg, state, E))
 
+
+
+def fp8_einsum(spec: str, x: jax.Array, w: jax.Array, cfg: FP8Config,
+               state: Optional[DelayedState] = None) -> jax.Array:
+  """einsum(spec, x, w) of a dense projection, quantized per `cfg.recipe`, in x's dtype.
+
+  w's leading dims contract with x's trailing dims in the same order ("btd,dhk->bthk",
+  "bthk,hkd->btd"), so the product is `fp8_dot` of x and w flattened to matrices (one scale
+  per tile of the flattened contraction). "none" is the einsum itself, in x's dtype.
+  """
+  if cfg.recipe == "none":
+    _check_state(cfg, state, None)
+    return jnp.einsum(spec, x, w.astype(x.dtype))
+  inputs, out_spec = spec.replace(" ", "").split("->")
+  x_spec, w_spec = inputs.split(",")
+  n = sum(c in x_spec for c in w_spec)
+  if not 0 < n <= len(x_spec) or x_spec[len(x_spec) - n:] != w_spec[:n] or (
+      out_spec != x_spec[:len(x_spec) - n] + w_spec[n:]):
+    raise ValueError(f"fp8_einsum: {spec!r} is not x[..., K...] @ w[K..., N...]")
+  lead, out = x.shape[:x.ndim - n], w.shape[n:]
+  w_KxN = w.reshape(math.prod(w.shape[:n]), math.prod(out))
+  return fp8_dot(x.reshape(lead + (w_KxN.shape[0],)), w_KxN, cfg, state).reshape(lead + out)
+
+
+class Matmuls(NamedTuple):
+  """One layer's dense projections: the recipe and, for "delayed", each matrix's state by
+  name (the layer's "fp8" variables). `NO_FP8` multiplies in the compute dtype."""
+  cfg: FP8Config
+  states: Optional[Mapping[str, DelayedState]] = None
+
+  def _state(self, name: str) -> Optional[DelayedState]:
+    return None if self.states is None else self.states[name]
+
+  def dot(self, x: jax.Array, name: str, w_KxN: jax.Array) -> jax.Array:
+    return fp8_dot(x, w_KxN, self.cfg, self._state(name))
+
+  def einsum(self, spec: str, x: jax.Array, name: str, w: jax.Array) -> jax.Array:
+    return fp8_einsum(spec, x, w, self.cfg, self._state(name))
+
+
+NO_FP8 = Matmuls(FP8Config())

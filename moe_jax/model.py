@@ -5,8 +5,11 @@ Thin Flax modules create every parameter with logical axis names; the maths is i
 on plain pytrees, never the modules:
 
   init(key, model_cfg, moe_cfg) -> (params, moe_state)
-  apply(params, moe_state, tokens_BxS, model_cfg, moe_cfg) -> (logits_BxSxV, aux)
-  loss(params, moe_state, batch, model_cfg, moe_cfg) -> (loss, metrics)
+  init_fp8_state(model_cfg, moe_cfg, fp8_cfg) -> fp8_state ({} unless fp8_cfg.recipe="delayed")
+  apply(params, moe_state, tokens_BxS, model_cfg, moe_cfg, fp8_cfg=FP8Config(), fp8_state=None)
+      -> (logits_BxSxV, aux)
+  loss(params, moe_state, batch, model_cfg, moe_cfg, fp8_cfg=FP8Config(), fp8_state=None)
+      -> (loss, metrics)
   update_moe_state(moe_state, load_LxE, moe_cfg) -> moe_state
   generate(params, moe_state, prompt_BxP, model_cfg, moe_cfg, *, max_new_tokens, key, ...)
   param_axes / moe_state_axes(model_cfg, moe_cfg) -> logical names, from the modules' metadata
@@ -29,6 +32,16 @@ token i+k+2. The module reads the input tokens shifted left by k+1 (wrapping aro
 k+1 positions have no target and are left out of the MTP loss. Concatenation order is
 [norm(embedding); norm(hidden)], the order of the released V3 weights' eh_proj.
 
+FP8 (fp8_cfg.recipe != "none"; see fp8.py): every dense projection multiplies through `fp8_dot`:
+attention's wq/wq_a/wq_b/wkv_a/wkv_b/wo (MHA: wq/wk/wv/wo), the dense blocks' gate/up/down and
+the MTP projection. The router, embeddings, output head, norms and attention scores/softmax stay
+in the compute dtype or float32, as in V3. Not yet: the MoE layer's routed and shared experts
+(moe/ multiplies in moe_cfg.dtype), and generation (`forward_cached` has no fp8_cfg).
+"delayed" keeps one amax-history state per quantized matrix, fp8_state, a tree mirroring the
+parameters' paths ({"layer_0": {"attn": {"wq": {"x", "w", "g"}}}, ...}; the modules' "fp8"
+collection). Its gradient from `loss` is the updated state (fp8.py's docstring): a trainer
+replaces the state with it and never feeds it to the optimizer.
+
 Dtypes: parameters float32; the residual stream, attention and dense blocks compute in
 model_cfg.dtype, the MoE layers in moe_cfg.dtype (routing always float32); logits float32.
 """
@@ -45,8 +58,9 @@ from jax.sharding import PartitionSpec
 
 from moe_jax import attention, moe, params_count, sharding
 from moe_jax import generate as sampling
-from moe_jax.config import ModelConfig, MoEConfig
-from moe_jax.layers import RMSNorm, logical_param
+from moe_jax.config import FP8Config, ModelConfig, MoEConfig
+from moe_jax.fp8 import NO_FP8, Matmuls
+from moe_jax.layers import RMSNorm, fp8_matmuls, logical_param
 
 Params = dict[str, Any]
 MoEState = dict[str, dict[str, jax.Array]]
@@ -59,14 +73,15 @@ EXPERT_OUT_AXES = ("experts", "expert_mlp", "expert_embed")
 
 
 def project(x: jax.Array, w_KxN: jax.Array, out_dtype=None) -> jax.Array:
-  """x [..., K] @ w [K, N] in x's dtype: every dense matmul of this file (dense FFN, MTP
-  projection, output head), so FP8 drops in here. attention.py and moe/ have their own."""
+  """x [..., K] @ w [K, N] in x's dtype, never FP8: the output head. The FP8 seam of the
+  dense projections is `fp8.Matmuls` (`Dense` modules), of attention its `matmuls` argument."""
   return jnp.matmul(x, w_KxN.astype(x.dtype), preferred_element_type=out_dtype)
 
 
-def swiglu(x: jax.Array, w: Params) -> jax.Array:
-  """down(silu(x @ gate) * (x @ up)) through `project`."""
-  return project(jax.nn.silu(project(x, w["gate"])) * project(x, w["up"]), w["down"])
+def swiglu(x: jax.Array, w: Params, matmuls: Matmuls = NO_FP8) -> jax.Array:
+  """down(silu(x @ gate) * (x @ up)), each product through `matmuls` (plain by default)."""
+  h = jax.nn.silu(matmuls.dot(x, "gate", w["gate"])) * matmuls.dot(x, "up", w["up"])
+  return matmuls.dot(h, "down", w["down"])
 
 
 def _swiglu_specs(d: int, f: int, in_axes, out_axes, lead: tuple[int, ...] = ()):
@@ -82,6 +97,11 @@ def is_moe_layer(cfg: ModelConfig, index: int) -> bool:
 # ----------------------------------------------------------------------------- Flax modules
 
 
+def _normal_params(module: nn.Module, specs: tuple, std: float) -> Params:
+  init = nn.initializers.normal(stddev=std)
+  return {name: logical_param(module, name, init, shape, axes) for name, shape, axes in specs}
+
+
 class Weights(nn.Module):
   """A group of float32 N(0, std) parameters: specs ((name, shape, axes), ...) -> {name: array}."""
   specs: tuple
@@ -89,9 +109,20 @@ class Weights(nn.Module):
 
   @nn.compact
   def __call__(self) -> Params:
-    init = nn.initializers.normal(stddev=self.std)
-    return {name: logical_param(self, name, init, shape, axes)
-            for name, shape, axes in self.specs}
+    return _normal_params(self, self.specs, self.std)
+
+
+class Dense(nn.Module):
+  """Weights of dense projections: -> (params, their fp8.Matmuls under fp8_cfg, whose "delayed"
+  states sit in the "fp8" collection under the same path as the parameters)."""
+  specs: tuple
+  std: float
+  fp8_cfg: FP8Config
+
+  @nn.compact
+  def __call__(self) -> tuple[Params, Matmuls]:
+    params = _normal_params(self, self.specs, self.std)
+    return params, fp8_matmuls(self, list(params), self.fp8_cfg)
 
 
 class MoE(nn.Module):
@@ -121,18 +152,20 @@ class Block(nn.Module):
   """Pre-norm residual block: x + attn(norm(x)), then x + ffn(norm(x)); ffn dense or MoE."""
   cfg: ModelConfig
   moe_cfg: Optional[MoEConfig]  # None: dense SwiGLU of width cfg.dense_ffn_dim
+  fp8_cfg: FP8Config = FP8Config()
 
   @nn.compact
   def __call__(self, x_BxTxD: jax.Array, pos=0, cache: Optional[attention.Cache] = None):
     cfg = self.cfg
-    h_BxTxD, cache = attention.Attention(cfg, name="attn")(
+    h_BxTxD, cache = attention.Attention(cfg, fp8_cfg=self.fp8_cfg, name="attn")(
         RMSNorm(cfg.norm_eps, name="attn_norm")(x_BxTxD), pos, cache)
     x_BxTxD = x_BxTxD + h_BxTxD
     h_BxTxD = RMSNorm(cfg.norm_eps, name="ffn_norm")(x_BxTxD)
     if self.moe_cfg is None:
-      w = Weights(_swiglu_specs(cfg.embed_dim, cfg.dense_ffn_dim, ("embed", "mlp"),
-                                ("mlp", "embed")), cfg.init_std, name="ffn")()
-      h_BxTxD, aux = swiglu(h_BxTxD, w), None
+      w, matmuls = Dense(_swiglu_specs(cfg.embed_dim, cfg.dense_ffn_dim, ("embed", "mlp"),
+                                       ("mlp", "embed")), cfg.init_std, self.fp8_cfg,
+                         name="ffn")()
+      h_BxTxD, aux = swiglu(h_BxTxD, w, matmuls), None
     else:
       h_BxTxD, aux = MoE(self.moe_cfg, cfg.init_std, name="ffn")(h_BxTxD)
     return sharding.constrain(x_BxTxD + h_BxTxD, ACTIVATION_AXES), aux, cache
@@ -142,14 +175,17 @@ class MTPModule(nn.Module):
   """One V3 multi-token prediction depth: proj[norm(emb); norm(h)] -> block -> norm -> head."""
   cfg: ModelConfig
   moe_cfg: Optional[MoEConfig]
+  fp8_cfg: FP8Config = FP8Config()
 
   @nn.compact
   def __call__(self, h_BxSxD: jax.Array, e_BxSxD: jax.Array, head_DxV: jax.Array):
     cfg, d = self.cfg, self.cfg.embed_dim
     he_BxSx2D = jnp.concatenate([RMSNorm(cfg.norm_eps, name="embed_norm")(e_BxSxD),
                                  RMSNorm(cfg.norm_eps, name="hidden_norm")(h_BxSxD)], axis=-1)
-    w = Weights((("kernel", (2 * d, d), (None, "embed")),), cfg.init_std, name="proj")()
-    h_BxSxD, aux, _ = Block(cfg, self.moe_cfg, name="block")(project(he_BxSx2D, w["kernel"]))
+    w, matmuls = Dense((("kernel", (2 * d, d), (None, "embed")),), cfg.init_std, self.fp8_cfg,
+                       name="proj")()
+    h_BxSxD, aux, _ = Block(cfg, self.moe_cfg, self.fp8_cfg, name="block")(
+        matmuls.dot(he_BxSx2D, "kernel", w["kernel"]))
     logits_BxSxV = project(RMSNorm(cfg.norm_eps, name="final_norm")(h_BxSxD), head_DxV,
                            jnp.float32)
     return h_BxSxD, logits_BxSxV, aux
@@ -163,6 +199,7 @@ class Transformer(nn.Module):
   """
   cfg: ModelConfig
   moe_cfg: MoEConfig
+  fp8_cfg: FP8Config = FP8Config()
 
   @nn.compact
   def __call__(self, tokens_BxT: jax.Array, pos=0, caches: Optional[dict] = None):
@@ -182,7 +219,7 @@ class Transformer(nn.Module):
     x_BxTxD, auxes, new_caches = embed(tokens_BxT), [], {}
     for i in range(cfg.num_layers):
       name = f"layer_{i}"
-      x_BxTxD, aux, cache = Block(cfg, ffn_cfg(i), name=name)(
+      x_BxTxD, aux, cache = Block(cfg, ffn_cfg(i), self.fp8_cfg, name=name)(
           x_BxTxD, pos, None if caches is None else caches[name])
       new_caches[name] = cache
       auxes += [aux] if aux is not None else []
@@ -193,8 +230,8 @@ class Transformer(nn.Module):
     mtp_logits, h_BxTxD = [], x_BxTxD
     for k in range(cfg.mtp_depth):
       e_BxTxD = embed(jnp.roll(tokens_BxT, -(k + 1), axis=1))
-      h_BxTxD, logits_k, aux = MTPModule(cfg, ffn_cfg(cfg.num_layers + k), name=f"mtp_{k}")(
-          h_BxTxD, e_BxTxD, head_DxV)
+      h_BxTxD, logits_k, aux = MTPModule(cfg, ffn_cfg(cfg.num_layers + k), self.fp8_cfg,
+                                         name=f"mtp_{k}")(h_BxTxD, e_BxTxD, head_DxV)
       mtp_logits.append(sharding.constrain(logits_k, LOGIT_AXES))
       auxes += [aux] if aux is not None else []
     return sharding.constrain(logits_BxTxV, LOGIT_AXES), mtp_logits, auxes, None
@@ -236,25 +273,29 @@ def _layer_number(name: str) -> int:
 # ----------------------------------------------------------------------------- public API
 
 
-def _module(model_cfg: ModelConfig, moe_cfg: MoEConfig) -> Transformer:
+def _module(model_cfg: ModelConfig, moe_cfg: MoEConfig,
+            fp8_cfg: FP8Config = FP8Config()) -> Transformer:
   if moe_cfg.embed_dim != model_cfg.embed_dim:
     raise ValueError(f"moe.embed_dim={moe_cfg.embed_dim}: must equal "
                      f"model.embed_dim={model_cfg.embed_dim}")
-  return Transformer(model_cfg, moe_cfg)
+  return Transformer(model_cfg, moe_cfg, fp8_cfg)
 
 
-def _init_boxed(key: jax.Array, model_cfg: ModelConfig, moe_cfg: MoEConfig) -> dict:
+def _init_boxed(key: jax.Array, model_cfg: ModelConfig, moe_cfg: MoEConfig,
+                fp8_cfg: FP8Config = FP8Config()) -> dict:
   # Flax init runs the forward once. Parameters depend on neither the sequence nor the expert
   # parallelism, so a two-token local forward serves, and init needs no mesh.
   moe_cfg = dataclasses.replace(moe_cfg, parallelism="none")
-  return _module(model_cfg, moe_cfg).init(key, jnp.zeros((1, 2), jnp.int32))
+  return _module(model_cfg, moe_cfg, fp8_cfg).init(key, jnp.zeros((1, 2), jnp.int32))
 
 
 @functools.lru_cache(maxsize=16)
-def abstract_variables(model_cfg: ModelConfig, moe_cfg: MoEConfig) -> dict:
-  """Boxed {"params", "moe_state"} as ShapeDtypeStructs with axis metadata; allocates nothing."""
-  return jax.eval_shape(functools.partial(_init_boxed, model_cfg=model_cfg, moe_cfg=moe_cfg),
-                        jax.random.key(0))
+def abstract_variables(model_cfg: ModelConfig, moe_cfg: MoEConfig,
+                       fp8_cfg: FP8Config = FP8Config()) -> dict:
+  """Boxed {"params", "moe_state"[, "fp8"]} as ShapeDtypeStructs with axis metadata; allocates
+  nothing. Parameters do not depend on fp8_cfg; the "fp8" collection exists for "delayed"."""
+  return jax.eval_shape(functools.partial(_init_boxed, model_cfg=model_cfg, moe_cfg=moe_cfg,
+                                          fp8_cfg=fp8_cfg), jax.random.key(0))
 
 
 @functools.partial(jax.jit, static_argnums=(1, 2))
@@ -262,6 +303,15 @@ def init(key: jax.Array, model_cfg: ModelConfig, moe_cfg: MoEConfig) -> tuple[Pa
   """Float32 parameters (plain nested dicts) and the zero router biases of every MoE block."""
   variables = nn.meta.unbox(_init_boxed(key, model_cfg, moe_cfg))
   return variables["params"], _from_flax_state(variables.get("moe_state", {}), model_cfg)
+
+
+def init_fp8_state(model_cfg: ModelConfig, moe_cfg: MoEConfig, fp8_cfg: FP8Config) -> dict:
+  """The delayed-scaling state of every FP8 matrix (zero histories: the first step scales by
+  the current amax), a tree mirroring the parameters' paths; {} for the stateless recipes."""
+  if fp8_cfg.recipe != "delayed":
+    return {}
+  shapes = abstract_variables(model_cfg, moe_cfg, fp8_cfg)["fp8"]
+  return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
 
 
 def _names(boxed: Any) -> Any:
@@ -280,8 +330,16 @@ def moe_state_axes(model_cfg: ModelConfig, moe_cfg: MoEConfig) -> Any:
   return _from_flax_state(_names(flax_state), model_cfg)
 
 
-def _variables(params: Params, moe_state: MoEState, model_cfg: ModelConfig) -> dict:
-  return {"params": params, "moe_state": _to_flax_state(moe_state, model_cfg)}
+def _variables(params: Params, moe_state: MoEState, model_cfg: ModelConfig,
+               fp8_cfg: FP8Config = FP8Config(), fp8_state: Optional[dict] = None) -> dict:
+  variables = {"params": params, "moe_state": _to_flax_state(moe_state, model_cfg)}
+  if fp8_cfg.recipe == "delayed":
+    if not fp8_state:
+      raise ValueError("fp8 recipe='delayed' needs fp8_state=model.init_fp8_state(...)")
+    variables["fp8"] = fp8_state
+  elif fp8_state:
+    raise ValueError(f"fp8 recipe={fp8_cfg.recipe!r} keeps no state; got fp8_state")
+  return variables
 
 
 def _stack_aux(auxes: list[dict], mtp_logits: list[jax.Array], moe_cfg: MoEConfig) -> dict:
@@ -297,17 +355,18 @@ def _stack_aux(auxes: list[dict], mtp_logits: list[jax.Array], moe_cfg: MoEConfi
   return aux
 
 
-@functools.partial(jax.jit, static_argnums=(3, 4))
+@functools.partial(jax.jit, static_argnums=(3, 4, 5))
 def apply(params: Params, moe_state: MoEState, tokens_BxS: jax.Array, model_cfg: ModelConfig,
-          moe_cfg: MoEConfig) -> tuple[jax.Array, dict]:
-  """Training forward. Returns (logits_BxSxV float32, aux).
+          moe_cfg: MoEConfig, fp8_cfg: FP8Config = FP8Config(),
+          fp8_state: Optional[dict] = None) -> tuple[jax.Array, dict]:
+  """Training forward, dense projections in FP8 per fp8_cfg. Returns (logits_BxSxV float32, aux).
 
   aux: "load" [L_moe, E], "max_vio" / "dropped_fraction" / "aux_loss" / "seq_aux_loss" /
   "z_loss" [L_moe], "balance_loss" (sum of the blocks' weighted balance losses) and
   "mtp_logits" [mtp_depth, B, S, V] (None without MTP).
   """
-  logits_BxSxV, mtp_logits, auxes, _ = _module(model_cfg, moe_cfg).apply(
-      _variables(params, moe_state, model_cfg), tokens_BxS)
+  logits_BxSxV, mtp_logits, auxes, _ = _module(model_cfg, moe_cfg, fp8_cfg).apply(
+      _variables(params, moe_state, model_cfg, fp8_cfg, fp8_state), tokens_BxS)
   return logits_BxSxV, _stack_aux(auxes, mtp_logits, moe_cfg)
 
 
@@ -320,11 +379,14 @@ def cross_entropy(logits_BxSxV: jax.Array, targets_BxS: jax.Array,
   return jnp.sum(nll_BxS * mask_BxS) / jnp.maximum(jnp.sum(mask_BxS), 1.0)
 
 
-@functools.partial(jax.jit, static_argnums=(3, 4))
+@functools.partial(jax.jit, static_argnums=(3, 4, 5))
 def loss(params: Params, moe_state: MoEState, batch: dict[str, jax.Array],
-         model_cfg: ModelConfig, moe_cfg: MoEConfig) -> tuple[jax.Array, dict]:
-  """ce + mtp_loss_weight * mtp_ce + balance_loss; targets equal to pad_id are ignored."""
-  logits_BxSxV, aux = apply(params, moe_state, batch["inputs"], model_cfg, moe_cfg)
+         model_cfg: ModelConfig, moe_cfg: MoEConfig, fp8_cfg: FP8Config = FP8Config(),
+         fp8_state: Optional[dict] = None) -> tuple[jax.Array, dict]:
+  """ce + mtp_loss_weight * mtp_ce + balance_loss; targets equal to pad_id are ignored.
+  For "delayed", the gradient w.r.t. fp8_state is the updated state (see the module docstring)."""
+  logits_BxSxV, aux = apply(params, moe_state, batch["inputs"], model_cfg, moe_cfg, fp8_cfg,
+                            fp8_state)
   targets_BxS = batch["targets"]
   S = targets_BxS.shape[1]
   valid_BxS = targets_BxS != model_cfg.pad_id

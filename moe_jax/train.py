@@ -4,11 +4,14 @@ The train state is a plain dict pytree, checkpointed whole:
   step       int32, optimizer steps completed (batch i is a pure function of (seed, i))
   params     float32 parameters (model.init), sharded by model.param_axes
   moe_state  router biases, updated from the step's global expert loads (never by gradients)
-  opt_state  global-norm clipping + Adam moments + decoupled weight decay (AdamW)
+  opt_state  global-norm clipping + Adam moments (train.optimizer_state_dtype, both moments)
+             + decoupled weight decay (AdamW)
   rng        uint32 key data of a threefry key, for stochastic parts (none yet): derive per-step
              keys as fold_in(rng, step) so that a resumed run draws the same ones
   bad_steps  int32, non-finite steps in a row (the numerics guard)
-  fp8        FP8 scaling state, present only when the model has one (model.init_fp8_state)
+  fp8        FP8 delayed-scaling state (amax histories), present only for fp8.recipe="delayed"
+             (model.init_fp8_state): each step replaces it by the loss's gradient w.r.t. it
+             (fp8.py), outside the optimizer, clipping and weight decay
 
 The learning rate is a function of `step` (linear warmup, cosine decay to min_lr_ratio), not of
 the optimizer's own count, which a skipped (non-finite) step does not advance.
@@ -52,13 +55,32 @@ def learning_rate(step: jax.Array, cfg: TrainConfig) -> jax.Array:
   return cfg.learning_rate * jnp.where(step < cfg.warmup_steps, warm, cosine)
 
 
+def _scale_by_adam(cfg: TrainConfig) -> optax.GradientTransformation:
+  """Adam with both moments stored in cfg.optimizer_state_dtype (V3 keeps them in bfloat16).
+  optax's mu_dtype covers the first moment only; the second is cast here around each update,
+  which computes in float32."""
+  dtype = jnp.dtype(cfg.optimizer_state_dtype)
+  adam = optax.scale_by_adam(cfg.b1, cfg.b2, mu_dtype=dtype)
+  if dtype == jnp.float32:
+    return adam
+  cast = lambda tree, dt: jax.tree.map(lambda a: a.astype(dt), tree)
+
+  def init(params):
+    state = adam.init(params)
+    return state._replace(nu=cast(state.nu, dtype))
+
+  def update(updates, state, params=None):
+    updates, state = adam.update(updates, state._replace(nu=cast(state.nu, jnp.float32)), params)
+    return updates, state._replace(nu=cast(state.nu, dtype))
+  return optax.GradientTransformation(init, update)
+
+
 def make_optimizer(cfg: TrainConfig) -> optax.GradientTransformation:
   """AdamW without its learning rate (see `learning_rate`); matrices decay, norm scales do not."""
   decay_mask = lambda params: jax.tree.map(lambda p: p.ndim >= 2, params)
   return optax.chain(
       optax.clip_by_global_norm(cfg.grad_clip) if cfg.grad_clip > 0 else optax.identity(),
-      optax.scale_by_adam(cfg.b1, cfg.b2, mu_dtype=jnp.dtype(cfg.optimizer_state_dtype)),
-      optax.add_decayed_weights(cfg.weight_decay, decay_mask))
+      _scale_by_adam(cfg), optax.add_decayed_weights(cfg.weight_decay, decay_mask))
 
 
 def init_state(key: jax.Array, cfg: ExperimentConfig) -> dict:
@@ -105,8 +127,10 @@ def check_divisible(cfg: ExperimentConfig, mesh):
 def train_step(state: dict, batch: dict, cfg: ExperimentConfig) -> tuple[dict, dict]:
   """One AdamW step on the global batch; not applied when the loss or gradient is not finite."""
   step = state["step"]
-  loss_fn = lambda p: model.loss(p, state["moe_state"], batch, cfg.model, cfg.moe)
-  (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
+  loss_fn = lambda p, f: model.loss(p, state["moe_state"], batch, cfg.model, cfg.moe, cfg.fp8, f)
+  # The FP8 state's gradient is its update (delayed scaling); it never meets the optimizer.
+  (loss, aux), (grads, fp8_state) = jax.value_and_grad(loss_fn, argnums=(0, 1), has_aux=True)(
+      state["params"], state.get("fp8"))
   if cfg.train.inject_nan_at_steps:  # fault injection (tests of this guard)
     poison = jnp.isin(step, jnp.asarray(cfg.train.inject_nan_at_steps, jnp.int32))
     grads = jax.tree.map(lambda g: jnp.where(poison, jnp.nan, g), grads)
@@ -123,6 +147,8 @@ def train_step(state: dict, batch: dict, cfg: ExperimentConfig) -> tuple[dict, d
                    params=keep(params, state["params"]),
                    opt_state=keep(opt_state, state["opt_state"]),
                    moe_state=keep(moe_state, state["moe_state"]))
+  if "fp8" in state:  # a non-finite step's amaxes would poison the histories
+    new_state["fp8"] = keep(fp8_state, state["fp8"])
   load = aux["load"] / jnp.maximum(aux["load"].sum(-1, keepdims=True), 1.0)
   out = {k: aux[k] for k in ("ce", "mtp_ce", "balance_loss", "max_vio", "dropped_fraction")}
   out.update(loss=loss, load=load, grad_norm=grad_norm, learning_rate=lr, bad_steps=bad_steps,
@@ -130,8 +156,10 @@ def train_step(state: dict, batch: dict, cfg: ExperimentConfig) -> tuple[dict, d
   return new_state, out
 
 
-def eval_step(params: dict, moe_state: dict, batch: dict, cfg: ExperimentConfig) -> dict:
-  loss, aux = model.loss(params, moe_state, batch, cfg.model, cfg.moe)
+def eval_step(params: dict, moe_state: dict, batch: dict, fp8_state: Any = None, *,
+              cfg: ExperimentConfig) -> dict:
+  """Held-out loss; the FP8 state (delayed) is only read: a forward pass does not update it."""
+  loss, aux = model.loss(params, moe_state, batch, cfg.model, cfg.moe, cfg.fp8, fp8_state)
   return {"eval_loss": loss, "eval_ce": aux["ce"]}
 
 
@@ -184,7 +212,8 @@ class Setup:
                                       out_shardings=(self.shardings, replicated)))
     self.eval = self._on_mesh(jax.jit(
         functools.partial(eval_step, cfg=cfg), out_shardings=replicated,
-        in_shardings=(self.shardings["params"], self.shardings["moe_state"], batch)))
+        in_shardings=(self.shardings["params"], self.shardings["moe_state"], batch,
+                      self.shardings.get("fp8"))))
 
   def _on_mesh(self, fn: Callable) -> Callable:
     """fn traced with the mesh set: activation constraints and the expert-parallel MoE layer
@@ -202,7 +231,8 @@ class Setup:
   def evaluate(self, state: dict) -> dict:
     totals = None
     for i in range(self.cfg.train.eval_batches):
-      out = self.eval(state["params"], state["moe_state"], self.batches.eval(i))
+      out = self.eval(state["params"], state["moe_state"], self.batches.eval(i),
+                      state.get("fp8"))
       totals = out if totals is None else jax.tree.map(jnp.add, totals, out)
     means = {k: float(v) / self.cfg.train.eval_batches for k, v in totals.items()}
     means["eval_perplexity"] = metrics.perplexity(means["eval_loss"])

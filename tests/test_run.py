@@ -242,7 +242,6 @@ def test_bad_config_exits_with_one_line_and_writes_nothing(env, config_file, tmp
   assert not workdir.exists()
 
 
-@pytest.mark.slow  # ~1-2 min here: three 8-device compiles on 2 shared cores
 def test_two_processes_match_one(env, config_file, tmp_path, monkeypatch):
   for name in ("JAX_COMPILATION_CACHE_DIR", "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"):
     monkeypatch.setenv(name, env[name])

@@ -1,0 +1,300 @@
+"""experiment="fp8_study": does FP8 training of the dense projections track bfloat16?
+
+Five runs of the real trainer (`train.train`), same seed and batches, in <workdir>/runs/<name>:
+  float32    float32 compute, no FP8    } their difference is the noise floor: what a change of
+  bfloat16   bfloat16 compute, no FP8   } rounding alone does to the loss of the same run
+  tensor     bfloat16 compute, dense projections in FP8, one current scale per tensor
+  delayed    ... one scale per tensor from an amax history (Transformer-Engine style)
+  blockwise  ... DeepSeek-V3: 1 x tile activation tiles, tile x tile weight blocks
+The config's model/moe dtype and fp8.recipe are set per run; the rest of its fp8 section (FP8
+types, tile, history length) applies to all. What FP8 covers is model.py's docstring (routed and
+shared experts are not yet in it). A rerun in the same workdir skips finished runs (they resume
+at their last checkpoint) and refuses a workdir whose runs used another config.
+
+Headline: the final relative loss difference of each run to bfloat16, (L - L_bf16) / L_bf16, on
+the held-out loss at the last step (same evaluation batches for all runs) and on the train loss
+averaged over the last tenth of the steps, next to the noise floor |L_f32 - L_bf16| / L_bf16.
+
+Quantization error (no training): fp8.quantization_error of activations [tokens, channels] with
+N(0, 1) entries where a few whole tokens (rows) or channels (columns) are scaled by 1 .. 1e5,
+per recipe: "tensor" (current per-tensor scale), "delayed" (per-tensor scale from the history of
+the same tensor without outliers: the outliers arrive unannounced) and "blockwise" (1 x tile).
+It reports the error of the ordinary entries (is the rest crushed by the outliers' scale?) and of
+the outliers (do they saturate?).
+
+Outputs in the workdir: fp8_study.md, fp8_study.csv (one row per run), fp8_quantization.csv,
+fp8_study.png (loss curves, difference to bfloat16 over steps, quantization error).
+"""
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+import os
+import time
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from moe_jax import fp8, metrics, train
+from moe_jax.config import ConfigError, ExperimentConfig, FP8Config
+
+RUNS = {"float32": ("float32", "none"), "bfloat16": ("bfloat16", "none"),
+        "tensor": ("bfloat16", "tensor"), "delayed": ("bfloat16", "delayed"),
+        "blockwise": ("bfloat16", "blockwise")}
+BASELINE, FLOOR = "bfloat16", "float32"
+# Acceptance (the FP8 issue): blockwise within 0.5% of bfloat16 and at most twice the floor.
+MAX_REL_DIFF, MAX_FLOOR_MULTIPLE = 0.005, 2.0
+MAGNITUDES = (1.0, 1e1, 1e2, 3e2, 1e3, 3e3, 1e4, 3e4, 1e5)
+QUANT_RECIPES = ("tensor", "delayed", "blockwise")
+RUN_COLUMNS = ("run", "compute", "recipe", "steps", "final_train_loss", "train_rel_diff",
+               "final_eval_loss", "eval_rel_diff", "s_per_step")
+QUANT_COLUMNS = ("outliers", "magnitude", "recipe", "err_ordinary", "err_outliers")
+
+
+def run_config(cfg: ExperimentConfig, name: str) -> ExperimentConfig:
+  dtype, recipe = RUNS[name]
+  return dataclasses.replace(
+      cfg, experiment="train", model=dataclasses.replace(cfg.model, dtype=dtype),
+      moe=dataclasses.replace(cfg.moe, dtype=dtype),
+      fp8=dataclasses.replace(cfg.fp8, recipe=recipe))
+
+
+def _check_run_dir(cfg: ExperimentConfig, workdir: str):
+  path = os.path.join(workdir, train.CONFIG_FILE)
+  if os.path.exists(path):
+    with open(path) as f:
+      if json.load(f) != json.loads(json.dumps(cfg.to_dict())):
+        raise ConfigError(f"workdir={os.path.dirname(os.path.dirname(workdir))!r}: its run "
+                          f"{os.path.basename(workdir)!r} used another config; use another "
+                          "--workdir for a new study")
+
+
+def train_run(cfg: ExperimentConfig, workdir: str) -> dict:
+  """Trains (or finishes) one run; its curves and final figures from its metrics.jsonl."""
+  _check_run_dir(cfg, workdir)
+  train.train(cfg, workdir)
+  records = metrics.read_jsonl(os.path.join(workdir, metrics.METRICS_FILE))
+  steps, t = cfg.train.steps, cfg.train
+  curve = [(r["step"], r["loss"]) for r in records if "loss" in r and r["loss"] is not None]
+  evals = [(r["step"], r["eval_loss"]) for r in records if "eval_loss" in r]
+  last = [loss for step, loss in curve if step > steps - max(steps // 10, 1)]
+  rates = [r["tokens_per_s"] for r in records if r.get("tokens_per_s")]
+  return {"curve": curve, "evals": evals,
+          "final_train_loss": float(np.mean(last)) if last else float("nan"),
+          "final_eval_loss": evals[-1][1] if evals and evals[-1][0] == steps else float("nan"),
+          "s_per_step": (t.batch_size * t.seq_len / float(np.median(rates)) if rates
+                         else float("nan"))}
+
+
+def _rel(value: float, base: float) -> float:
+  return (value - base) / base
+
+
+def summarize(results: dict[str, dict], steps: int) -> list[dict]:
+  base = results[BASELINE]
+  rows = []
+  for name, r in results.items():
+    rows.append({"run": name, "compute": RUNS[name][0], "recipe": RUNS[name][1], "steps": steps,
+                 "final_train_loss": r["final_train_loss"],
+                 "train_rel_diff": _rel(r["final_train_loss"], base["final_train_loss"]),
+                 "final_eval_loss": r["final_eval_loss"],
+                 "eval_rel_diff": _rel(r["final_eval_loss"], base["final_eval_loss"]),
+                 "s_per_step": r["s_per_step"]})
+  return rows
+
+
+def verdict(rows: list[dict], key: str = "eval_rel_diff") -> tuple[bool, float, float]:
+  """(met, |blockwise diff|, noise floor) of the acceptance criterion on `key`."""
+  by_run = {r["run"]: r for r in rows}
+  diff, floor = abs(by_run["blockwise"][key]), abs(by_run[FLOOR][key])
+  met = diff < MAX_REL_DIFF and diff <= MAX_FLOOR_MULTIPLE * floor
+  return bool(met), diff, floor
+
+
+# ----------------------------------------------------------------------------- quantization
+
+
+def outlier_activations(kind: str, magnitude: float, *, tokens: int = 512, channels: int = 512,
+                        count: int = 4, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+  """(x [tokens, channels] float32, outlier mask): N(0, 1) with `count` whole tokens (rows) or
+  channels (columns) scaled by `magnitude`."""
+  rng = np.random.default_rng(seed)
+  x = rng.standard_normal((tokens, channels)).astype(np.float32)
+  mask = np.zeros_like(x, bool)
+  if kind == "token":
+    mask[rng.choice(tokens, count, replace=False)] = True
+  elif kind == "channel":
+    mask[:, rng.choice(channels, count, replace=False)] = True
+  else:
+    raise ValueError(f"outlier kind {kind!r}: 'token' or 'channel'")
+  return np.where(mask, x * np.float32(magnitude), x), mask
+
+
+def _delayed_error(x: jax.Array, seen_amax: jax.Array, cfg: FP8Config,
+                   where: jax.Array) -> jax.Array:
+  """Per-tensor quantization error with the scale of an amax seen before (the history)."""
+  dtype = fp8.FP8_DTYPES[cfg.fwd_dtype]
+  scale = fp8.compute_scale(seen_amax, dtype, cfg.power_of_two_scale)
+  q = fp8.quantize_with_scale(x, scale, dtype=dtype, block_shape=None)
+  err = jnp.where(where, fp8.dequantize(q, scale, block_shape=None) - x, 0.0)
+  return jnp.linalg.norm(err) / jnp.linalg.norm(jnp.where(where, x, 0.0))
+
+
+def quantization_rows(cfg: FP8Config, magnitudes=MAGNITUDES) -> list[dict]:
+  dtype = fp8.FP8_DTYPES[cfg.fwd_dtype]
+  blocks = {"tensor": None, "blockwise": (1, cfg.tile)}
+  rows = []
+  for kind in ("token", "channel"):
+    clean, _ = outlier_activations(kind, 1.0)
+    for magnitude in magnitudes:
+      x, mask = outlier_activations(kind, magnitude)
+      x, mask = jnp.asarray(x), jnp.asarray(mask)
+      for recipe in QUANT_RECIPES:
+        errs = []
+        for where in (~mask, mask):
+          if recipe == "delayed":
+            errs.append(_delayed_error(x, jnp.max(jnp.abs(clean)), cfg, where))
+          else:
+            errs.append(fp8.quantization_error(x, block_shape=blocks[recipe], dtype=dtype,
+                                               power_of_two=cfg.power_of_two_scale,
+                                               where=where))
+        rows.append({"outliers": kind, "magnitude": magnitude, "recipe": recipe,
+                     "err_ordinary": float(errs[0]), "err_outliers": float(errs[1])})
+  return rows
+
+
+def absorbed_up_to(rows: list[dict], kind: str, recipe: str) -> Optional[float]:
+  """The largest magnitude before the ordinary entries' error first exceeds twice its value
+  without outliers (magnitude 1); None if it never does."""
+  mine = sorted((r for r in rows if r["outliers"] == kind and r["recipe"] == recipe),
+                key=lambda r: r["magnitude"])
+  ref, last = mine[0]["err_ordinary"], mine[0]["magnitude"]
+  for r in mine[1:]:
+    if r["err_ordinary"] > 2 * ref:
+      return last
+    last = r["magnitude"]
+  return None
+
+
+# ----------------------------------------------------------------------------- outputs
+
+
+def _fmt(value, spec: str) -> str:
+  return "n/a" if value is None or not np.isfinite(value) else format(value, spec)
+
+
+def markdown(cfg: ExperimentConfig, rows: list[dict], qrows: list[dict], wall_s: float) -> str:
+  t = cfg.train
+  out = [f"# FP8 study: {cfg.train.steps} steps, batch {t.batch_size} x {t.seq_len}, "
+         f"seed {t.seed}, data {cfg.data.source}",
+         "", f"FP8: {cfg.fp8.fwd_dtype} activations/weights, {cfg.fp8.grad_dtype} gradients, "
+         f"tile {cfg.fp8.tile}, amax history {cfg.fp8.amax_history_len}. Dense projections "
+         "only (attention, dense FFN, MTP projection); router, embeddings, head, norms, softmax "
+         "and the MoE experts stay in bfloat16/float32.", "",
+         "| run | compute | FP8 recipe | final train loss | vs bf16 | final held-out loss "
+         "| vs bf16 | s/step |", "|---|---|---|---|---|---|---|---|"]
+  for r in rows:
+    out.append(f"| {r['run']} | {r['compute']} | {r['recipe']} | "
+               f"{_fmt(r['final_train_loss'], '.4f')} | {_fmt(100 * r['train_rel_diff'], '+.3f')}%"
+               f" | {_fmt(r['final_eval_loss'], '.4f')} | {_fmt(100 * r['eval_rel_diff'], '+.3f')}%"
+               f" | {_fmt(r['s_per_step'], '.2f')} |")
+  out.append("")
+  for key, what in (("eval_rel_diff", "held-out"), ("train_rel_diff", "train")):
+    met, diff, floor = verdict(rows, key)
+    out.append(f"- {what} loss: noise floor |float32 - bfloat16| = {_fmt(100 * floor, '.3f')}%; "
+               f"blockwise {_fmt(100 * diff, '.3f')}% -> criterion (< {100 * MAX_REL_DIFF:.1f}% "
+               f"and <= {MAX_FLOOR_MULTIPLE:g}x floor) {'MET' if met else 'NOT met'}")
+  out += ["", f"Train loss: mean over the last {max(t.steps // 10, 1)} steps. Study wall time: "
+          f"{wall_s / 60:.1f} min (runs finished earlier in this workdir are not re-timed).", "",
+          "## Quantization error of activations with outliers (e4m3 range check)", "",
+          "Relative error ||q - x|| / ||x|| of the ordinary entries (outliers in brackets), "
+          "512 x 512 N(0,1) activations, 4 outlier tokens or channels of the given magnitude.", "",
+          "| outliers | magnitude | " + " | ".join(QUANT_RECIPES) + " |",
+          "|---|---|" + "---|" * len(QUANT_RECIPES)]
+  for kind in ("token", "channel"):
+    for m in sorted({r["magnitude"] for r in qrows}):
+      cells = [next(r for r in qrows if r["outliers"] == kind and r["magnitude"] == m and
+                    r["recipe"] == rec) for rec in QUANT_RECIPES]
+      out.append(f"| {kind} | {m:.0e} | " + " | ".join(
+          f"{c['err_ordinary']:.2e} ({c['err_outliers']:.1e})" for c in cells) + " |")
+  out.append("")
+  for kind in ("token", "channel"):
+    parts = []
+    for rec in QUANT_RECIPES:
+      m = absorbed_up_to(qrows, kind, rec)
+      parts.append(f"{rec} up to {m:.0e}" if m is not None else f"{rec} beyond "
+                   f"{max(r['magnitude'] for r in qrows):.0e}")
+    out.append(f"- {kind} outliers absorbed (ordinary entries' error within 2x of no outliers): "
+               + ", ".join(parts))
+  return "\n".join(out) + "\n"
+
+
+def _write_csv(path: str, rows: list[dict], columns: tuple[str, ...]):
+  with open(path, "w", newline="") as f:
+    writer = csv.DictWriter(f, fieldnames=columns)
+    writer.writeheader()
+    writer.writerows(rows)
+
+
+def _smooth(values: np.ndarray, window: int) -> np.ndarray:
+  window = max(1, min(window, len(values)))
+  return np.convolve(values, np.ones(window) / window, mode="valid")
+
+
+def plot(path: str, results: dict[str, dict], qrows: list[dict], steps: int):
+  import matplotlib  # pylint: disable=import-outside-toplevel
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
+
+  fig, (ax_loss, ax_diff, ax_q) = plt.subplots(1, 3, figsize=(17, 4.5))
+  window = max(steps // 30, 1)
+  base = dict(results[BASELINE]["curve"])
+  for name, r in results.items():
+    s, l = (np.array(v) for v in zip(*r["curve"])) if r["curve"] else (np.zeros(0),) * 2
+    if not len(s):
+      continue
+    ax_loss.plot(s[window - 1:], _smooth(l, window), label=name, lw=1)
+    b = np.array([base.get(int(x), np.nan) for x in s])
+    ax_diff.plot(s[window - 1:], 100 * _smooth((l - b) / b, window), label=name, lw=1)
+  ax_loss.set(xlabel="step", ylabel=f"train loss (mean of {window} steps)", title="Loss")
+  ax_diff.set(xlabel="step", ylabel="(L - L_bf16) / L_bf16 [%]",
+              title="Difference to bfloat16 (float32 = noise floor)")
+  ax_diff.axhline(0, color="k", lw=0.5)
+  for rec, color in zip(QUANT_RECIPES, ("C2", "C3", "C4")):
+    for kind, style in (("token", "-o"), ("channel", "--s")):
+      mine = sorted((r for r in qrows if r["recipe"] == rec and r["outliers"] == kind),
+                    key=lambda r: r["magnitude"])
+      ax_q.loglog([r["magnitude"] for r in mine], [r["err_ordinary"] for r in mine], style,
+                  color=color, label=f"{rec}, {kind} outliers", ms=3)
+  ax_q.set(xlabel="outlier magnitude", ylabel="relative error of ordinary entries",
+           title="e4m3 quantization error with outliers")
+  for ax in (ax_loss, ax_diff, ax_q):
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+  fig.savefig(path, dpi=100, bbox_inches="tight")
+  plt.close(fig)
+
+
+def run(config: ExperimentConfig, workdir: str) -> list[dict]:
+  """Trains the five runs, writes the tables and the plot; returns the per-run rows."""
+  start = time.perf_counter()
+  os.makedirs(workdir, exist_ok=True)
+  qrows = quantization_rows(config.fp8)
+  results = {}
+  for name in RUNS:
+    print(f"== fp8_study: run {name} ({', '.join(RUNS[name])})", flush=True)
+    results[name] = train_run(run_config(config, name), os.path.join(workdir, "runs", name))
+  rows = summarize(results, config.train.steps)
+  wall_s = time.perf_counter() - start
+  if jax.process_index() == 0:
+    _write_csv(os.path.join(workdir, "fp8_study.csv"), rows, RUN_COLUMNS)
+    _write_csv(os.path.join(workdir, "fp8_quantization.csv"), qrows, QUANT_COLUMNS)
+    text = markdown(config, rows, qrows, wall_s)
+    with open(os.path.join(workdir, "fp8_study.md"), "w") as f:
+      f.write(text)
+    plot(os.path.join(workdir, "fp8_study.png"), results, qrows, config.train.steps)
+    print(text, flush=True)
+  return rows

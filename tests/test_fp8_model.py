@@ -1,0 +1,186 @@
+"""FP8 in the model and the trainer: recipes track the plain loss, only dense projections are
+quantized, the delayed state rolls through a train step and is checkpointed, bfloat16 moments,
+and the FP8 study end to end on a 3-step config."""
+import functools
+import os
+import pathlib
+import runpy
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from experiments import fp8_study
+from moe_jax import checkpoint, config, data, fp8, model, train
+from moe_jax.config import FP8Config, MoEConfig, ModelConfig, TrainConfig
+
+# One dense block, one MoE block, an MTP module (MoE): every kind of dense projection once.
+MODEL = ModelConfig(embed_dim=32, num_layers=2, first_k_dense=1, dense_ffn_dim=64, num_heads=2,
+                    num_kv_heads=2, q_lora_rank=16, kv_lora_rank=16, qk_nope_head_dim=8,
+                    qk_rope_head_dim=4, v_head_dim=8, max_seq_len=16, mtp_depth=1, init_std=0.1)
+MOE = MoEConfig(embed_dim=32, num_experts=4, top_k=2, expert_ffn_dim=16)
+CONFIGS = pathlib.Path(__file__).resolve().parent.parent / "configs"
+
+
+def fp8_cfg(recipe: str, **overrides) -> FP8Config:
+  # tile 16 < the widths here, so blockwise really has several tiles per row.
+  return FP8Config(**dict(dict(recipe=recipe, tile=16, amax_history_len=4), **overrides))
+
+
+@pytest.fixture(scope="module")
+def setup():
+  params, state = model.init(jax.random.key(0), MODEL, MOE)
+  tokens = jax.random.randint(jax.random.key(1), (2, 11), 0, 256)
+  return params, state, {"inputs": tokens[:, :-1], "targets": tokens[:, 1:]}
+
+
+@pytest.mark.parametrize("recipe", ["tensor", "delayed", "blockwise"])
+def test_fp8_loss_and_gradient_track_the_plain_ones(setup, recipe):
+  params, state, batch = setup
+  cfg = fp8_cfg(recipe)
+  f8 = model.init_fp8_state(MODEL, MOE, cfg) or None
+  grad = jax.value_and_grad(model.loss, has_aux=True)
+  (plain, _), g_plain = grad(params, state, batch, MODEL, MOE)
+  (loss, _), g = grad(params, state, batch, MODEL, MOE, cfg, f8)
+  assert np.isfinite(float(loss)) and loss != plain  # quantized, and only slightly
+  np.testing.assert_allclose(float(loss), float(plain), rtol=2e-3)
+  flat = lambda tree: jnp.concatenate([x.ravel() for x in jax.tree.leaves(tree)])
+  rel = jnp.linalg.norm(flat(g) - flat(g_plain)) / jnp.linalg.norm(flat(g_plain))
+  # e4m3 keeps 3 mantissa bits, bfloat16 7: bfloat16 compute moves this gradient by ~1%, the
+  # recipes by ~15% (measured), 16x as much.
+  assert float(rel) < 0.3, float(rel)
+
+
+def test_delayed_state_mirrors_the_quantized_parameters(setup):
+  params = setup[0]
+  assert model.init_fp8_state(MODEL, MOE, fp8_cfg("blockwise")) == {}
+  f8 = model.init_fp8_state(MODEL, MOE, fp8_cfg("delayed"))
+  paths = {jax.tree_util.keystr(p[:-1]) for p, _ in jax.tree_util.tree_leaves_with_path(f8)}
+  want = {"['layer_0']['ffn']['gate']", "['layer_0']['ffn']['up']", "['layer_0']['ffn']['down']",
+          "['mtp_0']['proj']['kernel']"}
+  for block in ("['layer_0']", "['layer_1']", "['mtp_0']['block']"):
+    want |= {f"{block}['attn']['{w}']" for w in ("wq_a", "wq_b", "wkv_a", "wkv_b", "wo")}
+  assert paths == want
+  param_paths = {jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_leaves_with_path(params)}
+  assert paths <= param_paths
+  assert all(h.shape == (4,) and not h.any() for h in jax.tree.leaves(f8))
+  with pytest.raises(ValueError, match="init_fp8_state"):
+    model.loss(params, setup[1], setup[2], MODEL, MOE, fp8_cfg("delayed"))
+
+
+def test_only_dense_projections_go_through_fp8(setup, monkeypatch):
+  params, state, batch = setup
+  shapes, real = [], fp8.fp8_dot
+
+  def counting(x, w, cfg, state=None):
+    shapes.append(tuple(w.shape))
+    return real(x, w, cfg, state)
+  monkeypatch.setattr(fp8, "fp8_dot", counting)
+  # A config traced nowhere else, so that jit traces (and counts) afresh.
+  model.loss(params, state, batch, MODEL, MOE, fp8_cfg("tensor", amax_history_len=3))
+  D, H = MODEL.embed_dim, MODEL.num_heads
+  attn = [(D, 16), (16, H * 12), (D, 16 + 4), (16, H * 16), (H * 8, D)]  # wq_a wq_b wkv_a wkv_b wo
+  want = attn * 3 + [(D, 64), (D, 64), (64, D), (2 * D, D)]  # dense FFN, MTP projection
+  # Not the router [D, E], the head [D, V], the embedding, nor the MoE experts.
+  assert sorted(shapes) == sorted(want)
+
+
+@pytest.fixture(scope="module")
+def delayed_run():
+  """Three train steps under "delayed"; step index 2 has NaN gradients (numerics guard)."""
+  cfg = config.from_config_dict({
+      "model": dict(embed_dim=32, num_layers=2, first_k_dense=1, dense_ffn_dim=64, num_heads=2,
+                    num_kv_heads=2, kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=8,
+                    v_head_dim=8, max_seq_len=16),
+      "moe": dict(num_experts=4, top_k=2, expert_ffn_dim=16),
+      "fp8": dict(recipe="delayed", tile=16, amax_history_len=4),
+      "train": dict(steps=3, batch_size=2, seq_len=8, inject_nan_at_steps=(2,)),
+      "data": dict(source="synthetic")})
+  ds = data.load_dataset(cfg.data)
+  step = jax.jit(functools.partial(train.train_step, cfg=cfg))
+  states = [train.init_state(jax.random.key(0), cfg)]
+  for i in range(3):
+    states.append(step(states[-1], data.get_batch(ds, "train", i, seed=0, batch_size=2,
+                                                  seq_len=8))[0])
+  return cfg, states
+
+
+def test_train_step_rolls_the_delayed_histories(delayed_run):
+  _, (s0, s1, s2, s3) = delayed_run
+  h0, h1, h2 = (s["fp8"]["layer_0"]["attn"]["wkv_a"] for s in (s0, s1, s2))
+  assert not any(h.any() for h in h0.values())
+  w0 = float(jnp.max(jnp.abs(s0["params"]["layer_0"]["attn"]["wkv_a"])))
+  assert float(h1["w"][0]) == w0 and not h1["w"][1:].any()
+  assert float(h1["x"][0]) > 0 and float(h1["g"][0]) > 0 and not h1["g"][1:].any()
+  for k in "xwg":  # rolled by one, the new amax in front
+    np.testing.assert_array_equal(np.asarray(h2[k][1:]), np.asarray(h1[k][:-1]))
+  assert float(h2["x"][0]) != float(h1["x"][0])
+  # The state is never an optimizer input: the Adam moments hold parameters only.
+  mu = s1["opt_state"][1].mu
+  assert jax.tree.structure(mu) == jax.tree.structure(s1["params"])
+  # A non-finite step keeps the histories, like the parameters.
+  assert int(s3["bad_steps"]) == 1
+  for a, b in zip(jax.tree.leaves(s3["fp8"]), jax.tree.leaves(s2["fp8"])):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_delayed_state_is_checkpointed(delayed_run, tmp_path):
+  cfg, states = delayed_run
+  abstract = jax.eval_shape(functools.partial(train.init_state, cfg=cfg), jax.random.key(0))
+  assert "fp8" in abstract
+  ckpt = checkpoint.Checkpointer(str(tmp_path), keep=1, async_save=False)
+  ckpt.save(2, states[2], wait=True)
+  ckpt.close()
+  saved = checkpoint.read_numpy(str(tmp_path), 2)["fp8"]
+  for a, b in zip(jax.tree.leaves(saved), jax.tree.leaves(states[2]["fp8"])):
+    np.testing.assert_array_equal(a, np.asarray(b))
+
+
+def test_bfloat16_optimizer_state_holds_both_moments_in_bfloat16():
+  params = {"w": jnp.full((4, 3), 0.5), "scale": jnp.ones((3,))}
+  opt = train.make_optimizer(TrainConfig(optimizer_state_dtype="bfloat16"))
+  state = opt.init(params)
+  grads = jax.tree.map(jnp.ones_like, params)
+  updates, state = opt.update(grads, state, params)
+  adam = state[1]
+  assert {x.dtype for x in jax.tree.leaves((adam.mu, adam.nu))} == {jnp.dtype(jnp.bfloat16)}
+  assert all(u.dtype == jnp.float32 and bool(jnp.isfinite(u).all())
+             for u in jax.tree.leaves(updates))
+
+
+def test_quantization_rows_show_tiles_isolating_token_outliers():
+  rows = fp8_study.quantization_rows(FP8Config(), magnitudes=(1.0, 1e5))
+  err = {(r["outliers"], r["magnitude"], r["recipe"]): r for r in rows}
+  assert err["token", 1e5, "tensor"]["err_ordinary"] > 5 * err["token", 1.0, "tensor"][
+      "err_ordinary"]
+  assert err["token", 1e5, "blockwise"]["err_ordinary"] == err["token", 1.0, "blockwise"][
+      "err_ordinary"]
+  assert err["token", 1e5, "delayed"]["err_outliers"] > 0.9  # unannounced outliers saturate
+  assert fp8_study.absorbed_up_to(rows, "token", "blockwise") is None
+
+
+def test_fp8_study_end_to_end(tmp_path):
+  cfg = runpy.run_path(str(CONFIGS / "fp8_study.py"))["get_config"]("runlocal")
+  cfg.mesh.data = jax.device_count()  # the tests' fake devices
+  cfg.train.batch_size = jax.device_count()
+  cfg.data.source = "synthetic"
+  cfg.model.update(dict(embed_dim=32, dense_ffn_dim=64, num_heads=2, num_kv_heads=2,
+                        kv_lora_rank=16,
+                        qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=8))
+  cfg.fp8.tile = 16
+  cfg = config.from_config_dict(cfg)
+  assert cfg.experiment == "fp8_study" and cfg.train.steps == 3
+  rows = fp8_study.run(cfg, str(tmp_path))
+  assert [r["run"] for r in rows] == list(fp8_study.RUNS)
+  for r in rows:
+    assert np.isfinite(r["final_train_loss"]) and np.isfinite(r["final_eval_loss"]), r
+  base = next(r for r in rows if r["run"] == "bfloat16")
+  assert base["eval_rel_diff"] == 0 and base["train_rel_diff"] == 0
+  for name in ("fp8_study.md", "fp8_study.csv", "fp8_quantization.csv", "fp8_study.png"):
+    assert os.path.getsize(tmp_path / name) > 0
+  text = (tmp_path / "fp8_study.md").read_text()
+  assert "noise floor" in text and "| blockwise | bfloat16 | blockwise |" in text
+  with pytest.raises(config.ConfigError, match="another config"):
+    fp8_study.train_run(fp8_study.run_config(cfg, "float32"),
+                        str(tmp_path / "runs" / "bfloat16"))
