@@ -50,7 +50,8 @@ MAX_REL_DIFF, MAX_FLOOR_MULTIPLE = 0.005, 2.0
 MAGNITUDES = (1.0, 1e1, 1e2, 3e2, 1e3, 3e3, 1e4, 3e4, 1e5)
 QUANT_RECIPES = ("tensor", "delayed", "blockwise")
 RUN_COLUMNS = ("run", "compute", "recipe", "steps", "final_train_loss", "train_rel_diff",
-               "final_eval_loss", "eval_rel_diff", "s_per_step")
+               "final_eval_loss", "eval_rel_diff", "s_per_step", "wall_s")
+WALL_FILE = "study_wall_s.json"  # per run: seconds its training took, summed over resumptions
 QUANT_COLUMNS = ("outliers", "magnitude", "recipe", "err_ordinary", "err_outliers")
 
 
@@ -75,14 +76,25 @@ def _check_run_dir(cfg: ExperimentConfig, workdir: str):
 def train_run(cfg: ExperimentConfig, workdir: str) -> dict:
   """Trains (or finishes) one run; its curves and final figures from its metrics.jsonl."""
   _check_run_dir(cfg, workdir)
+  log, wall_path = os.path.join(workdir, metrics.METRICS_FILE), os.path.join(workdir, WALL_FILE)
+  done_before = max((r["step"] for r in metrics.read_jsonl(log)), default=0)
+  start = time.perf_counter()
   train.train(cfg, workdir)
-  records = metrics.read_jsonl(os.path.join(workdir, metrics.METRICS_FILE))
+  wall_s = time.perf_counter() - start
+  records = metrics.read_jsonl(log)
+  if os.path.exists(wall_path):
+    with open(wall_path) as f:
+      trained = max((r["step"] for r in records), default=0) > done_before
+      wall_s = json.load(f) + (wall_s if trained else 0.0)
+  if jax.process_index() == 0:
+    with open(wall_path, "w") as f:
+      json.dump(wall_s, f)
   steps, t = cfg.train.steps, cfg.train
   curve = [(r["step"], r["loss"]) for r in records if "loss" in r and r["loss"] is not None]
   evals = [(r["step"], r["eval_loss"]) for r in records if "eval_loss" in r]
   last = [loss for step, loss in curve if step > steps - max(steps // 10, 1)]
   rates = [r["tokens_per_s"] for r in records if r.get("tokens_per_s")]
-  return {"curve": curve, "evals": evals,
+  return {"curve": curve, "evals": evals, "wall_s": wall_s,
           "final_train_loss": float(np.mean(last)) if last else float("nan"),
           "final_eval_loss": evals[-1][1] if evals and evals[-1][0] == steps else float("nan"),
           "s_per_step": (t.batch_size * t.seq_len / float(np.median(rates)) if rates
@@ -102,7 +114,7 @@ def summarize(results: dict[str, dict], steps: int) -> list[dict]:
                  "train_rel_diff": _rel(r["final_train_loss"], base["final_train_loss"]),
                  "final_eval_loss": r["final_eval_loss"],
                  "eval_rel_diff": _rel(r["final_eval_loss"], base["final_eval_loss"]),
-                 "s_per_step": r["s_per_step"]})
+                 "s_per_step": r["s_per_step"], "wall_s": r["wall_s"]})
   return rows
 
 
@@ -195,20 +207,23 @@ def markdown(cfg: ExperimentConfig, rows: list[dict], qrows: list[dict], wall_s:
          "only (attention, dense FFN, MTP projection); router, embeddings, head, norms, softmax "
          "and the MoE experts stay in bfloat16/float32.", "",
          "| run | compute | FP8 recipe | final train loss | vs bf16 | final held-out loss "
-         "| vs bf16 | s/step |", "|---|---|---|---|---|---|---|---|"]
+         "| vs bf16 | s/step | run min |", "|---|---|---|---|---|---|---|---|---|"]
   for r in rows:
     out.append(f"| {r['run']} | {r['compute']} | {r['recipe']} | "
                f"{_fmt(r['final_train_loss'], '.4f')} | {_fmt(100 * r['train_rel_diff'], '+.3f')}%"
                f" | {_fmt(r['final_eval_loss'], '.4f')} | {_fmt(100 * r['eval_rel_diff'], '+.3f')}%"
-               f" | {_fmt(r['s_per_step'], '.2f')} |")
+               f" | {_fmt(r['s_per_step'], '.2f')} | {_fmt(r['wall_s'] / 60, '.1f')} |")
   out.append("")
   for key, what in (("eval_rel_diff", "held-out"), ("train_rel_diff", "train")):
     met, diff, floor = verdict(rows, key)
     out.append(f"- {what} loss: noise floor |float32 - bfloat16| = {_fmt(100 * floor, '.3f')}%; "
                f"blockwise {_fmt(100 * diff, '.3f')}% -> criterion (< {100 * MAX_REL_DIFF:.1f}% "
                f"and <= {MAX_FLOOR_MULTIPLE:g}x floor) {'MET' if met else 'NOT met'}")
-  out += ["", f"Train loss: mean over the last {max(t.steps // 10, 1)} steps. Study wall time: "
-          f"{wall_s / 60:.1f} min (runs finished earlier in this workdir are not re-timed).", "",
+  total = sum(r["wall_s"] for r in rows)
+  out += ["", f"Train loss: mean over the last {max(t.steps // 10, 1)} steps. s/step: median of "
+          "the logged intervals (no compilation, no evaluation). Run min: wall time of each "
+          f"run's training incl. compilation and evaluation; all runs {total / 60:.1f} min, this "
+          f"invocation {wall_s / 60:.1f} min.", "",
           "## Quantization error of activations with outliers (e4m3 range check)", "",
           "Relative error ||q - x|| / ||x|| of the ordinary entries (outliers in brackets), "
           "512 x 512 N(0,1) activations, 4 outlier tokens or channels of the given magnitude.", "",
@@ -269,11 +284,16 @@ def plot(path: str, results: dict[str, dict], qrows: list[dict], steps: int):
                     key=lambda r: r["magnitude"])
       ax_q.loglog([r["magnitude"] for r in mine], [r["err_ordinary"] for r in mine], style,
                   color=color, label=f"{rec}, {kind} outliers", ms=3)
-  ax_q.set(xlabel="outlier magnitude", ylabel="relative error of ordinary entries",
+      if rec == "delayed" and kind == "token":  # its failure is the outliers themselves
+        ax_q.loglog([r["magnitude"] for r in mine], [r["err_outliers"] for r in mine], ":^",
+                    color=color, label="delayed: error of the outliers (saturated)", ms=3)
+  ax_q.set(xlabel="outlier magnitude (ordinary entries N(0, 1))",
+           ylabel="relative error of the ordinary entries",
            title="e4m3 quantization error with outliers")
   for ax in (ax_loss, ax_diff, ax_q):
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
+  fig.tight_layout()
   fig.savefig(path, dpi=100, bbox_inches="tight")
   plt.close(fig)
 
