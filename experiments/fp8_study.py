@@ -82,10 +82,12 @@ def train_run(cfg: ExperimentConfig, workdir: str) -> dict:
   train.train(cfg, workdir)
   wall_s = time.perf_counter() - start
   records = metrics.read_jsonl(log)
+  trained = max((r["step"] for r in records), default=0) > done_before
   if os.path.exists(wall_path):
     with open(wall_path) as f:
-      trained = max((r["step"] for r in records), default=0) > done_before
       wall_s = json.load(f) + (wall_s if trained else 0.0)
+  elif not trained:  # finished by an earlier version that kept no time: unknown
+    wall_s = float("nan")
   if jax.process_index() == 0:
     with open(wall_path, "w") as f:
       json.dump(wall_s, f)
@@ -219,10 +221,10 @@ def markdown(cfg: ExperimentConfig, rows: list[dict], qrows: list[dict], wall_s:
     out.append(f"- {what} loss: noise floor |float32 - bfloat16| = {_fmt(100 * floor, '.3f')}%; "
                f"blockwise {_fmt(100 * diff, '.3f')}% -> criterion (< {100 * MAX_REL_DIFF:.1f}% "
                f"and <= {MAX_FLOOR_MULTIPLE:g}x floor) {'MET' if met else 'NOT met'}")
-  total = sum(r["wall_s"] for r in rows)
+  total = _fmt(sum(r["wall_s"] for r in rows) / 60, ".1f")
   out += ["", f"Train loss: mean over the last {max(t.steps // 10, 1)} steps. s/step: median of "
           "the logged intervals (no compilation, no evaluation). Run min: wall time of each "
-          f"run's training incl. compilation and evaluation; all runs {total / 60:.1f} min, this "
+          f"run's training incl. compilation and evaluation; all runs {total} min, this "
           f"invocation {wall_s / 60:.1f} min.", "",
           "## Quantization error of activations with outliers (e4m3 range check)", "",
           "Relative error ||q - x|| / ||x|| of the ordinary entries (outliers in brackets), "
