@@ -4,10 +4,10 @@
   python -m experiments.run --config=configs/fp8_study.py:quick --workdir=/tmp/fp8_quick
 
 Default: tiny_moe's model and data, 300 steps per run, five runs (experiments/fp8_study.py).
-On 2 shared CPU cores that is about 40 minutes (s/step here: float32 0.9, bfloat16 1.4, tensor
-1.4, delayed 1.0, blockwise 2.3; XLA:CPU emulates bfloat16 and FP8, so FP8 is slower here, not
-faster). "quick": 100 steps at batch 8, about 8 minutes, for a first look (too short to judge
-the 0.5% criterion). "runlocal": a seconds-long smoke test (a tiny model, 3 steps).
+On 2 shared CPU cores that took 15.4 and 22.7 minutes (s/step, quiet machine: float32 0.52,
+bfloat16 0.46, tensor 0.46, delayed 0.48, blockwise 0.73; XLA:CPU upcasts FP8 dots to float32,
+so FP8 is no faster here). "quick": 100 steps at batch 8 (a sixth of the tokens), for a first
+look only: too short to judge the 0.5% criterion. "runlocal": a smoke test (tiny model, 3 steps).
 """
 import importlib.util
 import pathlib
