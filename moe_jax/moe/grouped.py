@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import functools
 import math
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -44,7 +45,7 @@ def layout(num_assignments: int, num_experts: int, backend: str) -> tuple[int, i
   block = 8
   while block < 64 and block * 2 <= per_expert / 24:
     block *= 2
-  bucket = max(0, int(per_expert - 2 * math.sqrt(per_expert)) // 8 * 8)
+  bucket = max(0, int(per_expert) // 8 * 8)
   return block, bucket
 
 
@@ -57,33 +58,57 @@ def _expert(w, e):
   return jax.lax.dynamic_index_in_dim(w, e, axis=0, keepdims=False)
 
 
-def _block(x, n, block):
-  return jax.lax.dynamic_slice_in_dim(x, n * block, block, axis=0)
+def _rows(x, start, size):
+  return jax.lax.dynamic_slice_in_dim(x, start, size, axis=0)
+
+
+class _Segments(NamedTuple):
+  """Where the padded kernel's products are: `bucket` rows per expert from row 0 (expert n owns
+  rows n*bucket ...), then `block`-row overflow blocks from row `dense`, `used_blocks` of them
+  in use, owned by `block_expert_N`."""
+  bucket: int
+  experts: int
+  block: int
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
-def _swiglu_blocks(x_RxD, gate_up_ExDx2F, down_ExFxD, block_expert_N, used_blocks, block):
-  return _swiglu_blocks_fwd(x_RxD, gate_up_ExDx2F, down_ExFxD, block_expert_N, used_blocks,
-                            block)[0]
+def _swiglu_padded(x_RxD, gate_up_ExDx2F, down_ExFxD, block_expert_N, used_blocks, seg):
+  return _swiglu_padded_fwd(x_RxD, gate_up_ExDx2F, down_ExFxD, block_expert_N, used_blocks,
+                            seg)[0]
 
 
-def _swiglu_blocks_fwd(x_RxD, gate_up_ExDx2F, down_ExFxD, block_expert_N, used_blocks, block):
+def _loops(seg: _Segments, block_expert_N, used_blocks, body, carry):
+  """Runs body(start, size, expert, carry) over every bucket, then every used overflow block.
+
+  Both loops read and write the whole row buffer in place: no region is sliced out or
+  concatenated back (each such copy costs a pass over the buffer).
+  """
+  dense = seg.bucket * seg.experts
+  if seg.bucket:
+    carry = jax.lax.fori_loop(
+        0, seg.experts, lambda n, c: body(n * seg.bucket, seg.bucket, n, c), carry)
+  if block_expert_N.shape[0]:
+    carry = jax.lax.fori_loop(
+        0, used_blocks,
+        lambda n, c: body(dense + n * seg.block, seg.block, block_expert_N[n], c), carry)
+  return carry
+
+
+def _swiglu_padded_fwd(x_RxD, gate_up_ExDx2F, down_ExFxD, block_expert_N, used_blocks, seg):
   r, d = x_RxD.shape
   f2 = gate_up_ExDx2F.shape[-1]
 
-  def body(n, carry):
+  def body(start, size, e, carry):
     y_RxD, ab_Rx2F = carry
-    e = block_expert_N[n]
     # gate and up side by side: one wide product per block instead of two narrow ones.
-    ab_Bx2F = _block(x_RxD, n, block) @ _expert(gate_up_ExDx2F, e)
+    ab_Bx2F = _rows(x_RxD, start, size) @ _expert(gate_up_ExDx2F, e)
     y_BxD = _hidden(ab_Bx2F) @ _expert(down_ExFxD, e)
-    start = n * block
     return (jax.lax.dynamic_update_slice_in_dim(y_RxD, y_BxD, start, axis=0),
             jax.lax.dynamic_update_slice_in_dim(ab_Rx2F, ab_Bx2F, start, axis=0))
 
   operands = (x_RxD, gate_up_ExDx2F, down_ExFxD, block_expert_N)
   zeros = tuple(manual.zeros(shape, x_RxD.dtype, *operands) for shape in ((r, d), (r, f2)))
-  y_RxD, ab_Rx2F = jax.lax.fori_loop(0, used_blocks, body, zeros)
+  y_RxD, ab_Rx2F = _loops(seg, block_expert_N, used_blocks, body, zeros)
   return y_RxD, (x_RxD, ab_Rx2F, gate_up_ExDx2F, down_ExFxD, block_expert_N, used_blocks)
 
 
@@ -92,7 +117,7 @@ def _hidden(ab_Bx2F):
   return jax.nn.silu(a_BxF) * b_BxF
 
 
-def _swiglu_blocks_bwd(block, residuals, dy_RxD):
+def _swiglu_padded_bwd(seg, residuals, dy_RxD):
   x_RxD, ab_Rx2F, gate_up_ExDx2F, down_ExFxD, block_expert_N, used_blocks = residuals
   f32 = jnp.float32
 
@@ -100,10 +125,9 @@ def _swiglu_blocks_bwd(block, residuals, dy_RxD):
     # Slice, add, update: lowers to an in-place update of the loop carry, not a scatter.
     return jax.lax.dynamic_update_index_in_dim(w, _expert(w, e) + delta, e, axis=0)
 
-  def body(n, carry):
+  def body(start, size, e, carry):
     dx_RxD, dgate_up, ddown = carry
-    e = block_expert_N[n]
-    x_BxD, ab_Bx2F, dy_BxD = (_block(t, n, block) for t in (x_RxD, ab_Rx2F, dy_RxD))
+    x_BxD, ab_Bx2F, dy_BxD = (_rows(t, start, size) for t in (x_RxD, ab_Rx2F, dy_RxD))
     a_BxF, b_BxF = jnp.split(ab_Bx2F, 2, axis=-1)
     silu_BxF = jax.nn.silu(a_BxF)
     ddown = accumulate(ddown, e, jnp.dot((silu_BxF * b_BxF).T, dy_BxD,
@@ -112,19 +136,19 @@ def _swiglu_blocks_bwd(block, residuals, dy_RxD):
     dab_Bx2F = jnp.concatenate([dh_BxF * b_BxF * _silu_grad(a_BxF), dh_BxF * silu_BxF], -1)
     dgate_up = accumulate(dgate_up, e, jnp.dot(x_BxD.T, dab_Bx2F, preferred_element_type=f32))
     dx_BxD = dab_Bx2F @ _expert(gate_up_ExDx2F, e).T
-    dx_RxD = jax.lax.dynamic_update_slice_in_dim(dx_RxD, dx_BxD, n * block, axis=0)
+    dx_RxD = jax.lax.dynamic_update_slice_in_dim(dx_RxD, dx_BxD, start, axis=0)
     return dx_RxD, dgate_up, ddown
 
   operands = (x_RxD, ab_Rx2F, gate_up_ExDx2F, down_ExFxD, block_expert_N, dy_RxD)
   init = (manual.zeros(x_RxD.shape, x_RxD.dtype, *operands),
           *(manual.zeros(w.shape, f32, *operands) for w in (gate_up_ExDx2F, down_ExFxD)))
-  dx_RxD, dgate_up, ddown = jax.lax.fori_loop(0, used_blocks, body, init)
+  dx_RxD, dgate_up, ddown = _loops(seg, block_expert_N, used_blocks, body, init)
   cts = (dx_RxD, dgate_up.astype(gate_up_ExDx2F.dtype), ddown.astype(down_ExFxD.dtype))
   primals = (x_RxD, gate_up_ExDx2F, down_ExFxD)
   return (*(manual.cotangent_like(c, p) for c, p in zip(cts, primals)), None, None)
 
 
-_swiglu_blocks.defvjp(_swiglu_blocks_fwd, _swiglu_blocks_bwd)
+_swiglu_padded.defvjp(_swiglu_padded_fwd, _swiglu_padded_bwd)
 
 
 def _swiglu_ragged(x_RxD, gate_ExDxF, up_ExDxF, down_ExFxD, group_sizes_E):
@@ -140,17 +164,7 @@ def swiglu(x_RxD: jax.Array, experts: dict, plan: Plan, backend: str) -> jax.Arr
   if backend == "ragged":
     return _swiglu_ragged(x_RxD, gate, up, down, plan.group_sizes_E)
   if backend == "padded":
-    gate_up = jnp.concatenate([gate, up], -1)
-    e, d = gate.shape[0], x_RxD.shape[-1]
-    dense = e * plan.bucket
-    parts = []
-    if dense:
-      x_ExCxD = x_RxD[:dense].reshape(e, plan.bucket, d)
-      ab_ExCx2F = jnp.einsum("ecd,edf->ecf", x_ExCxD, gate_up)
-      y_ExCxD = jnp.einsum("ecf,efd->ecd", _hidden(ab_ExCx2F), down)
-      parts.append(y_ExCxD.reshape(dense, d))
-    if x_RxD.shape[0] > dense:
-      parts.append(_swiglu_blocks(x_RxD[dense:], gate_up, down, plan.block_expert_N,
-                                  plan.used_blocks, plan.block))
-    return jnp.concatenate(parts) if len(parts) > 1 else parts[0]
+    seg = _Segments(bucket=plan.bucket, experts=gate.shape[0], block=plan.block)
+    return _swiglu_padded(x_RxD, jnp.concatenate([gate, up], -1), down, plan.block_expert_N,
+                          plan.used_blocks, seg)
   raise ValueError(f"grouped_backend={backend!r}: must be 'ragged' or 'padded'")

@@ -39,7 +39,7 @@ def routed_experts(x_TxD: jax.Array, experts: dict, idx_TxK: jax.Array, gates_Tx
   # balanced routings overflow a few percent, and every pass over the row buffer pays for its
   # size. So the buffer holds a quarter of A; what does not fit (rare) runs in a second pass.
   y_TxD, kept, spilled_TxK = _run(x_TxD, experts, gates_TxK, idx_TxK, None, cfg, backend, block,
-                                  bucket, num_assignments // 4, spilled=True)
+                                  bucket, num_assignments // 16, spilled=True)
   y_spill = _spill(x_TxD, experts, gates_TxK, idx_TxK, spilled_TxK, cfg, backend, block)
   return y_TxD + y_spill, kept + spilled_TxK.sum()
 
