@@ -16,11 +16,13 @@ from __future__ import annotations
 
 import functools
 import math
+from typing import Optional
 
 import jax
 import jax.numpy as jnp
 
-from moe_jax.moe import manual
+from moe_jax.config import FP8Config
+from moe_jax.moe import grouped_fp8, manual
 from moe_jax.moe.dispatch import Plan
 
 
@@ -133,24 +135,42 @@ def _swiglu_ragged(x_RxD, gate_ExDxF, up_ExDxF, down_ExFxD, group_sizes_E):
   return jax.lax.ragged_dot(jax.nn.silu(a_RxF) * b_RxF, down_ExFxD, group_sizes_E)
 
 
-def swiglu(x_RxD: jax.Array, experts: dict, plan: Plan, backend: str) -> jax.Array:
-  """Runs every row through its expert's SwiGLU; rows no expert owns come back zero."""
+def swiglu(x_RxD: jax.Array, experts: dict, plan: Plan, backend: str,
+           fp8_cfg: FP8Config = FP8Config(), fp8_states: Optional[dict] = None) -> jax.Array:
+  """Runs every row through its expert's SwiGLU; rows no expert owns come back zero.
+
+  With fp8_cfg.recipe != "none" every product is FP8 (grouped_fp8.py; "delayed" takes
+  fp8_states {"gate", "up", "down"} of [E, L] histories); "none" is the code below unchanged.
+  """
   dtype = x_RxD.dtype
+  fp8 = fp8_cfg.recipe != "none"
   gate, up, down = (experts[k].astype(dtype) for k in ("gate", "up", "down"))
   if backend == "ragged":
+    if fp8:
+      return grouped_fp8.swiglu_ragged(x_RxD, experts, plan.group_sizes_E, fp8_cfg,
+                                       fp8_states or {})
     return _swiglu_ragged(x_RxD, gate, up, down, plan.group_sizes_E)
   if backend == "padded":
-    gate_up = jnp.concatenate([gate, up], -1)
+    gate_up = None if fp8 else jnp.concatenate([gate, up], -1)
     e, d = gate.shape[0], x_RxD.shape[-1]
     dense = e * plan.bucket
+    states = grouped_fp8.split_states(fp8_states, 2) if fp8 else None
     parts = []
     if dense:
       x_ExCxD = x_RxD[:dense].reshape(e, plan.bucket, d)
-      ab_ExCx2F = jnp.einsum("ecd,edf->ecf", x_ExCxD, gate_up)
-      y_ExCxD = jnp.einsum("ecf,efd->ecd", _hidden(ab_ExCx2F), down)
+      if fp8:
+        y_ExCxD = grouped_fp8.swiglu_grouped(x_ExCxD, experts, fp8_cfg, states[0])
+      else:
+        ab_ExCx2F = jnp.einsum("ecd,edf->ecf", x_ExCxD, gate_up)
+        y_ExCxD = jnp.einsum("ecf,efd->ecd", _hidden(ab_ExCx2F), down)
       parts.append(y_ExCxD.reshape(dense, d))
     if x_RxD.shape[0] > dense:
-      parts.append(_swiglu_blocks(x_RxD[dense:], gate_up, down, plan.block_expert_N,
-                                  plan.used_blocks, plan.block))
+      if fp8:
+        parts.append(grouped_fp8.swiglu_blocks(x_RxD[dense:], experts, plan.block_expert_N,
+                                               plan.used_blocks, plan.block, fp8_cfg,
+                                               states[1]))
+      else:
+        parts.append(_swiglu_blocks(x_RxD[dense:], gate_up, down, plan.block_expert_N,
+                                    plan.used_blocks, plan.block))
     return jnp.concatenate(parts) if len(parts) > 1 else parts[0]
   raise ValueError(f"grouped_backend={backend!r}: must be 'ragged' or 'padded'")
