@@ -42,7 +42,10 @@ wrap FP8 transport (e.g. expert dispatch) in a custom VJP, as `fp8_dot` does.
 
 Model seam: `fp8_einsum` runs a dense projection written as an einsum ("btd,dhk->bthk") through
 `fp8_dot`, and `Matmuls` bundles a layer's recipe with its per-matrix delayed states, so layers
-call `matmuls.einsum(spec, x, "wq", w)` whatever the recipe.
+call `matmuls.einsum(spec, x, "wq", w)` whatever the recipe. The MoE experts (moe/grouped_fp8.py)
+run one matrix as several calls and share its state through `share_state`; inside shard_map the
+VJPs reduce their cotangents to their primals' mesh variance (`cotangents_like`,
+`state_cotangent`).
 """
 from __future__ import annotations
 

@@ -11,6 +11,9 @@
   weight gather costs a full [E, D, F] scatter per block.)
 - `ragged`: `jax.lax.ragged_dot` over packed rows. The right call on GPU/TPU; on XLA:CPU it lowers
   to a masked dense product over all experts (E times the FLOPs), so `auto` avoids it there.
+
+With an FP8 recipe the same regions run FP8 products instead (grouped_fp8.py), gate and up as two
+matrices, since each is quantized on its own.
 """
 from __future__ import annotations
 

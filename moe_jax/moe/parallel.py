@@ -13,7 +13,7 @@ each device updates the router bias identically.
   Bucket size C: with a capacity factor, `cf * T_local * K / ep` (drops counted per destination);
   dropless, `T_local * K`, the only static size that can never overflow: up to `ep` times the
   bytes actually needed. XLA:CPU has no ragged all-to-all; `ragged_all_to_all` on GPU/TPU sends
-  only the rows that exist.
+  only the rows that exist. With `fp8.dispatch` the rows go out in FP8 (`fp8_all_to_all`).
 - `gshard` (SPMD einsum): tokens in groups of one shard each, one-hot dispatch into
   [experts, groups, capacity] buckets, expert einsums on expert-sharded weights, one-hot combine;
   the sharding constraints make the SPMD partitioner insert the all-to-alls. The baseline.
