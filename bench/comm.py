@@ -14,8 +14,14 @@ XLA:CPU runs 16-bit collectives in f32 (it converts around them), so a bfloat16 
 f32 bytes in the compiled CPU HLO; `a2a_bytes_lowered` reads the pre-optimization HLO, where the
 shard_map all-to-all still has the dtype the layer asked for (what a GPU would send).
 
+A fourth field `fp8` runs the experts in FP8 (blockwise) with FP8 dispatch (fp8.dispatch): rows
+go out as e4m3 with 1 x 128 float32 scales, results come back in the compute dtype.
+`dispatch_bytes_lowered` is the dispatch direction alone (rows, scales, expert ids): the
+lowered all-to-all bytes less the combine's, which is the same [rows, D] exchange in every case.
+
     python bench/comm.py                        # every case at the default shapes
     python bench/comm.py --cases=alltoall:float32:1.25
+    python bench/comm.py --cases=alltoall:bfloat16:none,alltoall:bfloat16:none:fp8
 """
 import os
 import sys
@@ -34,11 +40,12 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
 from moe_jax import hlo_stats, moe, sharding  # noqa: E402
-from moe_jax.config import MeshConfig, MoEConfig  # noqa: E402
+from moe_jax.config import FP8Config, MeshConfig, MoEConfig  # noqa: E402
 
 # parallelism:dtype:capacity ("none" = dropless).
 DEFAULT_CASES = ("alltoall:float32:1.25,alltoall:float32:none,alltoall:bfloat16:1.25,"
-                 "alltoall:bfloat16:none,gshard:float32:1.25,gshard:float32:none")
+                 "alltoall:bfloat16:none,alltoall:bfloat16:none:fp8,gshard:float32:1.25,"
+                 "gshard:float32:none")
 # Logical names of the layer's parameters, as the expert-parallel layer shards them.
 _PARAM_NAMES = {"router": {"kernel": (None, None)},
                 "experts": {"gate": ("experts", None, "expert_mlp"),
@@ -59,14 +66,15 @@ def abstract_inputs(cfg: MoEConfig, mesh, batch: int, seq: int):
   return params, state, x
 
 
-def measure(args, parallelism: str, dtype: str, capacity_factor):
+def measure(args, parallelism: str, dtype: str, capacity_factor, fp8_dispatch: bool = False):
+  fp8_cfg = FP8Config(recipe="blockwise", dispatch=True) if fp8_dispatch else FP8Config()
   cfg = MoEConfig(embed_dim=args.embed, num_experts=args.experts, top_k=args.top_k,
                   expert_ffn_dim=args.ffn, num_shared_experts=0, dtype=dtype,
                   capacity_factor=capacity_factor, parallelism=parallelism)
   mesh = sharding.make_mesh(MeshConfig(expert=args.ep, data=jax.device_count() // args.ep))
   devices = mesh.size
   with jax.set_mesh(mesh):
-    lowered = jax.jit(lambda p, s, x: moe.apply(p, s, x, cfg)).lower(
+    lowered = jax.jit(lambda p, s, x: moe.apply(p, s, x, cfg, fp8_cfg=fp8_cfg)).lower(
         *abstract_inputs(cfg, mesh, args.batch, args.seq))
     start = time.perf_counter()
     compiled = lowered.compile()
@@ -80,7 +88,7 @@ def measure(args, parallelism: str, dtype: str, capacity_factor):
   a2a_ops = sorted((op.nbytes for op in ops if op.kind == "all-to-all"), reverse=True)
   # One-device collectives (a psum over a mesh axis of size 1) move nothing but are still ops.
   trivial = [op.kind for op in ops if op.trivial]
-  line = {"bench": "comm", "parallelism": parallelism, "dtype": dtype,
+  line = {"bench": "comm", "parallelism": parallelism, "dtype": dtype, "fp8_dispatch": fp8_dispatch,
           "capacity_factor": capacity_factor, "tokens": tokens,
           "x_shape": [args.batch, args.seq, args.embed], "experts": args.experts,
           "top_k": args.top_k, "expert_ffn": args.ffn, "mesh": dict(mesh.shape),
@@ -94,8 +102,12 @@ def measure(args, parallelism: str, dtype: str, capacity_factor):
   if parallelism == "alltoall":
     # shard_map writes its all-to-alls itself, so they are already in the unpartitioned HLO with
     # the dtype the layer sends; the SPMD partitioner adds gshard's only at compile time.
-    lowered_a2a = hlo_stats.collective_bytes(lowered.as_text(dialect="hlo"))["all-to-all"]
-    line.update(a2a_bytes_lowered=lowered_a2a,
+    lowered_ops = [op.nbytes for op in hlo_stats.collective_ops(lowered.as_text(dialect="hlo"))
+                   if op.kind == "all-to-all"]
+    lowered_a2a = sum(lowered_ops)
+    # The combine is the largest exchange: the [rows, D] expert outputs in the compute dtype.
+    line.update(a2a_bytes_lowered=lowered_a2a, a2a_ops_lowered=sorted(lowered_ops, reverse=True),
+                dispatch_bytes_lowered=lowered_a2a - max(lowered_ops),
                 ratio_lowered=round(lowered_a2a / (minimum / devices), 4))
     if a2a > lowered_a2a:
       line["note"] = "the compiler widened the all-to-all dtype (XLA:CPU: 16-bit runs as f32)"
@@ -115,10 +127,10 @@ def main():
   parser.add_argument("--cases", default=DEFAULT_CASES)
   args = parser.parse_args()
   for case in args.cases.split(","):
-    parallelism, dtype, cf = case.split(":")
+    parallelism, dtype, cf, *fp8 = case.split(":")
     capacity_factor = None if cf == "none" else float(cf)
     try:
-      line = measure(args, parallelism, dtype, capacity_factor)
+      line = measure(args, parallelism, dtype, capacity_factor, fp8 == ["fp8"])
     except Exception as e:  # one case failing to compile must not hide the others
       line = {"bench": "comm", "case": case, "error": f"{type(e).__name__}: {e}"[:500]}
     print(json.dumps(line), flush=True)

@@ -126,6 +126,9 @@ class FP8Config:
     _one_of(self, "grad_dtype", ("e4m3", "e5m2"))
     _positive(self, "tile", "amax_history_len")
     _is_bool(self, "power_of_two_scale", "dispatch")
+    if self.dispatch and self.recipe == "none":
+      _fail("dispatch", self.dispatch, "needs an FP8 recipe (recipe='none' has no FP8 experts "
+            "to feed)")
 
 
 MESH_AXES = ("data", "fsdp", "expert", "tensor")

@@ -42,7 +42,10 @@ wrap FP8 transport (e.g. expert dispatch) in a custom VJP, as `fp8_dot` does.
 
 Model seam: `fp8_einsum` runs a dense projection written as an einsum ("btd,dhk->bthk") through
 `fp8_dot`, and `Matmuls` bundles a layer's recipe with its per-matrix delayed states, so layers
-call `matmuls.einsum(spec, x, "wq", w)` whatever the recipe.
+call `matmuls.einsum(spec, x, "wq", w)` whatever the recipe. The MoE experts (moe/grouped_fp8.py)
+run one matrix as several calls and share its state through `share_state`; inside shard_map the
+VJPs reduce their cotangents to their primals' mesh variance (`cotangents_like`,
+`state_cotangent`).
 """
 from __future__ import annotations
 
@@ -225,9 +228,14 @@ def _tensor_amax(x_GxMxN: jax.Array) -> jax.Array:
 
 def _per_tensor_scales(cfg: FP8Config, x, w, g, state: DelayedState):
   """Scales of x, w and g ([G] each) for the "tensor" and "delayed" recipes."""
+  current = [_tensor_amax(t) if t is not None else None for t in (x, w, g)]
+  return _scales_from_amax(cfg, current, state)
+
+
+def _scales_from_amax(cfg: FP8Config, current, state: DelayedState):
+  """`_per_tensor_scales` from the current amaxes ([G] each, or None) of x, w and g."""
   fwd, grad = FP8_DTYPES[cfg.fwd_dtype], FP8_DTYPES[cfg.grad_dtype]
   p2 = cfg.power_of_two_scale
-  current = [_tensor_amax(t) if t is not None else None for t in (x, w, g)]
   amaxes = current
   if cfg.recipe == "delayed":
     # An all-zero history (the first step) has seen nothing: scale 1 would flush every small
@@ -296,7 +304,42 @@ def _fp8_matmul_bwd(cfg, residuals, g_GxMxN):
   if cfg.recipe == "delayed":
     amax = {"x": _tensor_amax(x), "w": _tensor_amax(w), "g": _tensor_amax(g_GxMxN)}
     new_state = {k: _roll_history(state[k], amax[k]) for k in state}
-  return dx.astype(x.dtype), dw.astype(w.dtype), new_state
+  return (*cotangents_like((dx.astype(x.dtype), dw.astype(w.dtype)), (x, w)),
+          state_cotangent(new_state, state))
+
+
+def cotangents_like(cts, primals):
+  """Inside shard_map a custom VJP's cotangent must vary over the mesh axes its primal varies
+  over: a weight the same on every token shard gets the sum of the shards' partial gradients."""
+  from moe_jax.moe import manual  # moe imports this module
+  return tuple(manual.cotangent_like(c, p) for c, p in zip(cts, primals))
+
+
+def state_cotangent(new_state: DelayedState, state: DelayedState) -> DelayedState:
+  """The updated histories, combined over the mesh axes the state is the same on by a max:
+  each device's history differs only in the amax at index 0, and the global amax is their max."""
+  from moe_jax.moe import manual
+  return {k: manual.cotangent_like(h, state[k], jax.lax.pmax) for k, h in new_state.items()}
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
+def share_state(state: DelayedState, n: int) -> tuple[DelayedState, ...]:
+  """n copies of one delayed state, for one logical matmul run as several calls (the expert
+  products of each row region). Each call's cotangent is the history rolled with that call's
+  amax at index 0 (0 where a group had no rows), so their elementwise max is the history rolled
+  with the amax over all calls; a plain shared use would sum them."""
+  return (state,) * n
+
+
+def _share_state_fwd(state, n):
+  return (state,) * n, None
+
+
+def _share_state_bwd(n, _, cts):
+  return (jax.tree.map(lambda *c: functools.reduce(jnp.maximum, c), *cts),)
+
+
+share_state.defvjp(_share_state_fwd, _share_state_bwd)
 
 
 _fp8_matmul.defvjp(_fp8_matmul_fwd, _fp8_matmul_bwd)

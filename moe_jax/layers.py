@@ -105,14 +105,17 @@ def logical_param(module: nn.Module, name: str, init_fn, shape: Sequence[int],
                       jnp.float32)
 
 
-def fp8_matmuls(module: nn.Module, names: Sequence[str], cfg: FP8Config) -> fp8.Matmuls:
+def fp8_matmuls(module: nn.Module, names: Sequence[str], cfg: FP8Config,
+                groups: Optional[int] = None) -> fp8.Matmuls:
   """The FP8 matmuls of `module`'s matrices `names`. For "delayed", each has an amax-history
   state in the "fp8" collection under the parameter's own name (so the state tree mirrors the
-  parameter tree); the caller differentiates the loss w.r.t. it and takes that as the update."""
+  parameter tree), [L] or, for stacked expert matrices, [groups, L]; the caller differentiates
+  the loss w.r.t. it and takes that as the update."""
   if cfg.recipe != "delayed":
     return fp8.Matmuls(cfg)
   return fp8.Matmuls(cfg, {n: module.variable("fp8", n, fp8.init_delayed_state,
-                                              cfg.amax_history_len).value for n in names})
+                                              cfg.amax_history_len, groups).value
+                           for n in names})
 
 
 class RMSNorm(nn.Module):

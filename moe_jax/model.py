@@ -34,13 +34,16 @@ k+1 positions have no target and are left out of the MTP loss. Concatenation ord
 
 FP8 (fp8_cfg.recipe != "none"; see fp8.py): every dense projection multiplies through `fp8_dot`:
 attention's wq/wq_a/wq_b/wkv_a/wkv_b/wo (MHA: wq/wk/wv/wo), the dense blocks' gate/up/down and
-the MTP projection. The router, embeddings, output head, norms and attention scores/softmax stay
-in the compute dtype or float32, as in V3. Not yet: the MoE layer's routed and shared experts
-(moe/ multiplies in moe_cfg.dtype), and generation (`forward_cached` has no fp8_cfg).
+the MTP projection; so do the MoE layers' routed experts (per-expert scales,
+moe/grouped_fp8.py) and shared experts, and with fp8_cfg.dispatch the expert all-to-all carries
+FP8 activations (moe/layer.py). The router, embeddings, output head, norms and attention
+scores/softmax stay in the compute dtype or float32, as in V3. Not yet: generation
+(`forward_cached` has no fp8_cfg).
 "delayed" keeps one amax-history state per quantized matrix, fp8_state, a tree mirroring the
-parameters' paths ({"layer_0": {"attn": {"wq": {"x", "w", "g"}}}, ...}; the modules' "fp8"
-collection). Its gradient from `loss` is the updated state (fp8.py's docstring): a trainer
-replaces the state with it and never feeds it to the optimizer.
+parameters' paths ({"layer_0": {"attn": {"wq": {"x", "w", "g"}}}, ...}; an expert matrix's
+histories are [E, L], under "ffn"/"experts"; the modules' "fp8" collection). Its gradient from
+`loss` is the updated state (fp8.py's docstring): a trainer replaces the state with it and never
+feeds it to the optimizer.
 
 Dtypes: parameters float32; the residual stream, attention and dense blocks compute in
 model_cfg.dtype, the MoE layers in moe_cfg.dtype (routing always float32); logits float32.
@@ -118,34 +121,44 @@ class Dense(nn.Module):
   specs: tuple
   std: float
   fp8_cfg: FP8Config
+  groups: Optional[int] = None  # stacked expert matrices: "delayed" histories [groups, L]
 
   @nn.compact
   def __call__(self) -> tuple[Params, Matmuls]:
     params = _normal_params(self, self.specs, self.std)
-    return params, fp8_matmuls(self, list(params), self.fp8_cfg)
+    return params, fp8_matmuls(self, list(params), self.fp8_cfg, self.groups)
 
 
 class MoE(nn.Module):
-  """moe.apply over parameters laid out as moe.init's; the router bias is a "moe_state" variable."""
+  """moe.apply over parameters laid out as moe.init's; the router bias is a "moe_state" variable,
+  the "delayed" FP8 histories "fp8" variables under the parameters' paths ("experts", "shared")."""
   cfg: MoEConfig
   std: float
+  fp8_cfg: FP8Config = FP8Config()
 
   @nn.compact
   def __call__(self, x_BxSxD: jax.Array) -> tuple[jax.Array, dict]:
     d, e, f, s = (self.cfg.embed_dim, self.cfg.num_experts, self.cfg.expert_ffn_dim,
                   self.cfg.num_shared_experts)
+    fp8_cfg = self.fp8_cfg
+    experts, matmuls = Dense(_swiglu_specs(d, f, EXPERT_IN_AXES, EXPERT_OUT_AXES, (e,)), self.std,
+                             fp8_cfg, groups=e, name="experts")()
     params = {
         # Every token scores every expert, so the router's expert dim is never split.
         "router": Weights((("kernel", (d, e), ("embed", None)),), self.std, name="router")(),
-        "experts": Weights(_swiglu_specs(d, f, EXPERT_IN_AXES, EXPERT_OUT_AXES, (e,)), self.std,
-                           name="experts")(),
+        "experts": experts,
     }
+    states = {"experts": matmuls.states}
     if s:
-      params["shared"] = Weights(_swiglu_specs(d, s * f, ("embed", "mlp"), ("mlp", "embed")),
-                                 self.std, name="shared")()
+      params["shared"], matmuls = Dense(_swiglu_specs(d, s * f, ("embed", "mlp"),
+                                                      ("mlp", "embed")),
+                                        self.std, fp8_cfg, name="shared")()
+      states["shared"] = matmuls.states
     bias = self.variable("moe_state", "router_bias",
                          nn.with_logical_partitioning(jnp.zeros, (None,)), (e,), jnp.float32)
-    return moe.apply(params, {"router_bias": bias.value}, x_BxSxD, self.cfg)
+    fp8_state = states if fp8_cfg.recipe == "delayed" else None
+    return moe.apply(params, {"router_bias": bias.value}, x_BxSxD, self.cfg,
+                     fp8_cfg=self.fp8_cfg, fp8_state=fp8_state)
 
 
 class Block(nn.Module):
@@ -167,7 +180,7 @@ class Block(nn.Module):
                          name="ffn")()
       h_BxTxD, aux = swiglu(h_BxTxD, w, matmuls), None
     else:
-      h_BxTxD, aux = MoE(self.moe_cfg, cfg.init_std, name="ffn")(h_BxTxD)
+      h_BxTxD, aux = MoE(self.moe_cfg, cfg.init_std, self.fp8_cfg, name="ffn")(h_BxTxD)
     return sharding.constrain(x_BxTxD + h_BxTxD, ACTIVATION_AXES), aux, cache
 
 

@@ -24,7 +24,8 @@ def zeros(shape, dtype, *like) -> jax.Array:
   return jax.lax.pcast(z, axes, to="varying") if axes else z
 
 
-def cotangent_like(ct: jax.Array, primal: jax.Array) -> jax.Array:
-  """Sums a cotangent over the axes it varies over but its primal does not."""
+def cotangent_like(ct: jax.Array, primal: jax.Array, reduce=jax.lax.psum) -> jax.Array:
+  """Sums a cotangent over the axes it varies over but its primal does not (or reduces it so
+  by `reduce`, e.g. pmax for FP8 amax histories)."""
   extra = tuple(sorted(varying(ct) - varying(primal)))
-  return jax.lax.psum(ct, extra) if extra else ct
+  return reduce(ct, extra) if extra else ct

@@ -13,20 +13,22 @@ each device updates the router bias identically.
   Bucket size C: with a capacity factor, `cf * T_local * K / ep` (drops counted per destination);
   dropless, `T_local * K`, the only static size that can never overflow: up to `ep` times the
   bytes actually needed. XLA:CPU has no ragged all-to-all; `ragged_all_to_all` on GPU/TPU sends
-  only the rows that exist.
+  only the rows that exist. With `fp8.dispatch` the rows go out in FP8 (`fp8_all_to_all`).
 - `gshard` (SPMD einsum): tokens in groups of one shard each, one-hot dispatch into
   [experts, groups, capacity] buckets, expert einsums on expert-sharded weights, one-hot combine;
   the sharding constraints make the SPMD partitioner insert the all-to-alls. The baseline.
 """
 from __future__ import annotations
 
+import functools
 import math
+from typing import Optional
 
 import jax
 import jax.numpy as jnp
 
-from moe_jax import sharding
-from moe_jax.config import MoEConfig
+from moe_jax import fp8, sharding
+from moe_jax.config import FP8Config, MoEConfig
 from moe_jax.moe import dispatch, grouped
 from moe_jax.moe.local import route, statistics, swiglu
 
@@ -71,8 +73,46 @@ def _spec_tree(params: dict, mesh) -> dict:
   return specs
 
 
-def _alltoall_body(params, state, x_TxD, cfg: MoEConfig, seq_len: int, ep: int, tensor: int):
-  """Runs on one device: x_TxD are its tokens, params["experts"] its experts."""
+def _fp8_state_specs(fp8_state: Optional[dict], mesh):
+  """Expert histories [E, L] split like the experts; the shared ones [L] replicated."""
+  if not fp8_state:
+    return None
+  names = {"experts": ("experts", None), "shared": (None,)}
+  return {part: jax.tree.map(lambda _: _spec(names[part], mesh), tree)
+          for part, tree in fp8_state.items()}
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2))
+def fp8_all_to_all(x_RxD: jax.Array, cfg: FP8Config, axis: Optional[str]) -> jax.Array:
+  """DeepSeek-V3's FP8 dispatch: rows sent as fwd_dtype with their 1 x tile float32 scales,
+  dequantized to x's dtype on arrival. The gradient goes back in x's dtype (an FP8 cast has no
+  usable VJP, fp8.py). axis=None exchanges nothing: the single-device layer's same rounding."""
+  q, s = fp8.quantize(x_RxD, dtype=fp8.FP8_DTYPES[cfg.fwd_dtype], block_shape=(1, cfg.tile),
+                      power_of_two=cfg.power_of_two_scale)
+  q, s = _exchange(q, axis), _exchange(s, axis)
+  return fp8.dequantize(q, s, block_shape=(1, cfg.tile), out_dtype=x_RxD.dtype)
+
+
+def _exchange(v, axis):
+  return v if axis is None else jax.lax.all_to_all(v, axis, 0, 0, tiled=True)
+
+
+def _fp8_all_to_all_fwd(x_RxD, cfg, axis):
+  return fp8_all_to_all(x_RxD, cfg, axis), None
+
+
+def _fp8_all_to_all_bwd(cfg, axis, _, dy_RxD):
+  # A tiled all-to-all that splits and concatenates the same dim is its own transpose.
+  return (_exchange(dy_RxD, axis),)
+
+
+fp8_all_to_all.defvjp(_fp8_all_to_all_fwd, _fp8_all_to_all_bwd)
+
+
+def _alltoall_body(params, state, x_TxD, fp8_state, cfg: MoEConfig, seq_len: int, ep: int,
+                   tensor: int, fp8_cfg: FP8Config):
+  """Runs on one device: x_TxD are its tokens, params["experts"] its experts (and
+  fp8_state["experts"] their "delayed" histories)."""
   t, d = x_TxD.shape
   e_local = params["experts"]["gate"].shape[0]
   assert e_local * ep == cfg.num_experts, (e_local, ep)
@@ -91,17 +131,24 @@ def _alltoall_body(params, state, x_TxD, cfg: MoEConfig, seq_len: int, ep: int, 
 
   exchange = lambda v: (jax.lax.all_to_all(v, sharding.EXPERT_AXIS, 0, 0, tiled=True)
                         if ep > 1 else v)
-  x_recv, expert_recv = exchange(x_send), exchange(expert_send)
+  if fp8_cfg.dispatch:
+    x_recv = fp8_all_to_all(x_send, fp8_cfg, sharding.EXPERT_AXIS if ep > 1 else None)
+  else:
+    x_recv = exchange(x_send)
+  expert_recv = exchange(expert_send)
 
   backend = grouped.resolve_backend(cfg.grouped_backend)
   block, bucket = grouped.layout(t * k, e_local, backend)
   local = dispatch.make_plan(expert_recv[:, None], e_local, block=block, bucket=bucket,
                              valid_TxK=expert_recv[:, None] < e_local)
-  y_rows = grouped.swiglu(dispatch.permute(x_recv, local, 1), params["experts"], local, backend)
+  fp8_state = fp8_state or {}
+  y_rows = grouped.swiglu(dispatch.permute(x_recv, local, 1), params["experts"], local, backend,
+                          fp8_cfg, fp8_state.get("experts"))
   y_recv = dispatch.unpermute(y_rows, local, 1).reshape(-1, d)
   y_TxD = dispatch.combine(exchange(y_recv), gates_TxK, send)
   if "shared" in params:
-    y_TxD = y_TxD + swiglu(xc_TxD, params["shared"])
+    y_TxD = y_TxD + swiglu(xc_TxD, params["shared"],
+                           fp8.Matmuls(fp8_cfg, fp8_state.get("shared")))
   # Expert and shared weights split over ffn give partial sums; one reduction adds both.
   if tensor > 1:
     y_TxD = jax.lax.psum(y_TxD, sharding.TENSOR_AXIS)
@@ -110,23 +157,25 @@ def _alltoall_body(params, state, x_TxD, cfg: MoEConfig, seq_len: int, ep: int, 
   return y_TxD, aux
 
 
-def apply_alltoall(params: dict, state: dict, x_TxD: jax.Array, cfg: MoEConfig,
-                   seq_len: int) -> tuple[jax.Array, dict]:
+def apply_alltoall(params: dict, state: dict, x_TxD: jax.Array, cfg: MoEConfig, seq_len: int,
+                   fp8_cfg: FP8Config = FP8Config(),
+                   fp8_state: Optional[dict] = None) -> tuple[jax.Array, dict]:
   mesh = _mesh()
   _check_divisible(cfg, x_TxD.shape[0], seq_len, mesh)
   ep = sharding.shard_count(mesh, "experts")
   tensor = sharding.shard_count(mesh, "expert_mlp")
   tokens = _spec(("batch", None), mesh)
-  body = lambda p, s, x: _alltoall_body(p, s, x, cfg, seq_len, ep, tensor)
+  body = lambda p, s, x, f: _alltoall_body(p, s, x, f, cfg, seq_len, ep, tensor, fp8_cfg)
   fn = jax.shard_map(body, mesh=mesh,
                      in_specs=(_spec_tree(params, mesh), {"router_bias": _spec((None,), mesh)},
-                               tokens),
+                               tokens, _fp8_state_specs(fp8_state, mesh)),
                      out_specs=(tokens, jax.sharding.PartitionSpec()))
-  return fn(params, state, x_TxD)
+  return fn(params, state, x_TxD, fp8_state)
 
 
-def apply_gshard(params: dict, state: dict, x_TxD: jax.Array, cfg: MoEConfig,
-                 seq_len: int) -> tuple[jax.Array, dict]:
+def apply_gshard(params: dict, state: dict, x_TxD: jax.Array, cfg: MoEConfig, seq_len: int,
+                 fp8_cfg: FP8Config = FP8Config(),
+                 fp8_state: Optional[dict] = None) -> tuple[jax.Array, dict]:
   mesh = _mesh()
   _check_divisible(cfg, x_TxD.shape[0], seq_len, mesh)
   t, d = x_TxD.shape
@@ -144,6 +193,10 @@ def apply_gshard(params: dict, state: dict, x_TxD: jax.Array, cfg: MoEConfig,
       in_specs=({"router": {"kernel": replicated}}, {"router_bias": replicated}, tokens),
       out_specs=(tokens,) * 4)({"router": params["router"]}, state, x_TxD)
   x_TxD = x_TxD.astype(cfg.dtype)
+  fp8_state = fp8_state or {}
+  # The partitioner's all-to-alls carry the compute dtype; fp8.dispatch only rounds as the
+  # alltoall layer's FP8 dispatch does, so that both give the same numbers.
+  xr_TxD = fp8_all_to_all(x_TxD, fp8_cfg, None) if fp8_cfg.dispatch else x_TxD
   # Position of each assignment in its expert's bucket, first come first served per group.
   onehot_GxSKxE = jax.nn.one_hot(idx_TxK.reshape(g, s * k), e, dtype=jnp.int32)
   position_GxSKxE = jnp.cumsum(onehot_GxSKxE, axis=1) * onehot_GxSKxE - 1
@@ -155,18 +208,27 @@ def apply_gshard(params: dict, state: dict, x_TxD: jax.Array, cfg: MoEConfig,
   combine_GxSxExC = jnp.einsum("gske,gskc,gsk->gsec", expert_GxSxKxE, slot_GxSxKxC,
                                gates_TxK.reshape(g, s, k).astype(x_TxD.dtype))
 
-  x_GxSxD = sharding.constrain(x_TxD.reshape(g, s, d), ("batch", None, None))
+  x_GxSxD = sharding.constrain(xr_TxD.reshape(g, s, d), ("batch", None, None))
   x_ExGxCxD = jnp.einsum("gsec,gsd->egcd", dispatch_GxSxExC, x_GxSxD)
   x_ExGxCxD = sharding.constrain(x_ExGxCxD, ("experts", "expert_tokens", None, None))
-  w = {name: v.astype(x_TxD.dtype) for name, v in params["experts"].items()}
-  h = jax.nn.silu(jnp.einsum("egcd,edf->egcf", x_ExGxCxD, w["gate"])) * jnp.einsum(
-      "egcd,edf->egcf", x_ExGxCxD, w["up"])
-  y_ExGxCxD = jnp.einsum("egcf,efd->egcd", h, w["down"])
+  if fp8_cfg.recipe != "none":
+    # One FP8 product per expert over all its groups' slots (empty slots are zero rows).
+    ew = params["experts"]
+    x_ExMxD = x_ExGxCxD.reshape(e, g * cap, d)
+    st = lambda k: fp8_state.get("experts", {}).get(k)
+    h = jax.nn.silu(fp8.fp8_grouped_dot(x_ExMxD, ew["gate"], fp8_cfg, st("gate"))) * (
+        fp8.fp8_grouped_dot(x_ExMxD, ew["up"], fp8_cfg, st("up")))
+    y_ExGxCxD = fp8.fp8_grouped_dot(h, ew["down"], fp8_cfg, st("down")).reshape(e, g, cap, d)
+  else:
+    w = {name: v.astype(x_TxD.dtype) for name, v in params["experts"].items()}
+    h = jax.nn.silu(jnp.einsum("egcd,edf->egcf", x_ExGxCxD, w["gate"])) * jnp.einsum(
+        "egcd,edf->egcf", x_ExGxCxD, w["up"])
+    y_ExGxCxD = jnp.einsum("egcf,efd->egcd", h, w["down"])
   y_ExGxCxD = sharding.constrain(y_ExGxCxD, ("experts", "expert_tokens", None, None))
   y_GxSxD = jnp.einsum("gsec,egcd->gsd", combine_GxSxExC, y_ExGxCxD)
   y_TxD = sharding.constrain(y_GxSxD.reshape(t, d), ("batch", None))
   if "shared" in params:
-    y_TxD = y_TxD + swiglu(x_TxD, params["shared"])
+    y_TxD = y_TxD + swiglu(x_TxD, params["shared"], fp8.Matmuls(fp8_cfg, fp8_state.get("shared")))
   aux = statistics(logits_TxE, scores_TxE, idx_TxK, kept_GxSxK.sum(), (t // seq_len, seq_len),
                    cfg)
   return y_TxD, aux
