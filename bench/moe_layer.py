@@ -1,7 +1,8 @@
 """MoE layer vs. a dense SwiGLU of equal active FLOPs, fwd+bwd, side by side in one process.
 
-Prints one JSON object per line: the median of `--repeats` timed runs (after warm-up) for the
-dense layer and the MoE layer with each backend, and their ratio. Backends other than the one
+Prints one JSON object per line: for the dense layer and the MoE layer with each backend, the
+median over `--rounds` of the median of `--repeats` timed runs (after warm-up), and their ratio:
+the median of the rounds' ratios (dense and MoE alternate, round by round). Backends other than the one
 `auto` picks run in a child process, so one that exhausts memory (ragged_dot on CPU) reports an
 error line instead of killing the benchmark.
 
@@ -55,12 +56,16 @@ def measure(args, backend):
     dense_s.append(median_time(dense_step, (dense, x), args.repeats))
     moe_s.append(median_time(moe_step, (params, x), args.repeats))
   dense_t, moe_t = statistics.median(dense_s), statistics.median(moe_s)
+  # The headline is the median of each round's ratio: a round's two timings share the load of
+  # that moment, which the medians of the two columns taken apart do not.
+  ratios = [m / d for m, d in zip(moe_s, dense_s)]
   flops = 2 * 3 * 3 * args.tokens * args.embed * args.top_k * args.ffn  # fwd + 2x bwd
   return {"bench": "moe_layer", "backend": backend,
           "resolved_backend": grouped.resolve_backend(backend), "tokens": args.tokens,
           "embed": args.embed, "expert_ffn": args.ffn, "experts": args.experts,
           "top_k": args.top_k, "dtype": args.dtype, "dense_s": round(dense_t, 4),
-          "moe_s": round(moe_t, 4), "ratio": round(moe_t / dense_t, 3),
+          "moe_s": round(moe_t, 4), "ratio": round(statistics.median(ratios), 3),
+          "round_ratios": [round(r, 3) for r in ratios],
           "dense_gflops": round(flops / dense_t / 1e9, 1),
           "platform": jax.default_backend(), "jax": jax.__version__}
 
@@ -74,7 +79,7 @@ def main():
   parser.add_argument("--top_k", type=int, default=6)
   parser.add_argument("--dtype", default="float32")
   parser.add_argument("--repeats", type=int, default=5)
-  parser.add_argument("--rounds", type=int, default=3)
+  parser.add_argument("--rounds", type=int, default=5)
   parser.add_argument("--backends", default="auto,padded,ragged")
   parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
   args = parser.parse_args()

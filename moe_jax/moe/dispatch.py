@@ -6,7 +6,7 @@ are the last to be dropped under a capacity) and gives each kept assignment a *r
 expert-major buffer of static length `R`, in two regions:
 
   buckets   [E * bucket rows]  expert e's first `bucket` assignments at rows e*bucket + rank:
-            a dense [E, bucket, D] block that one batched matmul handles at full speed.
+            one large dense product per expert.
   overflow  [the rest]         each expert's assignments beyond its bucket, padded to a
             multiple of `block` rows so that every block belongs to one expert; a loop runs one
             product per used block.
