@@ -78,16 +78,10 @@ class _Segments(NamedTuple):
   block: int
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
-def _swiglu_padded(x_RxD, gate_up_ExDx2F, down_ExFxD, block_expert_N, used_blocks, seg):
-  return _swiglu_padded_fwd(x_RxD, gate_up_ExDx2F, down_ExFxD, block_expert_N, used_blocks,
-                            seg)[0]
-
-
 def _loops(seg: _Segments, block_expert_N, used_blocks, body, carry):
   """Runs body(start, size, expert, carry) over every bucket, then every used overflow block.
 
-  Both loops read and write the whole row buffer in place: no region is sliced out or
+  Both loops read and write whole row buffers in place: no region is sliced out or
   concatenated back (each such copy costs a pass over the buffer).
   """
   dense = seg.bucket * seg.experts
@@ -101,61 +95,9 @@ def _loops(seg: _Segments, block_expert_N, used_blocks, body, carry):
   return carry
 
 
-def _swiglu_padded_fwd(x_RxD, gate_up_ExDx2F, down_ExFxD, block_expert_N, used_blocks, seg):
-  r, d = x_RxD.shape
-  f2 = gate_up_ExDx2F.shape[-1]
-
-  def body(start, size, e, carry):
-    y_RxD, ab_Rx2F = carry
-    # gate and up side by side: one wide product per block instead of two narrow ones.
-    ab_Bx2F = _rows(x_RxD, start, size) @ _expert(gate_up_ExDx2F, e)
-    y_BxD = _hidden(ab_Bx2F) @ _expert(down_ExFxD, e)
-    return (jax.lax.dynamic_update_slice_in_dim(y_RxD, y_BxD, start, axis=0),
-            jax.lax.dynamic_update_slice_in_dim(ab_Rx2F, ab_Bx2F, start, axis=0))
-
-  operands = (x_RxD, gate_up_ExDx2F, down_ExFxD, block_expert_N)
-  zeros = tuple(manual.zeros(shape, x_RxD.dtype, *operands) for shape in ((r, d), (r, f2)))
-  y_RxD, ab_Rx2F = _loops(seg, block_expert_N, used_blocks, body, zeros)
-  return y_RxD, (x_RxD, ab_Rx2F, gate_up_ExDx2F, down_ExFxD, block_expert_N, used_blocks)
-
-
 def _hidden(ab_Bx2F):
   a_BxF, b_BxF = jnp.split(ab_Bx2F, 2, axis=-1)
   return jax.nn.silu(a_BxF) * b_BxF
-
-
-def _swiglu_padded_bwd(seg, residuals, dy_RxD):
-  x_RxD, ab_Rx2F, gate_up_ExDx2F, down_ExFxD, block_expert_N, used_blocks = residuals
-  f32 = jnp.float32
-
-  def accumulate(w, e, delta):
-    # Slice, add, update: lowers to an in-place update of the loop carry, not a scatter.
-    return jax.lax.dynamic_update_index_in_dim(w, _expert(w, e) + delta, e, axis=0)
-
-  def body(start, size, e, carry):
-    dx_RxD, dgate_up, ddown = carry
-    x_BxD, ab_Bx2F, dy_BxD = (_rows(t, start, size) for t in (x_RxD, ab_Rx2F, dy_RxD))
-    a_BxF, b_BxF = jnp.split(ab_Bx2F, 2, axis=-1)
-    silu_BxF = jax.nn.silu(a_BxF)
-    ddown = accumulate(ddown, e, jnp.dot((silu_BxF * b_BxF).T, dy_BxD,
-                                         preferred_element_type=f32))
-    dh_BxF = dy_BxD @ _expert(down_ExFxD, e).T
-    dab_Bx2F = jnp.concatenate([dh_BxF * b_BxF * _silu_grad(a_BxF), dh_BxF * silu_BxF], -1)
-    dgate_up = accumulate(dgate_up, e, jnp.dot(x_BxD.T, dab_Bx2F, preferred_element_type=f32))
-    dx_BxD = dab_Bx2F @ _expert(gate_up_ExDx2F, e).T
-    dx_RxD = jax.lax.dynamic_update_slice_in_dim(dx_RxD, dx_BxD, start, axis=0)
-    return dx_RxD, dgate_up, ddown
-
-  operands = (x_RxD, ab_Rx2F, gate_up_ExDx2F, down_ExFxD, block_expert_N, dy_RxD)
-  init = (manual.zeros(x_RxD.shape, x_RxD.dtype, *operands),
-          *(manual.zeros(w.shape, f32, *operands) for w in (gate_up_ExDx2F, down_ExFxD)))
-  dx_RxD, dgate_up, ddown = _loops(seg, block_expert_N, used_blocks, body, init)
-  cts = (dx_RxD, dgate_up.astype(gate_up_ExDx2F.dtype), ddown.astype(down_ExFxD.dtype))
-  primals = (x_RxD, gate_up_ExDx2F, down_ExFxD)
-  return (*(manual.cotangent_like(c, p) for c, p in zip(cts, primals)), None, None)
-
-
-_swiglu_padded.defvjp(_swiglu_padded_fwd, _swiglu_padded_bwd)
 
 
 def routed_padded(x_TxD: jax.Array, experts: dict, gates_TxK: jax.Array, plan: Plan) -> jax.Array:
@@ -272,7 +214,7 @@ def swiglu(x_RxD: jax.Array, experts: dict, plan: Plan, backend: str,
   """Runs every row through its expert's SwiGLU; rows no expert owns come back zero.
 
   With fp8_cfg.recipe != "none" every product is FP8 (grouped_fp8.py; "delayed" takes
-  fp8_states {"gate", "up", "down"} of [E, L] histories); "none" is the code below unchanged.
+  fp8_states {"gate", "up", "down"} of [E, L] histories).
   """
   dtype = x_RxD.dtype
   fp8 = fp8_cfg.recipe != "none"
@@ -284,9 +226,11 @@ def swiglu(x_RxD: jax.Array, experts: dict, plan: Plan, backend: str,
     return _swiglu_ragged(x_RxD, gate, up, down, plan.group_sizes_E)
   if backend == "padded":
     if not fp8:
-      seg = _Segments(bucket=plan.bucket, experts=gate.shape[0], block=plan.block)
-      return _swiglu_padded(x_RxD, jnp.concatenate([gate, up], -1), down, plan.block_expert_N,
-                            plan.used_blocks, seg)
+      # Rows are their own tokens here (one slot each, gate 1).
+      r = x_RxD.shape[0]
+      rows_R = jnp.arange(r, dtype=jnp.int32)
+      identity = plan._replace(src_R=rows_R, row_A=rows_R)
+      return routed_padded(x_RxD, experts, jnp.ones((r, 1), dtype), identity)
     # FP8 (a simulation on CPU, not tuned for speed): the bucket region as one grouped product,
     # the overflow blocks in grouped_fp8's loop.
     e, d = gate.shape[0], x_RxD.shape[-1]

@@ -142,9 +142,13 @@ def _alltoall_body(params, state, x_TxD, fp8_state, cfg: MoEConfig, seq_len: int
   local = dispatch.make_plan(expert_recv[:, None], e_local, block=block, bucket=bucket,
                              valid_TxK=expert_recv[:, None] < e_local)
   fp8_state = fp8_state or {}
-  y_rows = grouped.swiglu(dispatch.permute(x_recv, local, 1), params["experts"], local, backend,
-                          fp8_cfg, fp8_state.get("experts"))
-  y_recv = dispatch.unpermute(y_rows, local, 1).reshape(-1, d)
+  if backend == "padded" and fp8_cfg.recipe == "none":
+    ones = jnp.ones((x_recv.shape[0], 1), x_recv.dtype)
+    y_recv = grouped.routed_padded(x_recv, params["experts"], ones, local)
+  else:
+    y_rows = grouped.swiglu(dispatch.permute(x_recv, local, 1), params["experts"], local,
+                            backend, fp8_cfg, fp8_state.get("experts"))
+    y_recv = dispatch.unpermute(y_rows, local, 1).reshape(-1, d)
   y_TxD = dispatch.combine(exchange(y_recv), gates_TxK, send)
   if "shared" in params:
     y_TxD = y_TxD + swiglu(xc_TxD, params["shared"],
