@@ -3,12 +3,12 @@
 Five runs of the real trainer (`train.train`), same seed and batches, in <workdir>/runs/<name>:
   float32    float32 compute, no FP8    } their difference is the noise floor: what a change of
   bfloat16   bfloat16 compute, no FP8   } rounding alone does to the loss of the same run
-  tensor     bfloat16 compute, dense projections in FP8, one current scale per tensor
+  tensor     bfloat16 compute, dense projections and experts in FP8, one current scale per tensor
   delayed    ... one scale per tensor from an amax history (Transformer-Engine style)
   blockwise  ... DeepSeek-V3: 1 x tile activation tiles, tile x tile weight blocks
 The config's model/moe dtype and fp8.recipe are set per run; the rest of its fp8 section (FP8
-types, tile, history length) applies to all. What FP8 covers is model.py's docstring (routed and
-shared experts are not yet in it). A rerun in the same workdir skips finished runs (they resume
+types, tile, history length) applies to all. What FP8 covers is model.py's docstring (every dense
+projection and every routed and shared expert matmul). A rerun in the same workdir skips finished runs (they resume
 at their last checkpoint) and refuses a workdir whose runs used another config.
 
 Headline: the final relative loss difference of each run to bfloat16, (L - L_bf16) / L_bf16, on
@@ -205,9 +205,9 @@ def markdown(cfg: ExperimentConfig, rows: list[dict], qrows: list[dict], wall_s:
   out = [f"# FP8 study: {cfg.train.steps} steps, batch {t.batch_size} x {t.seq_len}, "
          f"seed {t.seed}, data {cfg.data.source}",
          "", f"FP8: {cfg.fp8.fwd_dtype} activations/weights, {cfg.fp8.grad_dtype} gradients, "
-         f"tile {cfg.fp8.tile}, amax history {cfg.fp8.amax_history_len}. Dense projections "
-         "only (attention, dense FFN, MTP projection); router, embeddings, head, norms, softmax "
-         "and the MoE experts stay in bfloat16/float32.", "",
+         f"tile {cfg.fp8.tile}, amax history {cfg.fp8.amax_history_len}. In FP8: the dense "
+         "projections (attention, dense FFN, MTP projection) and the routed and shared experts; "
+         "router, embeddings, head, norms and softmax stay in bfloat16/float32.", "",
          "| run | compute | FP8 recipe | final train loss | vs bf16 | final held-out loss "
          "| vs bf16 | s/step | run min |", "|---|---|---|---|---|---|---|---|---|"]
   for r in rows:
