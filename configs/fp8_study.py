@@ -6,8 +6,9 @@
 Default: tiny_moe's model and data, 300 steps per run, five runs (experiments/fp8_study.py).
 With the experts in FP8, on 2 CPU cores shared with a test run, that took 30.7 and 29.0
 minutes (s/step: float32 0.63-0.65, bfloat16 1.05-1.07, tensor 0.86-0.95, delayed 0.97-1.01,
-blockwise 1.26-2.06; XLA:CPU has no FP8 matmul, so the tiles are simulated and FP8 is slower). "quick": 100 steps at batch 8 (a sixth of the tokens), for a first
-look only: too short to judge the 0.5% criterion. "runlocal": a smoke test (tiny model, 3 steps).
+blockwise 1.26-2.06; XLA:CPU has no FP8 matmul, so the tiles are simulated and FP8 is
+slower). "quick": 100 steps at batch 8 (a sixth of the tokens), for a first look only: too short
+to judge the 0.5% criterion. "runlocal": a smoke test (tiny model, 3 steps).
 """
 import importlib.util
 import pathlib
