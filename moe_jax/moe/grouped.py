@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 
 from moe_jax.config import FP8Config
-from moe_jax.moe import grouped_fp8, manual
+from moe_jax.moe import dispatch, grouped_fp8, manual
 from moe_jax.moe.dispatch import Plan
 
 
@@ -201,6 +201,20 @@ def _routed_bwd(seg, residuals, dy_TxD):
 
 
 _routed.defvjp(_routed_fwd, _routed_bwd)
+
+
+def routed(x_TxD: jax.Array, experts: dict, gates_TxK: jax.Array, plan: Plan, backend: str,
+           fp8_cfg: FP8Config = FP8Config(), fp8_states: Optional[dict] = None) -> jax.Array:
+  """y[t] = sum_k gates[t, k] * expert_{e(t,k)}(x[t]): dispatch, experts and combine.
+
+  The padded backend without FP8 runs `routed_padded`, which never writes the permuted rows;
+  the others permute, run `swiglu` and combine.
+  """
+  if backend == "padded" and fp8_cfg.recipe == "none":
+    return routed_padded(x_TxD, experts, gates_TxK, plan)
+  x_RxD = dispatch.permute(x_TxD, plan, gates_TxK.shape[1])
+  return dispatch.combine(swiglu(x_RxD, experts, plan, backend, fp8_cfg, fp8_states), gates_TxK,
+                          plan)
 
 
 def _swiglu_ragged(x_RxD, gate_ExDxF, up_ExDxF, down_ExFxD, group_sizes_E):

@@ -64,11 +64,7 @@ def _run(x_TxD, experts, gates_TxK, idx_TxK, valid_TxK, cfg, backend, block, buc
   plan = dispatch.make_plan(idx_TxK, cfg.num_experts, block=block, bucket=bucket,
                             capacity_factor=cfg.capacity_factor, valid_TxK=valid_TxK,
                             overflow_budget=overflow_budget)
-  if backend == "padded" and q[0].recipe == "none":
-    y_TxD = grouped.routed_padded(x_TxD, experts, gates_TxK, plan)
-  else:
-    y_RxD = grouped.swiglu(dispatch.permute(x_TxD, plan, cfg.top_k), experts, plan, backend, *q)
-    y_TxD = dispatch.combine(y_RxD, gates_TxK, plan)
+  y_TxD = grouped.routed(x_TxD, experts, gates_TxK, plan, backend, *q)
   if spilled:
     return y_TxD, plan.kept, plan.spilled_A.reshape(idx_TxK.shape)
   return y_TxD, plan.kept

@@ -113,7 +113,7 @@ def _alltoall_body(params, state, x_TxD, fp8_state, cfg: MoEConfig, seq_len: int
                    tensor: int, fp8_cfg: FP8Config):
   """Runs on one device: x_TxD are its tokens, params["experts"] its experts (and
   fp8_state["experts"] their "delayed" histories)."""
-  t, d = x_TxD.shape
+  t = x_TxD.shape[0]
   e_local = params["experts"]["gate"].shape[0]
   assert e_local * ep == cfg.num_experts, (e_local, ep)
   token_axes = tuple(a for a in sharding.TOKEN_AXES if jax.sharding.get_abstract_mesh().shape[a] > 1)
@@ -142,13 +142,10 @@ def _alltoall_body(params, state, x_TxD, fp8_state, cfg: MoEConfig, seq_len: int
   local = dispatch.make_plan(expert_recv[:, None], e_local, block=block, bucket=bucket,
                              valid_TxK=expert_recv[:, None] < e_local)
   fp8_state = fp8_state or {}
-  if backend == "padded" and fp8_cfg.recipe == "none":
-    ones = jnp.ones((x_recv.shape[0], 1), x_recv.dtype)
-    y_recv = grouped.routed_padded(x_recv, params["experts"], ones, local)
-  else:
-    y_rows = grouped.swiglu(dispatch.permute(x_recv, local, 1), params["experts"], local,
-                            backend, fp8_cfg, fp8_state.get("experts"))
-    y_recv = dispatch.unpermute(y_rows, local, 1).reshape(-1, d)
+  # Each received row is one slot of gate 1.
+  ones = jnp.ones((x_recv.shape[0], 1), x_recv.dtype)
+  y_recv = grouped.routed(x_recv, params["experts"], ones, local, backend, fp8_cfg,
+                          fp8_state.get("experts"))
   y_TxD = dispatch.combine(exchange(y_recv), gates_TxK, send)
   if "shared" in params:
     y_TxD = y_TxD + swiglu(xc_TxD, params["shared"],
