@@ -1,6 +1,7 @@
-"""experiment="fp8_study": does FP8 training of the dense projections track bfloat16?
+"""experiment="fp8_study": does FP8 training of the dense projections and experts track bfloat16?
 
-Five runs of the real trainer (`train.train`), same seed and batches, in <workdir>/runs/<name>:
+Per seed (config `seeds`, default [train.seed]), five runs of the real trainer (`train.train`),
+same seed and batches, in <workdir>/runs/seed<s>/<name>:
   float32    float32 compute, no FP8    } their difference is the noise floor: what a change of
   bfloat16   bfloat16 compute, no FP8   } rounding alone does to the loss of the same run
   tensor     bfloat16 compute, dense projections and experts in FP8, one current scale per tensor
@@ -8,12 +9,19 @@ Five runs of the real trainer (`train.train`), same seed and batches, in <workdi
   blockwise  ... DeepSeek-V3: 1 x tile activation tiles, tile x tile weight blocks
 The config's model/moe dtype and fp8.recipe are set per run; the rest of its fp8 section (FP8
 types, tile, history length) applies to all. What FP8 covers is model.py's docstring (every dense
-projection and every routed and shared expert matmul). A rerun in the same workdir skips finished runs (they resume
-at their last checkpoint) and refuses a workdir whose runs used another config.
+projection and every routed and shared expert matmul). A rerun in the same workdir skips
+finished runs (they resume at their last checkpoint) and refuses a workdir whose runs used
+another config.
 
-Headline: the final relative loss difference of each run to bfloat16, (L - L_bf16) / L_bf16, on
-the held-out loss at the last step (same evaluation batches for all runs) and on the train loss
-averaged over the last tenth of the steps, next to the noise floor |L_f32 - L_bf16| / L_bf16.
+Headline: the final relative loss difference of each run to bfloat16 of the same seed,
+(L - L_bf16) / L_bf16, on the held-out loss at the last step (same evaluation batches for all
+runs) and on the train loss averaged over the last tenth of the steps; its mean over the seeds
+with the standard error of that mean; next to the noise floor, the mean over the seeds of
+|L_f32 - L_bf16| / L_bf16. Why several seeds: the tiny MoE's training is chaotic (a rounding
+change flips top-k routing choices and the sign-based bias updates, and the runs decorrelate),
+so one seed's difference scatters by about 1% whatever the numerics; the criterion is judged on
+the mean. Beside it, free of that chaos: each seed's final bfloat16 weights evaluated under each
+recipe (`same_weights_rows`), the loss a recipe's rounding costs the forward pass.
 
 Quantization error (no training): fp8.quantization_error of activations [tokens, channels] with
 N(0, 1) entries where a few whole tokens (rows) or channels (columns) are scaled by 1 .. 1e5,
@@ -22,8 +30,11 @@ the same tensor without outliers: the outliers arrive unannounced) and "blockwis
 It reports the error of the ordinary entries (is the rest crushed by the outliers' scale?) and of
 the outliers (do they saturate?).
 
-Outputs in the workdir: fp8_study.md, fp8_study.csv (one row per run), fp8_quantization.csv,
-fp8_study.png (loss curves, difference to bfloat16 over steps, quantization error).
+Outputs in the workdir: fp8_study.md, fp8_study.csv (one row per seed and run),
+fp8_study_mean.csv (one row per run: means over the seeds), fp8_same_weights.csv (the bfloat16
+weights evaluated under each recipe), fp8_quantization.csv, fp8_study.png
+(loss curves of the first seed, difference to bfloat16 over steps averaged over the seeds,
+quantization error).
 """
 from __future__ import annotations
 
@@ -49,18 +60,31 @@ BASELINE, FLOOR = "bfloat16", "float32"
 MAX_REL_DIFF, MAX_FLOOR_MULTIPLE = 0.005, 2.0
 MAGNITUDES = (1.0, 1e1, 1e2, 3e2, 1e3, 3e3, 1e4, 3e4, 1e5)
 QUANT_RECIPES = ("tensor", "delayed", "blockwise")
-RUN_COLUMNS = ("run", "compute", "recipe", "steps", "final_train_loss", "train_rel_diff",
-               "final_eval_loss", "eval_rel_diff", "s_per_step", "wall_s")
+RUN_COLUMNS = ("seed", "run", "compute", "recipe", "steps", "final_train_loss",
+               "train_rel_diff", "final_eval_loss", "eval_rel_diff", "s_per_step", "wall_s")
+MEAN_COLUMNS = ("run", "compute", "recipe", "seeds", "final_train_loss", "train_rel_diff",
+                "train_rel_diff_se", "abs_train_rel_diff", "final_eval_loss", "eval_rel_diff",
+                "eval_rel_diff_se", "abs_eval_rel_diff", "s_per_step", "wall_s")
 WALL_FILE = "study_wall_s.json"  # per run: seconds its training took, summed over resumptions
+SAME_COLUMNS = ("seed", "run", "recipe", "step", "eval_loss", "rel_diff")
 QUANT_COLUMNS = ("outliers", "magnitude", "recipe", "err_ordinary", "err_outliers")
 
 
-def run_config(cfg: ExperimentConfig, name: str) -> ExperimentConfig:
+def study_seeds(cfg: ExperimentConfig) -> tuple[int, ...]:
+  return cfg.seeds or (cfg.train.seed,)
+
+
+def run_config(cfg: ExperimentConfig, name: str, seed: int) -> ExperimentConfig:
   dtype, recipe = RUNS[name]
   return dataclasses.replace(
-      cfg, experiment="train", model=dataclasses.replace(cfg.model, dtype=dtype),
+      cfg, experiment="train", seeds=(), model=dataclasses.replace(cfg.model, dtype=dtype),
       moe=dataclasses.replace(cfg.moe, dtype=dtype),
-      fp8=dataclasses.replace(cfg.fp8, recipe=recipe))
+      fp8=dataclasses.replace(cfg.fp8, recipe=recipe),
+      train=dataclasses.replace(cfg.train, seed=seed))
+
+
+def run_dir(workdir: str, seed: int, name: str) -> str:
+  return os.path.join(workdir, "runs", f"seed{seed}", name)
 
 
 def _check_run_dir(cfg: ExperimentConfig, workdir: str):
@@ -68,9 +92,10 @@ def _check_run_dir(cfg: ExperimentConfig, workdir: str):
   if os.path.exists(path):
     with open(path) as f:
       if json.load(f) != json.loads(json.dumps(cfg.to_dict())):
-        raise ConfigError(f"workdir={os.path.dirname(os.path.dirname(workdir))!r}: its run "
-                          f"{os.path.basename(workdir)!r} used another config; use another "
-                          "--workdir for a new study")
+        runs, seed_dir = os.path.split(os.path.dirname(workdir))
+        raise ConfigError(f"workdir={os.path.dirname(runs)!r}: its run "
+                          f"{seed_dir}/{os.path.basename(workdir)} used another config; use "
+                          "another --workdir for a new study")
 
 
 def train_run(cfg: ExperimentConfig, workdir: str) -> dict:
@@ -107,11 +132,13 @@ def _rel(value: float, base: float) -> float:
   return (value - base) / base
 
 
-def summarize(results: dict[str, dict], steps: int) -> list[dict]:
+def summarize(results: dict[str, dict], steps: int, seed: int) -> list[dict]:
+  """One row per run of one seed, its differences to that seed's bfloat16 run."""
   base = results[BASELINE]
   rows = []
   for name, r in results.items():
-    rows.append({"run": name, "compute": RUNS[name][0], "recipe": RUNS[name][1], "steps": steps,
+    rows.append({"seed": seed, "run": name, "compute": RUNS[name][0], "recipe": RUNS[name][1],
+                 "steps": steps,
                  "final_train_loss": r["final_train_loss"],
                  "train_rel_diff": _rel(r["final_train_loss"], base["final_train_loss"]),
                  "final_eval_loss": r["final_eval_loss"],
@@ -120,12 +147,62 @@ def summarize(results: dict[str, dict], steps: int) -> list[dict]:
   return rows
 
 
-def verdict(rows: list[dict], key: str = "eval_rel_diff") -> tuple[bool, float, float]:
-  """(met, |blockwise diff|, noise floor) of the acceptance criterion on `key`."""
-  by_run = {r["run"]: r for r in rows}
-  diff, floor = abs(by_run["blockwise"][key]), abs(by_run[FLOOR][key])
+def _mean_se(values: list[float]) -> tuple[float, float]:
+  """Mean and its standard error (sample std / sqrt(n); nan for one value)."""
+  v = np.asarray(values, np.float64)
+  se = float(np.std(v, ddof=1) / np.sqrt(len(v))) if len(v) > 1 else float("nan")
+  return float(np.mean(v)), se
+
+
+def aggregate(rows: list[dict]) -> list[dict]:
+  """One row per run: its figures averaged over the seeds; the differences to bfloat16 (paired
+  per seed) with their standard errors, and the floor's `abs_eval_rel_diff` etc. (mean of
+  |difference|: the float32 run's size of difference, whatever its sign)."""
+  out = []
+  for name in RUNS:
+    mine = [r for r in rows if r["run"] == name]
+    if not mine:
+      continue
+    row = {"run": name, "compute": RUNS[name][0], "recipe": RUNS[name][1],
+           "seeds": len(mine)}
+    for key in ("final_train_loss", "final_eval_loss", "s_per_step", "wall_s"):
+      row[key] = float(np.mean([r[key] for r in mine]))
+    for key in ("train_rel_diff", "eval_rel_diff"):
+      row[key], row[key + "_se"] = _mean_se([r[key] for r in mine])
+      row["abs_" + key] = float(np.mean([abs(r[key]) for r in mine]))
+    out.append(row)
+  return out
+
+
+def verdict(means: list[dict], key: str = "eval_rel_diff") -> tuple[bool, float, float]:
+  """(met, |blockwise mean diff|, noise floor) of the acceptance criterion on `key`, from the
+  rows of `aggregate`: the floor is the float32 runs' mean |difference| to bfloat16."""
+  by_run = {r["run"]: r for r in means}
+  diff, floor = abs(by_run["blockwise"][key]), by_run[FLOOR]["abs_" + key]
   met = diff < MAX_REL_DIFF and diff <= MAX_FLOOR_MULTIPLE * floor
   return bool(met), diff, floor
+
+
+# ----------------------------------------------------------------------------- same weights
+
+SAME_WEIGHTS_RUNS = ("float32", "bfloat16", "tensor", "blockwise")
+
+
+def same_weights_rows(config: ExperimentConfig, workdir: str) -> list[dict]:
+  """Held-out loss of each seed's final bfloat16 weights under each run's numerics: what a
+  recipe's rounding costs the forward pass, free of the chaos of training. "delayed" is left
+  out: its scales come from amax histories that the bfloat16 run never kept."""
+  rows = []
+  for seed in study_seeds(config):
+    _, state, step = train.load_state(run_config(config, BASELINE, seed),
+                                      run_dir(workdir, seed, BASELINE))
+    weights = {"params": state["params"], "moe_state": state["moe_state"]}
+    losses = {name: train.Setup(run_config(config, name, seed)).evaluate(weights)["eval_loss"]
+              for name in SAME_WEIGHTS_RUNS}
+    rows += [{"seed": seed, "run": name, "recipe": RUNS[name][1], "step": step,
+              "eval_loss": losses[name], "rel_diff": _rel(losses[name], losses[BASELINE])}
+             for name in SAME_WEIGHTS_RUNS]
+  return rows
 
 
 # ----------------------------------------------------------------------------- quantization
@@ -200,27 +277,55 @@ def _fmt(value, spec: str) -> str:
   return "n/a" if value is None or not np.isfinite(value) else format(value, spec)
 
 
-def markdown(cfg: ExperimentConfig, rows: list[dict], qrows: list[dict], wall_s: float) -> str:
-  t = cfg.train
-  out = [f"# FP8 study: {cfg.train.steps} steps, batch {t.batch_size} x {t.seq_len}, "
-         f"seed {t.seed}, data {cfg.data.source}",
+def _pct(value, spec: str = "+.3f") -> str:
+  return f"{_fmt(100 * value, spec)}%" if value is not None and np.isfinite(value) else "n/a"
+
+
+def markdown(cfg: ExperimentConfig, rows: list[dict], means: list[dict], same: list[dict],
+             qrows: list[dict], wall_s: float) -> str:
+  t, seeds = cfg.train, study_seeds(cfg)
+  out = [f"# FP8 study: {t.steps} steps, batch {t.batch_size} x {t.seq_len}, "
+         f"seeds {', '.join(map(str, seeds))}, data {cfg.data.source}",
          "", f"FP8: {cfg.fp8.fwd_dtype} activations/weights, {cfg.fp8.grad_dtype} gradients, "
          f"tile {cfg.fp8.tile}, amax history {cfg.fp8.amax_history_len}. In FP8: the dense "
          "projections (attention, dense FFN, MTP projection) and the routed and shared experts; "
          "router, embeddings, head, norms and softmax stay in bfloat16/float32.", "",
-         "| run | compute | FP8 recipe | final train loss | vs bf16 | final held-out loss "
-         "| vs bf16 | s/step | run min |", "|---|---|---|---|---|---|---|---|---|"]
-  for r in rows:
+         f"## Mean over {len(seeds)} seed(s)", "",
+         "Differences to the bfloat16 run of the same seed, averaged over the seeds, +- the "
+         "standard error of that mean.", "",
+         "| run | compute | FP8 recipe | train loss | vs bf16 | held-out loss | vs bf16 | s/step "
+         "| run min |", "|---|---|---|---|---|---|---|---|---|"]
+  for r in means:
+    diff = lambda k: f"{_pct(r[k])} +- {_pct(r[k + '_se'], '.3f')}"
     out.append(f"| {r['run']} | {r['compute']} | {r['recipe']} | "
-               f"{_fmt(r['final_train_loss'], '.4f')} | {_fmt(100 * r['train_rel_diff'], '+.3f')}%"
-               f" | {_fmt(r['final_eval_loss'], '.4f')} | {_fmt(100 * r['eval_rel_diff'], '+.3f')}%"
-               f" | {_fmt(r['s_per_step'], '.2f')} | {_fmt(r['wall_s'] / 60, '.1f')} |")
+               f"{_fmt(r['final_train_loss'], '.4f')} | {diff('train_rel_diff')} | "
+               f"{_fmt(r['final_eval_loss'], '.4f')} | {diff('eval_rel_diff')} | "
+               f"{_fmt(r['s_per_step'], '.2f')} | {_fmt(r['wall_s'] / 60, '.1f')} |")
   out.append("")
   for key, what in (("eval_rel_diff", "held-out"), ("train_rel_diff", "train")):
-    met, diff, floor = verdict(rows, key)
-    out.append(f"- {what} loss: noise floor |float32 - bfloat16| = {_fmt(100 * floor, '.3f')}%; "
-               f"blockwise {_fmt(100 * diff, '.3f')}% -> criterion (< {100 * MAX_REL_DIFF:.1f}% "
+    met, diff, floor = verdict(means, key)
+    out.append(f"- {what} loss: noise floor mean |float32 - bfloat16| = {_pct(floor, '.3f')}; "
+               f"blockwise |mean| {_pct(diff, '.3f')} -> criterion (< {100 * MAX_REL_DIFF:.1f}% "
                f"and <= {MAX_FLOOR_MULTIPLE:g}x floor) {'MET' if met else 'NOT met'}")
+  out += ["", "## Per seed", "",
+          "| seed | run | FP8 recipe | train loss | vs bf16 | held-out loss | vs bf16 | s/step "
+          "| run min |", "|---|---|---|---|---|---|---|---|---|"]
+  for r in rows:
+    out.append(f"| {r['seed']} | {r['run']} | {r['recipe']} | "
+               f"{_fmt(r['final_train_loss'], '.4f')} | {_pct(r['train_rel_diff'])} | "
+               f"{_fmt(r['final_eval_loss'], '.4f')} | {_pct(r['eval_rel_diff'])} | "
+               f"{_fmt(r['s_per_step'], '.2f')} | {_fmt(r['wall_s'] / 60, '.1f')} |")
+  out += ["", "## Same weights: the forward cost of each recipe", "",
+          "Held-out loss of each seed's final bfloat16 weights evaluated under each run's "
+          "numerics (no training, so no chaos), relative to evaluating them in bfloat16.", "",
+          "| run | FP8 recipe | held-out loss | vs bf16, same weights |", "|---|---|---|---|"]
+  for name in SAME_WEIGHTS_RUNS:
+    mine = [r for r in same if r["run"] == name]
+    if mine:
+      mean, se = _mean_se([r["rel_diff"] for r in mine])
+      out.append(f"| {name} | {RUNS[name][1]} | "
+                 f"{_fmt(np.mean([r['eval_loss'] for r in mine]), '.4f')} | "
+                 f"{_pct(mean)} +- {_pct(se, '.3f')} |")
   total = _fmt(sum(r["wall_s"] for r in rows) / 60, ".1f")
   out += ["", f"Train loss: mean over the last {max(t.steps // 10, 1)} steps. s/step: median of "
           "the logged intervals (no compilation, no evaluation). Run min: wall time of each "
@@ -251,7 +356,7 @@ def markdown(cfg: ExperimentConfig, rows: list[dict], qrows: list[dict], wall_s:
 
 def _write_csv(path: str, rows: list[dict], columns: tuple[str, ...]):
   with open(path, "w", newline="") as f:
-    writer = csv.DictWriter(f, fieldnames=columns)
+    writer = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
     writer.writeheader()
     writer.writerows(rows)
 
@@ -261,24 +366,38 @@ def _smooth(values: np.ndarray, window: int) -> np.ndarray:
   return np.convolve(values, np.ones(window) / window, mode="valid")
 
 
-def plot(path: str, results: dict[str, dict], qrows: list[dict], steps: int):
+def _relative_curve(run: dict, base: dict) -> tuple[np.ndarray, np.ndarray]:
+  """(steps, (L - L_bf16) / L_bf16) of one run against its seed's bfloat16 run."""
+  b = dict(base["curve"])
+  pairs = [(s, (l - b[s]) / b[s]) for s, l in run["curve"] if s in b]
+  return tuple(np.array(v, np.float64) for v in zip(*pairs)) if pairs else (np.zeros(0),) * 2
+
+
+def plot(path: str, results: dict[int, dict[str, dict]], qrows: list[dict], steps: int):
+  """results: seed -> run name -> `train_run`'s result."""
   import matplotlib  # pylint: disable=import-outside-toplevel
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
 
   fig, (ax_loss, ax_diff, ax_q) = plt.subplots(1, 3, figsize=(17, 4.5))
   window = max(steps // 30, 1)
-  base = dict(results[BASELINE]["curve"])
-  for name, r in results.items():
-    s, l = (np.array(v) for v in zip(*r["curve"])) if r["curve"] else (np.zeros(0),) * 2
-    if not len(s):
-      continue
-    ax_loss.plot(s[window - 1:], _smooth(l, window), label=name, lw=1)
-    b = np.array([base.get(int(x), np.nan) for x in s])
-    ax_diff.plot(s[window - 1:], 100 * _smooth((l - b) / b, window), label=name, lw=1)
-  ax_loss.set(xlabel="step", ylabel=f"train loss (mean of {window} steps)", title="Loss")
+  first = next(iter(results))
+  for name in RUNS:
+    r = results[first].get(name)
+    if r and r["curve"]:
+      s, l = (np.array(v) for v in zip(*r["curve"]))
+      ax_loss.plot(s[window - 1:], _smooth(l, window), label=name, lw=1)
+    curves = [_relative_curve(by_name[name], by_name[BASELINE])
+              for by_name in results.values() if name in by_name]
+    common = sorted(set.intersection(*(set(c[0].tolist()) for c in curves))) if curves else []
+    if common:
+      mean = np.mean([np.interp(common, *c) for c in curves], axis=0)
+      ax_diff.plot(np.array(common)[window - 1:], 100 * _smooth(mean, window), label=name, lw=1)
+  ax_loss.set(xlabel="step", ylabel=f"train loss (mean of {window} steps)",
+              title=f"Loss (seed {first})")
   ax_diff.set(xlabel="step", ylabel="(L - L_bf16) / L_bf16 [%]",
-              title="Difference to bfloat16 (float32 = noise floor)")
+              title=f"Difference to bfloat16, mean of {len(results)} seed(s) "
+                    "(float32 = noise floor)")
   ax_diff.axhline(0, color="k", lw=0.5)
   for rec, color in zip(QUANT_RECIPES, ("C2", "C3", "C4")):
     for kind, style in (("token", "-o"), ("channel", "--s")):
@@ -301,22 +420,30 @@ def plot(path: str, results: dict[str, dict], qrows: list[dict], steps: int):
 
 
 def run(config: ExperimentConfig, workdir: str) -> list[dict]:
-  """Trains the five runs, writes the tables and the plot; returns the per-run rows."""
+  """Trains the five runs of every seed, writes the tables and the plot; returns the rows of
+  `aggregate` (one per run, means over the seeds)."""
   start = time.perf_counter()
   os.makedirs(workdir, exist_ok=True)
   qrows = quantization_rows(config.fp8)
-  results = {}
-  for name in RUNS:
-    print(f"== fp8_study: run {name} ({', '.join(RUNS[name])})", flush=True)
-    results[name] = train_run(run_config(config, name), os.path.join(workdir, "runs", name))
-  rows = summarize(results, config.train.steps)
+  results, rows = {}, []
+  for seed in study_seeds(config):
+    results[seed] = {}
+    for name in RUNS:
+      print(f"== fp8_study: seed {seed}, run {name} ({', '.join(RUNS[name])})", flush=True)
+      results[seed][name] = train_run(run_config(config, name, seed),
+                                      run_dir(workdir, seed, name))
+    rows += summarize(results[seed], config.train.steps, seed)
+  means = aggregate(rows)
+  same = same_weights_rows(config, workdir)
   wall_s = time.perf_counter() - start
   if jax.process_index() == 0:
     _write_csv(os.path.join(workdir, "fp8_study.csv"), rows, RUN_COLUMNS)
+    _write_csv(os.path.join(workdir, "fp8_study_mean.csv"), means, MEAN_COLUMNS)
+    _write_csv(os.path.join(workdir, "fp8_same_weights.csv"), same, SAME_COLUMNS)
     _write_csv(os.path.join(workdir, "fp8_quantization.csv"), qrows, QUANT_COLUMNS)
-    text = markdown(config, rows, qrows, wall_s)
+    text = markdown(config, rows, means, same, qrows, wall_s)
     with open(os.path.join(workdir, "fp8_study.md"), "w") as f:
       f.write(text)
     plot(os.path.join(workdir, "fp8_study.png"), results, qrows, config.train.steps)
     print(text, flush=True)
-  return rows
+  return means

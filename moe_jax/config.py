@@ -278,6 +278,7 @@ class TrainConfig:
 
 # ----------------------------------------------------------------------------- the whole config
 
+TOP_LEVEL = ("experiment", "hf_path", "seeds")
 SECTIONS = {"model": ModelConfig, "moe": MoEConfig, "fp8": FP8Config, "mesh": MeshConfig,
             "train": TrainConfig, "data": DataConfig}
 
@@ -287,6 +288,7 @@ class ExperimentConfig:
   """Everything one run needs; built by `from_config_dict`, which checks how sections agree."""
   experiment: str = "train"          # what experiments/run.py dispatches to
   hf_path: str = ""                  # experiment=hf_eval: a Hugging Face checkpoint directory
+  seeds: tuple[int, ...] = ()        # experiment=fp8_study: one set of runs per seed; () = train.seed
   model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
   moe: MoEConfig = dataclasses.field(default_factory=MoEConfig)
   fp8: FP8Config = dataclasses.field(default_factory=FP8Config)
@@ -405,19 +407,23 @@ def from_config_dict(config: Any) -> ExperimentConfig:
   """
   values = config.to_dict() if hasattr(config, "to_dict") else dict(config)
   for key, value in values.items():
-    if key not in ("experiment", "hf_path") and key not in SECTIONS:
-      _fail(key, value,
-            f"unknown key; a config has experiment, {', '.join(SECTIONS)}, hf_path")
+    if key not in TOP_LEVEL and key not in SECTIONS:
+      keys = ("experiment", *SECTIONS, *TOP_LEVEL[1:])
+      _fail(key, value, f"unknown key; a config has {', '.join(keys)}")
   experiment = values.get("experiment", "train")
   if not isinstance(experiment, str):
     _fail("experiment", experiment, "must be a string")
   hf_path = values.get("hf_path", "")
   if not isinstance(hf_path, str):
     _fail("hf_path", hf_path, "must be a string (a checkpoint directory)")
+  seeds = values.get("seeds", ())
+  if (not isinstance(seeds, (list, tuple)) or len(set(seeds)) != len(seeds) or
+      not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in seeds)):
+    _fail("seeds", seeds, "must be a list of distinct integers >= 0 (empty: train.seed)")
   sections = {}
   model = sections["model"] = _section("model", ModelConfig, values.get("model", {}))
   for name, cls in SECTIONS.items():
     if name != "model":
       extra = {"embed_dim": model.embed_dim} if name == "moe" else None
       sections[name] = _section(name, cls, values.get(name, {}), extra)
-  return ExperimentConfig(experiment=experiment, hf_path=hf_path, **sections)
+  return ExperimentConfig(experiment=experiment, hf_path=hf_path, seeds=tuple(seeds), **sections)

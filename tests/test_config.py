@@ -40,6 +40,9 @@ def test_round_trip_through_json():
   again = config.from_config_dict(json.loads(json.dumps(cfg.to_dict())))
   assert again == cfg
   assert again.train.inject_nan_at_steps == (3, 4)
+  with_seeds = config.from_config_dict(dict(cfg.to_dict(), seeds=[2, 5]))
+  assert with_seeds.seeds == (2, 5)
+  assert config.from_config_dict(json.loads(json.dumps(with_seeds.to_dict()))) == with_seeds
 
 
 def test_ints_widen_to_floats_only():
@@ -49,6 +52,9 @@ def test_ints_widen_to_floats_only():
 
 @pytest.mark.parametrize("values, message", [
     ({"modle": {}}, r"^modle=\{\}: unknown key; a config has experiment, model"),
+    ({"seeds": [0, 0]}, r"^seeds=\[0, 0\]: must be a list of distinct integers >= 0"),
+    ({"seeds": 3}, r"^seeds=3: must be a list of distinct integers >= 0"),
+    ({"seeds": [1, -2]}, r"^seeds=\[1, -2\]: must be a list of distinct integers >= 0"),
     ({"train": {"stepz": 3}}, r"^train\.stepz=3: unknown key; train has steps, batch_size"),
     ({"train": {"steps": "10"}}, r"^train\.steps='10': must be an integer$"),
     ({"train": {"steps": 2.5}}, r"^train\.steps=2\.5: must be an integer$"),

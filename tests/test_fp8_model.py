@@ -2,8 +2,10 @@
 (projections and experts, not router or head), the delayed state (dense [L] and expert [E, L]
 histories) rolls through a train step and is checkpointed, bfloat16 moments, and the FP8 study
 end to end on a 3-step config."""
+import csv
 import dataclasses
 import functools
+import json
 import os
 import pathlib
 import runpy
@@ -209,18 +211,46 @@ def test_fp8_study_end_to_end(tmp_path):
                         kv_lora_rank=16,
                         qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=8))
   cfg.fp8.tile = 16
+  cfg.seeds = (3, 5)
   cfg = config.from_config_dict(cfg)
   assert cfg.experiment == "fp8_study" and cfg.train.steps == 3
-  rows = fp8_study.run(cfg, str(tmp_path))
-  assert [r["run"] for r in rows] == list(fp8_study.RUNS)
+  means = fp8_study.run(cfg, str(tmp_path))
+  assert [r["run"] for r in means] == list(fp8_study.RUNS)
+  assert all(r["seeds"] == 2 for r in means)
+  with open(tmp_path / "fp8_study.csv") as f:
+    rows = list(csv.DictReader(f))
+  assert [(int(r["seed"]), r["run"]) for r in rows] == [
+      (s, n) for s in (3, 5) for n in fp8_study.RUNS]
   for r in rows:
-    assert np.isfinite(r["final_train_loss"]) and np.isfinite(r["final_eval_loss"]), r
-  base = next(r for r in rows if r["run"] == "bfloat16")
-  assert base["eval_rel_diff"] == 0 and base["train_rel_diff"] == 0
-  for name in ("fp8_study.md", "fp8_study.csv", "fp8_quantization.csv", "fp8_study.png"):
+    assert np.isfinite(float(r["final_train_loss"])) and np.isfinite(float(r["final_eval_loss"]))
+  # Each run trained its own seed: the two seeds' bfloat16 runs saw other data and init.
+  base = [r for r in rows if r["run"] == "bfloat16"]
+  assert all(float(r["eval_rel_diff"]) == 0 for r in base)
+  assert base[0]["final_eval_loss"] != base[1]["final_eval_loss"]
+  base_by_seed = {int(r["seed"]): r for r in base}
+  for seed in (3, 5):
+    with open(tmp_path / "runs" / f"seed{seed}" / "float32" / "config.json") as f:
+      assert json.load(f)["train"]["seed"] == seed
+  # The means are the per-seed differences averaged.
+  floats = lambda run, key: [float(r[key]) for r in rows if r["run"] == run]
+  block = next(r for r in means if r["run"] == "blockwise")
+  assert block["eval_rel_diff"] == pytest.approx(np.mean(floats("blockwise", "eval_rel_diff")))
+  assert block["eval_rel_diff_se"] == pytest.approx(
+      np.std(floats("blockwise", "eval_rel_diff"), ddof=1) / np.sqrt(2))
+  # Same weights: the bfloat16 weights under bfloat16 give the bfloat16 run's own final loss.
+  with open(tmp_path / "fp8_same_weights.csv") as f:
+    same = {(int(r["seed"]), r["run"]): r for r in csv.DictReader(f)}
+  assert sorted(same) == sorted((s, n) for s in (3, 5) for n in fp8_study.SAME_WEIGHTS_RUNS)
+  for seed, run in base_by_seed.items():
+    assert float(same[seed, "bfloat16"]["eval_loss"]) == pytest.approx(
+        float(run["final_eval_loss"]), rel=1e-6)
+    assert float(same[seed, "bfloat16"]["rel_diff"]) == 0
+    assert float(same[seed, "blockwise"]["rel_diff"]) != 0
+  for name in ("fp8_study.md", "fp8_study.csv", "fp8_study_mean.csv", "fp8_quantization.csv",
+               "fp8_same_weights.csv", "fp8_study.png"):
     assert os.path.getsize(tmp_path / name) > 0
   text = (tmp_path / "fp8_study.md").read_text()
-  assert "noise floor" in text and "| blockwise | bfloat16 | blockwise |" in text
-  with pytest.raises(config.ConfigError, match="another config"):
-    fp8_study.train_run(fp8_study.run_config(cfg, "float32"),
-                        str(tmp_path / "runs" / "bfloat16"))
+  assert "noise floor" in text and "| 5 | blockwise | blockwise |" in text
+  with pytest.raises(config.ConfigError, match="seed3/bfloat16 used another config"):
+    fp8_study.train_run(fp8_study.run_config(cfg, "float32", 3),
+                        fp8_study.run_dir(str(tmp_path), 3, "bfloat16"))
