@@ -50,7 +50,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from moe_jax import fp8, metrics, train
-from moe_jax.config import ConfigError, ExperimentConfig, FP8Config
+from moe_jax.config import ConfigError, ExperimentConfig, FP8Config, from_config_dict
 
 RUNS = {"float32": ("float32", "none"), "bfloat16": ("bfloat16", "none"),
         "tensor": ("bfloat16", "tensor"), "delayed": ("bfloat16", "delayed"),
@@ -91,7 +91,9 @@ def _check_run_dir(cfg: ExperimentConfig, workdir: str):
   path = os.path.join(workdir, train.CONFIG_FILE)
   if os.path.exists(path):
     with open(path) as f:
-      if json.load(f) != json.loads(json.dumps(cfg.to_dict())):
+      # Parsed, not compared as JSON: a run written before a config field existed has it at
+      # its default.
+      if from_config_dict(json.load(f)) != cfg:
         runs, seed_dir = os.path.split(os.path.dirname(workdir))
         raise ConfigError(f"workdir={os.path.dirname(runs)!r}: its run "
                           f"{seed_dir}/{os.path.basename(workdir)} used another config; use "

@@ -254,3 +254,18 @@ def test_fp8_study_end_to_end(tmp_path):
   with pytest.raises(config.ConfigError, match="seed3/bfloat16 used another config"):
     fp8_study.train_run(fp8_study.run_config(cfg, "float32", 3),
                         fp8_study.run_dir(str(tmp_path), 3, "bfloat16"))
+
+
+def test_fp8_study_resumes_runs_written_before_the_seeds_field(tmp_path):
+  cfg = runpy.run_path(str(CONFIGS / "fp8_study.py"))["get_config"]("runlocal")
+  cfg.data.source = "synthetic"
+  cfg = config.from_config_dict(cfg)
+  run = fp8_study.run_config(cfg, "float32", 0)
+  old = run.to_dict()
+  del old["seeds"]  # config.json of a study run before `seeds` existed
+  with open(tmp_path / train.CONFIG_FILE, "w") as f:
+    json.dump(old, f)
+  check = fp8_study._check_run_dir  # pylint: disable=protected-access
+  check(run, str(tmp_path))
+  with pytest.raises(config.ConfigError, match="used another config"):
+    check(fp8_study.run_config(cfg, "float32", 1), str(tmp_path))
