@@ -3,12 +3,14 @@
   python -m experiments.run --config=configs/fp8_study.py --workdir=/tmp/fp8_study
   python -m experiments.run --config=configs/fp8_study.py:quick --workdir=/tmp/fp8_quick
 
-Default: tiny_moe's model and data, 300 steps per run, five runs (experiments/fp8_study.py).
-With the experts in FP8, on 2 CPU cores shared with a test run, that took 30.7 and 29.0
-minutes (s/step: float32 0.63-0.65, bfloat16 1.05-1.07, tensor 0.86-0.95, delayed 0.97-1.01,
-blockwise 1.26-2.06; XLA:CPU has no FP8 matmul, so the tiles are simulated and FP8 is
-slower). "quick": 100 steps at batch 8 (a sixth of the tokens), for a first look only: too short
-to judge the 0.5% criterion. "runlocal": a smoke test (tiny model, 3 steps).
+Default: tiny_moe's model and data, 300 steps per run, five runs per seed, seeds 0-3
+(experiments/fp8_study.py). With FP8 in the dense projections and the experts, one seed took
+23.9 minutes alone on 2 CPU cores (s/step: float32 0.37, bfloat16 0.99, tensor 0.89, delayed
+0.80, blockwise 1.19; XLA:CPU has no FP8 matmul, so the tiles are simulated and FP8 is no
+faster) and 32.9 minutes sharing them with a test run: about 1.6 hours for the four seeds.
+A rerun in the same workdir skips finished runs, so seeds can be added later (--config.seeds).
+"quick": one seed, 100 steps at batch 8 (a sixth of the tokens), for a first look only: too
+short to judge the 0.5% criterion. "runlocal": a smoke test (tiny model, 3 steps).
 """
 import importlib.util
 import pathlib
