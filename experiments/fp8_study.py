@@ -194,13 +194,16 @@ def same_weights_rows(config: ExperimentConfig, workdir: str) -> list[dict]:
   """Held-out loss of each seed's final bfloat16 weights under each run's numerics: what a
   recipe's rounding costs the forward pass, free of the chaos of training. "delayed" is left
   out: its scales come from amax histories that the bfloat16 run never kept."""
+  seeds = study_seeds(config)
+  # One setup (and one compiled evaluation) per recipe for all seeds: the held-out batches do
+  # not depend on train.seed.
+  setups = {name: train.Setup(run_config(config, name, seeds[0])) for name in SAME_WEIGHTS_RUNS}
   rows = []
-  for seed in study_seeds(config):
+  for seed in seeds:
     _, state, step = train.load_state(run_config(config, BASELINE, seed),
                                       run_dir(workdir, seed, BASELINE))
     weights = {"params": state["params"], "moe_state": state["moe_state"]}
-    losses = {name: train.Setup(run_config(config, name, seed)).evaluate(weights)["eval_loss"]
-              for name in SAME_WEIGHTS_RUNS}
+    losses = {name: setup.evaluate(weights)["eval_loss"] for name, setup in setups.items()}
     rows += [{"seed": seed, "run": name, "recipe": RUNS[name][1], "step": step,
               "eval_loss": losses[name], "rel_diff": _rel(losses[name], losses[BASELINE])}
              for name in SAME_WEIGHTS_RUNS]
@@ -368,11 +371,10 @@ def _smooth(values: np.ndarray, window: int) -> np.ndarray:
   return np.convolve(values, np.ones(window) / window, mode="valid")
 
 
-def _relative_curve(run: dict, base: dict) -> tuple[np.ndarray, np.ndarray]:
-  """(steps, (L - L_bf16) / L_bf16) of one run against its seed's bfloat16 run."""
+def _relative_curve(run: dict, base: dict) -> dict[int, float]:
+  """step -> (L - L_bf16) / L_bf16 of one run against its seed's bfloat16 run."""
   b = dict(base["curve"])
-  pairs = [(s, (l - b[s]) / b[s]) for s, l in run["curve"] if s in b]
-  return tuple(np.array(v, np.float64) for v in zip(*pairs)) if pairs else (np.zeros(0),) * 2
+  return {s: (l - b[s]) / b[s] for s, l in run["curve"] if s in b}
 
 
 def plot(path: str, results: dict[int, dict[str, dict]], qrows: list[dict], steps: int):
@@ -391,9 +393,9 @@ def plot(path: str, results: dict[int, dict[str, dict]], qrows: list[dict], step
       ax_loss.plot(s[window - 1:], _smooth(l, window), label=name, lw=1)
     curves = [_relative_curve(by_name[name], by_name[BASELINE])
               for by_name in results.values() if name in by_name]
-    common = sorted(set.intersection(*(set(c[0].tolist()) for c in curves))) if curves else []
+    common = sorted(set.intersection(*map(set, curves))) if curves else []
     if common:
-      mean = np.mean([np.interp(common, *c) for c in curves], axis=0)
+      mean = np.mean([[c[s] for s in common] for c in curves], axis=0)
       ax_diff.plot(np.array(common)[window - 1:], 100 * _smooth(mean, window), label=name, lw=1)
   ax_loss.set(xlabel="step", ylabel=f"train loss (mean of {window} steps)",
               title=f"Loss (seed {first})")
