@@ -37,10 +37,15 @@ def get_config(arg=None):
   t = config.train
   t.steps = 300                         # per run; the acceptance criterion asks for >= 300
   t.log_every = 1                       # every step's train loss goes into the curves
-  t.eval_every = 100                    # held-out loss; the last one is the headline figure
+  # One held-out evaluation, at the end: the headline figure. 32 batches = 65,536 held-out
+  # tokens (45% of the split, no window twice), as many as the train-loss figure averages (the
+  # last 30 steps). With tiny_moe's 4 batches (8,192 tokens), the six-seed held-out difference
+  # of blockwise to bfloat16 had a standard error of 0.81% against 0.57% for the train loss.
+  t.eval_every = 300
+  t.eval_batches = 32
   t.checkpoint_every = 100              # a killed study resumes its run from here
   if arg == "quick":
-    t.steps, t.batch_size, t.eval_every = 100, 8, 50
+    t.steps, t.batch_size, t.eval_every, t.eval_batches = 100, 8, 100, 8
     config.seeds = (0,)
   elif arg == "runlocal":
     t.steps, t.warmup_steps, t.eval_every, t.checkpoint_every, t.eval_batches = 3, 1, 3, 3, 1
