@@ -56,11 +56,6 @@ def layout(num_assignments: int, num_experts: int, backend: str) -> tuple[int, i
   return block, bucket
 
 
-def _silu_grad(a):
-  sig = jax.nn.sigmoid(a)
-  return sig * (1 + a * (1 - sig))
-
-
 def _expert(w, e):
   return jax.lax.dynamic_index_in_dim(w, e, axis=0, keepdims=False)
 
@@ -178,7 +173,8 @@ def _routed_bwd(seg, residuals, dy_TxD):
     ddown = accumulate(ddown, e, jnp.dot((silu_BxF * b_BxF).T, dy_BxD,
                                          preferred_element_type=f32))
     dh_BxF = dy_BxD @ _expert(down_ExFxD, e).T
-    dab_Bx2F = jnp.concatenate([dh_BxF * b_BxF * _silu_grad(a_BxF), dh_BxF * silu_BxF], -1)
+    da_BxF = dh_BxF * b_BxF * grouped_fp8.silu_grad(a_BxF)
+    dab_Bx2F = jnp.concatenate([da_BxF, dh_BxF * silu_BxF], -1)
     dgate_up_Dx2F = jnp.dot(x_BxD.T, dab_Bx2F, preferred_element_type=f32)
     dgate_DxF, dup_DxF = jnp.split(dgate_up_Dx2F, 2, axis=-1)
     dgate, dup = accumulate(dgate, e, dgate_DxF), accumulate(dup, e, dup_DxF)

@@ -64,7 +64,8 @@ def _state(states, name, e):
   return {k: _expert(h, e) for k, h in states[name].items()} if states else {}
 
 
-def _silu_grad(a):
+def silu_grad(a):
+  """d silu(a) / da; the hand-written backward passes of both grouped backends use it."""
   sig = jax.nn.sigmoid(a)
   return sig * (1 + a * (1 - sig))
 
@@ -126,7 +127,7 @@ def _blocks_bwd(block, cfg, residuals, dy_RxD):
     silu_BxF = jax.nn.silu(a_BxF)
     h_BxF = silu_BxF * b_BxF
     dh_BxF, ddown = grads(h_BxF, "down", dy_BxD, e)
-    da_BxF, db_BxF = dh_BxF * b_BxF * _silu_grad(a_BxF), dh_BxF * silu_BxF
+    da_BxF, db_BxF = dh_BxF * b_BxF * silu_grad(a_BxF), dh_BxF * silu_BxF
     dxa_BxD, dgate = grads(x_BxD, "gate", da_BxF, e)
     dxb_BxD, dup = grads(x_BxD, "up", db_BxF, e)
     dx_RxD = lax.dynamic_update_slice_in_dim(dx_RxD, dxa_BxD + dxb_BxD, n * block, axis=0)
