@@ -100,16 +100,9 @@ def _check_run_dir(cfg: ExperimentConfig, workdir: str):
                           "another --workdir for a new study")
 
 
-def train_run(cfg: ExperimentConfig, workdir: str) -> dict:
-  """Trains (or finishes) one run; its curves and final figures from its metrics.jsonl."""
-  _check_run_dir(cfg, workdir)
-  log, wall_path = os.path.join(workdir, metrics.METRICS_FILE), os.path.join(workdir, WALL_FILE)
-  done_before = max((r["step"] for r in metrics.read_jsonl(log)), default=0)
-  start = time.perf_counter()
-  train.train(cfg, workdir)
-  wall_s = time.perf_counter() - start
-  records = metrics.read_jsonl(log)
-  trained = max((r["step"] for r in records), default=0) > done_before
+def _add_wall_s(wall_path: str, log: str, done_before: int, wall_s: float) -> float:
+  """This run's training seconds summed over its resumptions, kept in wall_path."""
+  trained = max((r["step"] for r in metrics.read_jsonl(log)), default=0) > done_before
   if os.path.exists(wall_path):
     with open(wall_path) as f:
       wall_s = json.load(f) + (wall_s if trained else 0.0)
@@ -118,6 +111,22 @@ def train_run(cfg: ExperimentConfig, workdir: str) -> dict:
   if jax.process_index() == 0:
     with open(wall_path, "w") as f:
       json.dump(wall_s, f)
+  return wall_s
+
+
+def train_run(cfg: ExperimentConfig, workdir: str) -> dict:
+  """Trains (or finishes) one run; its curves and final figures from its metrics.jsonl."""
+  _check_run_dir(cfg, workdir)
+  log, wall_path = os.path.join(workdir, metrics.METRICS_FILE), os.path.join(workdir, WALL_FILE)
+  done_before = max((r["step"] for r in metrics.read_jsonl(log)), default=0)
+  start = time.perf_counter()
+  try:
+    train.train(cfg, workdir)
+  except train.Preempted:  # saved; the study stops with it, keeping the time spent
+    _add_wall_s(wall_path, log, done_before, time.perf_counter() - start)
+    raise
+  wall_s = _add_wall_s(wall_path, log, done_before, time.perf_counter() - start)
+  records = metrics.read_jsonl(log)
   steps, t = cfg.train.steps, cfg.train
   curve = [(r["step"], r["loss"]) for r in records if "loss" in r and r["loss"] is not None]
   evals = [(r["step"], r["eval_loss"]) for r in records if "eval_loss" in r]

@@ -2,7 +2,9 @@
 [--config.train.steps=100 ...]`. Runs the study named by the config's `experiment` field.
 
 Any config problem (a bad flag, key, type, range, mesh or data path) exits with status 2 and one
-line naming the key, before anything is written; a diverged run exits with status 3.
+line naming the key, before anything is written; a diverged run exits with status 3. SIGTERM
+saves the current step and exits with status 0, a study of several runs included (a rerun
+resumes where it stopped).
 """
 import importlib.util
 import os
@@ -90,7 +92,9 @@ def main(argv):
   except config.ConfigError as e:
     _exit(str(e))
   except Exception as e:  # pylint: disable=broad-except
-    from moe_jax.train import Diverged  # pylint: disable=import-outside-toplevel
+    from moe_jax.train import Diverged, Preempted  # pylint: disable=import-outside-toplevel
+    if isinstance(e, Preempted):
+      return  # saved; a rerun resumes (status 0, as a scheduler expects after SIGTERM)
     if not isinstance(e, Diverged):
       raise
     _exit(str(e), code=3)

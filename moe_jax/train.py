@@ -45,6 +45,11 @@ class Diverged(RuntimeError):
   """Too many non-finite steps in a row; the message is one line."""
 
 
+class Preempted(Exception):
+  """SIGTERM arrived: the current step is saved. Raised (not returned) so that a study training
+  several runs stops too instead of starting its next run inside the grace period."""
+
+
 def learning_rate(step: jax.Array, cfg: TrainConfig) -> jax.Array:
   """Linear warmup to the peak over warmup_steps (step 0 already moves), then cosine decay to
   peak * min_lr_ratio at the last step."""
@@ -294,7 +299,8 @@ def train(cfg: ExperimentConfig, workdir: str,
   """Trains (or resumes) the run in `workdir`; returns the last logged train record.
 
   step_hooks: called as hook(steps_completed, state) after every step (tests use it to kill).
-  Raises ConfigError before writing anything if the config does not fit this machine or data.
+  Raises ConfigError before writing anything if the config does not fit this machine or data,
+  Diverged, and Preempted after saving the current step on SIGTERM.
   """
   setup = Setup(cfg)
   check_workdir(cfg, workdir)
@@ -318,7 +324,7 @@ def train(cfg: ExperimentConfig, workdir: str,
   flops_per_token = metrics.train_flops_per_token(model.count_params(cfg.model, cfg.moe),
                                                   cfg.model, t.seq_len)
   matmul_rate = metrics.measure_matmul_flops()
-  preemption, window, record = _Preemption(), [], {}
+  preemption, window, record, preempted_at = _Preemption(), [], {}, None
   clock, clock_step = None, start
   try:
     batch = setup.batches.train(start) if start < t.steps else None
@@ -367,6 +373,7 @@ def train(cfg: ExperimentConfig, workdir: str,
       if preemption.requested():
         ckpt.save(done, state, wait=True)
         say(f"SIGTERM: saved step {done} to {ckpt.directory}, exiting")
+        preempted_at = done
         break
     ckpt.wait()
   finally:
@@ -377,6 +384,8 @@ def train(cfg: ExperimentConfig, workdir: str,
     ckpt.close()
   if main:
     metrics.plot(workdir)
+  if preempted_at is not None:
+    raise Preempted(f"SIGTERM: stopped after saving step {preempted_at} in {workdir}")
   return record
 
 

@@ -269,3 +269,27 @@ def test_fp8_study_resumes_runs_written_before_the_seeds_field(tmp_path):
   check(run, str(tmp_path))
   with pytest.raises(config.ConfigError, match="used another config"):
     check(fp8_study.run_config(cfg, "float32", 1), str(tmp_path))
+
+
+def test_fp8_study_stops_when_a_run_is_preempted(tmp_path, monkeypatch):
+  """SIGTERM during a run (train.Preempted, raised after the save) ends the study there: no
+  later run starts inside the scheduler's grace period, and the run's time is kept."""
+  cfg = runpy.run_path(str(CONFIGS / "fp8_study.py"))["get_config"]("runlocal")
+  cfg.data.source = "synthetic"
+  cfg = config.from_config_dict(cfg)
+  started = []
+
+  def preempted_train(run_cfg, workdir):
+    started.append(workdir)
+    os.makedirs(workdir, exist_ok=True)
+    with open(os.path.join(workdir, "metrics.jsonl"), "w") as f:
+      f.write(json.dumps({"step": 1, "loss": 5.0}) + "\n")
+    raise train.Preempted(f"SIGTERM: stopped after saving step 1 in {workdir}")
+
+  monkeypatch.setattr(fp8_study.train, "train", preempted_train)
+  with pytest.raises(train.Preempted):
+    fp8_study.run(cfg, str(tmp_path))
+  assert started == [fp8_study.run_dir(str(tmp_path), 0, "float32")]
+  with open(os.path.join(started[0], fp8_study.WALL_FILE)) as f:
+    assert json.load(f) > 0
+  assert not os.path.exists(tmp_path / "fp8_study.csv")

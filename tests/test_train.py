@@ -5,6 +5,7 @@ The whole runner (resume, SIGTERM, bad configs, two processes) is tested in test
 import io
 import json
 import os
+import signal
 
 import jax
 import numpy as np
@@ -158,3 +159,13 @@ def test_workdir_of_another_model_is_refused(tmp_path):
   other = config.from_config_dict(dict(cfg.to_dict(), moe=dict(cfg.to_dict()["moe"], top_k=1)))
   with pytest.raises(ConfigError, match=r"^moe\.top_k=1: the run in .* used 2; use another"):
     train.check_workdir(other, str(tmp_path))
+
+
+def test_sigterm_saves_the_step_then_raises_preempted(tmp_path):
+  cfg = tiny(checkpoint_every=100)
+  sigterm_after_3 = lambda done, state: done == 3 and os.kill(os.getpid(), signal.SIGTERM)
+  with pytest.raises(train.Preempted, match=r"^SIGTERM: stopped after saving step 3 in "):
+    train.train(cfg, str(tmp_path), step_hooks=[sigterm_after_3])
+  assert os.listdir(tmp_path / "checkpoints") == ["3"]
+  assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handler is gone again
+  assert train.train(cfg, str(tmp_path))["step"] == 10  # the rerun resumes and finishes
