@@ -7,7 +7,9 @@ Default: tiny_moe's model and data, 300 steps per run, five runs per seed, seeds
 (experiments/fp8_study.py). With FP8 in the dense projections and the experts, one seed took
 23.9 minutes alone on 2 CPU cores (s/step: float32 0.37, bfloat16 0.99, tensor 0.89, delayed
 0.80, blockwise 1.19; XLA:CPU has no FP8 matmul, so the tiles are simulated and FP8 is no
-faster) and 32.9 minutes sharing them with a test run: about 2.5 hours for the six seeds.
+faster) and 32.9 minutes sharing them with a test run: about 2.5 hours for the six seeds. On a
+slower machine (AMD EPYC, AVX2; s/step float32 0.90, bfloat16 1.33, tensor 1.69, delayed 1.43,
+blockwise ~3.6) one seed took about 45 minutes alone.
 A rerun in the same workdir skips finished runs, so seeds can be added later (--config.seeds).
 "quick": one seed, 100 steps at batch 8 (a sixth of the tokens), for a first look only: too
 short to judge the 0.5% criterion. "runlocal": a smoke test (tiny model, 3 steps).
