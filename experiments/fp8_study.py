@@ -100,9 +100,9 @@ def _check_run_dir(cfg: ExperimentConfig, workdir: str):
                           "another --workdir for a new study")
 
 
-def _add_wall_s(wall_path: str, log: str, done_before: int, wall_s: float) -> float:
+def _add_wall_s(wall_path: str, records: list[dict], done_before: int, wall_s: float) -> float:
   """This run's training seconds summed over its resumptions, kept in wall_path."""
-  trained = max((r["step"] for r in metrics.read_jsonl(log)), default=0) > done_before
+  trained = max((r["step"] for r in records), default=0) > done_before
   if os.path.exists(wall_path):
     with open(wall_path) as f:
       wall_s = json.load(f) + (wall_s if trained else 0.0)
@@ -123,10 +123,10 @@ def train_run(cfg: ExperimentConfig, workdir: str) -> dict:
   try:
     train.train(cfg, workdir)
   except train.Preempted:  # saved; the study stops with it, keeping the time spent
-    _add_wall_s(wall_path, log, done_before, time.perf_counter() - start)
+    _add_wall_s(wall_path, metrics.read_jsonl(log), done_before, time.perf_counter() - start)
     raise
-  wall_s = _add_wall_s(wall_path, log, done_before, time.perf_counter() - start)
   records = metrics.read_jsonl(log)
+  wall_s = _add_wall_s(wall_path, records, done_before, time.perf_counter() - start)
   steps, t = cfg.train.steps, cfg.train
   curve = [(r["step"], r["loss"]) for r in records if "loss" in r and r["loss"] is not None]
   evals = [(r["step"], r["eval_loss"]) for r in records if "eval_loss" in r]

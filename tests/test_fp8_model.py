@@ -40,7 +40,11 @@ def setup():
   return params, state, {"inputs": tokens[:, :-1], "targets": tokens[:, 1:]}
 
 
-@pytest.mark.parametrize("recipe", ["tensor", "delayed", "blockwise"])
+# Each recipe compiles the whole model's gradient (~40 s on 2 cores): blockwise in the main
+# suite, the per-tensor recipes in the slow step (their numerics are tested on single products
+# in test_fp8.py and in the layer in test_fp8_moe.py).
+@pytest.mark.parametrize("recipe", [pytest.param("tensor", marks=pytest.mark.slow),
+                                    pytest.param("delayed", marks=pytest.mark.slow), "blockwise"])
 def test_fp8_loss_and_gradient_track_the_plain_ones(setup, recipe):
   params, state, batch = setup
   cfg = fp8_cfg(recipe)
@@ -202,6 +206,7 @@ def test_quantization_rows_show_tiles_isolating_token_outliers():
   assert fp8_study.absorbed_up_to(rows, "token", "blockwise") is None
 
 
+@pytest.mark.slow  # ten 3-step runs and their evaluations: ~4 minutes on 2 cores
 def test_fp8_study_end_to_end(tmp_path):
   cfg = runpy.run_path(str(CONFIGS / "fp8_study.py"))["get_config"]("runlocal")
   cfg.mesh.data = jax.device_count()  # the tests' fake devices

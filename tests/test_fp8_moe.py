@@ -170,11 +170,16 @@ def test_layer_forward_is_dequantize_then_matmul(backend):
 
 
 MESHES = {"1x8": dict(expert=8), "2x4": dict(data=2, expert=4)}
-SHARDED = [("alltoall", "1x8"), ("alltoall", "2x4"), ("gshard", "2x4")]
+# Each case compiles the layer and its gradient twice (~40 s on 2 cores): the main suite runs
+# one per parallelism, mesh and recipe; the other combinations run in the slow step.
+slow = pytest.mark.slow
 
 
-@pytest.mark.parametrize("recipe", ["blockwise", "delayed"])
-@pytest.mark.parametrize("parallelism,mesh_name", SHARDED)
+@pytest.mark.parametrize("parallelism,mesh_name,recipe", [
+    ("alltoall", "1x8", "delayed"), ("alltoall", "2x4", "blockwise"), ("gshard", "2x4", "delayed"),
+    pytest.param("alltoall", "1x8", "blockwise", marks=slow),
+    pytest.param("alltoall", "2x4", "delayed", marks=slow),
+    pytest.param("gshard", "2x4", "blockwise", marks=slow)])
 def test_sharded_fp8_equals_single_device(parallelism, mesh_name, recipe):
   fcfg = FP8Config(recipe=recipe, tile=TILE, amax_history_len=3)
   params, state, x, fp8_state = setup(CFG, fcfg)
@@ -224,8 +229,10 @@ def dispatch_reference(params, state, x, cfg, fcfg, fp8_state):
   return y.reshape(x.shape)
 
 
-@pytest.mark.parametrize("recipe", ["blockwise", "delayed"])
-@pytest.mark.parametrize("mesh_name", [None, "1x8", "2x4"])
+@pytest.mark.parametrize("mesh_name,recipe", [
+    (None, "blockwise"), ("1x8", "delayed"), ("2x4", "blockwise"),
+    pytest.param(None, "delayed", marks=slow), pytest.param("1x8", "blockwise", marks=slow),
+    pytest.param("2x4", "delayed", marks=slow)])
 def test_fp8_dispatch_rounds_the_sent_rows(mesh_name, recipe):
   fcfg = FP8Config(recipe=recipe, tile=TILE, amax_history_len=3, dispatch=True)
   params, state, x, fp8_state = setup(CFG, fcfg)

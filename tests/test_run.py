@@ -69,11 +69,11 @@ run.entry()
 
 
 @pytest.fixture(scope="module")
-def env(tmp_path_factory):
-  cache = tmp_path_factory.mktemp("jax_cache")
+def env():
+  # Inherits the session's compilation cache (conftest.py): reruns of a config compile in ~1 s.
+  flags = [f for f in os.environ["XLA_FLAGS"].split() if "device_count" not in f]
   env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1",
-             XLA_FLAGS="--xla_force_host_platform_device_count=1",
-             JAX_COMPILATION_CACHE_DIR=str(cache), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
+             XLA_FLAGS=" ".join(flags + ["--xla_force_host_platform_device_count=1"]))
   env.pop("MOE_JAX_NUM_PROCESSES", None)
   return env
 
@@ -242,9 +242,7 @@ def test_bad_config_exits_with_one_line_and_writes_nothing(env, config_file, tmp
   assert not workdir.exists()
 
 
-def test_two_processes_match_one(env, config_file, tmp_path, monkeypatch):
-  for name in ("JAX_COMPILATION_CACHE_DIR", "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"):
-    monkeypatch.setenv(name, env[name])
+def test_two_processes_match_one(env, config_file, tmp_path):
   # Expert parallelism across the two processes: the all-to-all crosses the process boundary.
   arg = "mesh.expert=8;moe.parallelism='alltoall';train.steps=4;train.eval_every=4"
   script = f"import sys\nsys.path.insert(0, {str(REPO)!r})\nfrom experiments import run\nrun.entry()\n"
