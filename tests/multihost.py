@@ -34,11 +34,16 @@ def free_port() -> int:
     return s.getsockname()[1]
 
 
+def xla_flags(devices: int) -> str:
+  """This process's XLA_FLAGS (conftest.py's compile settings) with `devices` fake devices."""
+  flags = [f for f in os.environ.get("XLA_FLAGS", "").split()
+           if "xla_force_host_platform_device_count" not in f]
+  return " ".join(flags + [f"--xla_force_host_platform_device_count={devices}"])
+
+
 def _child_env(devices: int, port: int, num_processes: int, process_id: int) -> dict[str, str]:
   env = {k: v for k, v in os.environ.items() if not k.startswith(_CLUSTER_PREFIXES)}
-  flags = [f for f in env.get("XLA_FLAGS", "").split()
-           if "xla_force_host_platform_device_count" not in f]
-  env["XLA_FLAGS"] = " ".join(flags + [f"--xla_force_host_platform_device_count={devices}"])
+  env["XLA_FLAGS"] = xla_flags(devices)
   env["JAX_PLATFORMS"] = "cpu"
   env["PYTHONUNBUFFERED"] = "1"
   env[distributed.ENV_NUM_PROCESSES] = str(num_processes)

@@ -71,9 +71,8 @@ run.entry()
 @pytest.fixture(scope="module")
 def env():
   # Inherits the session's compilation cache (conftest.py): reruns of a config compile in ~1 s.
-  flags = [f for f in os.environ["XLA_FLAGS"].split() if "device_count" not in f]
   env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1",
-             XLA_FLAGS=" ".join(flags + ["--xla_force_host_platform_device_count=1"]))
+             XLA_FLAGS=multihost.xla_flags(1))
   env.pop("MOE_JAX_NUM_PROCESSES", None)
   return env
 
