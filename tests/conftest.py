@@ -16,8 +16,9 @@ if not any("xla_backend_optimization_level" in f for f in _flags):
   _flags += ["--xla_backend_optimization_level=0", "--xla_llvm_disable_expensive_passes=true"]
 os.environ["XLA_FLAGS"] = " ".join(_flags)
 
-# Many tests compile the same programs: the same tiny model's train step in several tests and in each `experiments.run` subprocess (which inherit
-# this environment), each seed of the FP8 study. A compilation cache for this session only
+# Many tests compile the same programs: the same tiny model's train step in several tests and
+# in each `experiments.run` subprocess (which inherit this environment), each seed of the FP8
+# study. A compilation cache for this session only
 # (fresh each run, so no test depends on an earlier run) halves such tests.
 if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
   _cache = tempfile.mkdtemp(prefix="moe_jax_tests_xla_cache_")
