@@ -201,20 +201,44 @@ def _chunked_matmul(qa_GxMxC: jax.Array, sa_GxMxCb: jax.Array, qb_GxCxN: jax.Arr
                     sb_GxCbxN: jax.Array, tile: int) -> jax.Array:
   """sum_c (qa[..., c-chunk] @ qb[c-chunk, :]) * sa[:, c] * sb[c, :], float32 throughout.
 
-  Each tile-long chunk of the contraction is its own float32 dot whose partial sum is scaled
-  and added in float32: the promotion DeepSeek-V3 does on tensor cores. Holds Cb partial
+  Each tile-long chunk of the contraction is its own float32 dot (one batched dot, a ragged
+  last chunk zero-padded); the partial sums are scaled and added into a float32 accumulator
+  chunk by chunk, in order: the promotion DeepSeek-V3 does on CUDA cores. For XLA:CPU's sake
+  the sum is unrolled (one reduce over the chunk axis took YNNPACK 20x the dot's time, in an
+  order of its own) and a lone chunk is not padded (dw of a 16-row overflow block would
+  multiply 8x the rows). A ragged last chunk after full ones stays padded: as a dot of its own
+  it changed the last float32 bit between sharded and single-device layers. Holds Cb partial
   products at once (Cb x the output's memory); a fused kernel is the GPU path.
   """
   G, M, C = qa_GxMxC.shape
   N = qb_GxCxN.shape[2]
   Cb = sa_GxMxCb.shape[2]
-  pad = Cb * tile - C
-  qa = jnp.pad(qa_GxMxC, ((0, 0), (0, 0), (0, pad))).reshape(G, M, Cb, tile)
-  qb = jnp.pad(qb_GxCxN, ((0, 0), (0, pad), (0, 0))).reshape(G, Cb, tile, N)
-  dims = (((3,), (2,)), ((0, 2), (0, 1)))
-  p_GxCbxMxN = lax.dot_general(qa, qb, dims, preferred_element_type=jnp.float32)
-  sa_GxCbxMx1 = jnp.swapaxes(sa_GxMxCb, 1, 2)[..., None]
-  return jnp.sum(p_GxCbxMxN * sa_GxCbxMx1 * sb_GxCbxN[:, :, None, :], axis=1)
+  if Cb == 1:
+    p_GxCbxMxN = _dot_f32(qa_GxMxC, qb_GxCxN)[:, None]
+  else:
+    pad = Cb * tile - C
+    qa = jnp.pad(qa_GxMxC, ((0, 0), (0, 0), (0, pad))).reshape(G, M, Cb, tile)
+    qb = jnp.pad(qb_GxCxN, ((0, 0), (0, pad), (0, 0))).reshape(G, Cb, tile, N)
+    dims = (((3,), (2,)), ((0, 2), (0, 1)))
+    p_GxCbxMxN = lax.dot_general(qa, qb, dims, preferred_element_type=jnp.float32)
+  acc_GxMxN = None
+  for c in range(Cb):
+    part = p_GxCbxMxN[:, c] * sa_GxMxCb[:, :, c, None] * sb_GxCbxN[:, c, None, :]
+    acc_GxMxN = part if acc_GxMxN is None else acc_GxMxN + part
+  return jnp.zeros((G, M, N), jnp.float32) if acc_GxMxN is None else acc_GxMxN
+
+
+def weight_blocks(cfg: FP8Config, w_GxKxN: jax.Array, transpose: bool = False):
+  """"blockwise" weights: the FP8 tile x tile blocks of w (of w^T for dx = g @ w^T) and their
+  scales repeated along the output dim, ([G, K, N], [G, Kb, N]) or ([G, N, K], [G, Nb, K]).
+  Quantizing is deterministic: callers that multiply one weight many times (the MoE's overflow
+  blocks) quantize it once and pass the blocks to `_forward` / `_backward`."""
+  t = cfg.tile
+  qw, sw = quantize(w_GxKxN, dtype=FP8_DTYPES[cfg.fwd_dtype], block_shape=(t, t),
+                    power_of_two=cfg.power_of_two_scale)
+  if transpose:
+    qw, sw = jnp.swapaxes(qw, 1, 2), jnp.swapaxes(sw, 1, 2)
+  return qw, _expand(sw, (1, t), sw.shape[:2] + qw.shape[2:])
 
 
 def _tensor_quantize(x_GxMxN: jax.Array, scale_G: jax.Array, dtype) -> jax.Array:
@@ -248,30 +272,30 @@ def _scales_from_amax(cfg: FP8Config, current, state: DelayedState):
           for a, dt in zip(amaxes, (fwd, fwd, grad))]
 
 
-def _forward(cfg: FP8Config, x_GxMxK, w_GxKxN, state: DelayedState) -> jax.Array:
+def _forward(cfg: FP8Config, x_GxMxK, w_GxKxN, state: DelayedState, w_blocks=None) -> jax.Array:
+  """y = x @ w per the recipe; "blockwise" takes w's `weight_blocks` if given."""
   fwd, t = FP8_DTYPES[cfg.fwd_dtype], cfg.tile
   p2 = cfg.power_of_two_scale
   if cfg.recipe == "blockwise":
     qx, sx = quantize(x_GxMxK, dtype=fwd, block_shape=(1, t), power_of_two=p2)
-    qw, sw = quantize(w_GxKxN, dtype=fwd, block_shape=(t, t), power_of_two=p2)
-    sw_GxKbxN = _expand(sw, (1, t), w_GxKxN.shape[:1] + sw.shape[1:2] + w_GxKxN.shape[2:])
+    qw, sw_GxKbxN = w_blocks if w_blocks is not None else weight_blocks(cfg, w_GxKxN)
     return _chunked_matmul(qx, sx, qw, sw_GxKbxN, t)
   sx, sw, _ = _per_tensor_scales(cfg, x_GxMxK, w_GxKxN, None, state)
   return _tensor_matmul(_tensor_quantize(x_GxMxK, sx, fwd), _tensor_quantize(w_GxKxN, sw, fwd),
                         sx, sw)
 
 
-def _backward(cfg: FP8Config, x_GxMxK, w_GxKxN, g_GxMxN, state: DelayedState):
+def _backward(cfg: FP8Config, x_GxMxK, w_GxKxN, g_GxMxN, state: DelayedState, wT_blocks=None):
+  """(dx, dw) per the recipe; "blockwise" takes w's transposed `weight_blocks` if given."""
   fwd, grad, t = FP8_DTYPES[cfg.fwd_dtype], FP8_DTYPES[cfg.grad_dtype], cfg.tile
   p2 = cfg.power_of_two_scale
   xT_GxKxM = jnp.swapaxes(x_GxMxK, 1, 2)
   if cfg.recipe == "blockwise":
     # dx = g @ w^T: g tiled along N; w's 128x128 blocks, transposed, serve unchanged.
     qg, sg = quantize(g_GxMxN, dtype=grad, block_shape=(1, t), power_of_two=p2)
-    qw, sw = quantize(w_GxKxN, dtype=fwd, block_shape=(t, t), power_of_two=p2)
-    K = w_GxKxN.shape[1]
-    swT_GxNbxK = _expand(jnp.swapaxes(sw, 1, 2), (1, t), sw.shape[:1] + sw.shape[2:] + (K,))
-    dx = _chunked_matmul(qg, sg, jnp.swapaxes(qw, 1, 2), swT_GxNbxK, t)
+    qwT, swT_GxNbxK = (wT_blocks if wT_blocks is not None
+                       else weight_blocks(cfg, w_GxKxN, transpose=True))
+    dx = _chunked_matmul(qg, sg, qwT, swT_GxNbxK, t)
     # dw = x^T @ g: both tiled along the token dim M, which is the contraction here.
     qxT, sxT = quantize(xT_GxKxM, dtype=fwd, block_shape=(1, t), power_of_two=p2)
     qg2, sg2 = quantize(g_GxMxN, dtype=grad, block_shape=(t, 1), power_of_two=p2)

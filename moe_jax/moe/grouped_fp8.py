@@ -64,6 +64,18 @@ def _state(states, name, e):
   return {k: _expert(h, e) for k, h in states[name].items()} if states else {}
 
 
+def _weight_blocks(cfg, weights: dict, transpose: bool) -> Optional[dict]:
+  """"blockwise": every expert's FP8 weight blocks, quantized once for the whole block loop
+  rather than once per block (the loop runs ~90 blocks per layer at tiny_moe's size)."""
+  if cfg.recipe != "blockwise":
+    return None
+  return {k: fp8.weight_blocks(cfg, w, transpose) for k, w in weights.items()}
+
+
+def _expert_blocks(blocks: Optional[dict], name: str, e):
+  return None if blocks is None else tuple(_expert(b, e) for b in blocks[name])
+
+
 def silu_grad(a):
   """d silu(a) / da; the hand-written backward passes of both grouped backends use it."""
   sig = jax.nn.sigmoid(a)
@@ -85,8 +97,9 @@ def _blocks(x_RxD, gate, up, down, block_expert_N, used_blocks, states, block, c
 def _blocks_fwd(x_RxD, gate, up, down, block_expert_N, used_blocks, states, block, cfg):
   r, d = x_RxD.shape
   dtype = x_RxD.dtype
-  dot = lambda x, name, wt, e: fp8._forward(cfg, x[None], _expert(wt, e),
-                                            _state(states, name, e))[0].astype(dtype)
+  blocks = _weight_blocks(cfg, {"gate": gate, "up": up, "down": down}, transpose=False)
+  dot = lambda x, name, wt, e: fp8._forward(cfg, x[None], _expert(wt, e), _state(states, name, e),
+                                            _expert_blocks(blocks, name, e))[0].astype(dtype)
 
   def body(n, carry):
     y_RxD, ab_Rx2F = carry
@@ -107,10 +120,11 @@ def _blocks_bwd(block, cfg, residuals, dy_RxD):
   x_RxD, ab_Rx2F, gate, up, down, block_expert_N, used_blocks, states = residuals
   dtype, e_count = x_RxD.dtype, gate.shape[0]
   weights = {"gate": gate, "up": up, "down": down}
+  blocks = _weight_blocks(cfg, weights, transpose=True)
 
   def grads(x, name, g, e):
     dx, dw = fp8._backward(cfg, x[None], _expert(weights[name], e), g[None],
-                           _state(states, name, e))
+                           _state(states, name, e), _expert_blocks(blocks, name, e))
     return dx[0].astype(dtype), dw
 
   def add(w, e, delta):  # in place on the loop carry, not a scatter
@@ -201,17 +215,6 @@ def _chunked(qa_RxC, sa_RxCb, qb_ExCxN, sb_ExCbxN, group_sizes_E, e_R, tile):
   return out
 
 
-def _weight_blocks(cfg, w_ExKxN, transpose: bool):
-  """w's tile x tile blocks (transposed for dx) and their scales repeated along N: [E, Kb, N]."""
-  t = cfg.tile
-  qw, sw = fp8.quantize(w_ExKxN, dtype=fp8.FP8_DTYPES[cfg.fwd_dtype], block_shape=(t, t),
-                        power_of_two=cfg.power_of_two_scale)
-  if transpose:
-    qw, sw = jnp.swapaxes(qw, 1, 2), jnp.swapaxes(sw, 1, 2)
-  n = qw.shape[2]
-  return qw, fp8._expand(sw, (1, t), sw.shape[:2] + (n,))
-
-
 def _ragged_scales(cfg, x_RxK, w_ExKxN, g_RxN, e_R, state):
   e = w_ExKxN.shape[0]
   current = [_expert_amax(x_RxK, e_R, e), fp8._tensor_amax(w_ExKxN),
@@ -224,7 +227,7 @@ def _ragged_forward(cfg, x_RxK, w_ExKxN, group_sizes_E, state):
   e_R = _row_expert(group_sizes_E, x_RxK.shape[0])
   if cfg.recipe == "blockwise":
     qx, sx = fp8.quantize(x_RxK, dtype=fwd, block_shape=(1, t), power_of_two=p2)
-    qw, sw = _weight_blocks(cfg, w_ExKxN, transpose=False)
+    qw, sw = fp8.weight_blocks(cfg, w_ExKxN)
     return _chunked(qx, sx, qw, sw, group_sizes_E, e_R, t)
   sx, sw, _ = _ragged_scales(cfg, x_RxK, w_ExKxN, None, e_R, state)
   qx = _per_row_quantize(x_RxK, _per_row(sx, e_R), fwd)
@@ -259,7 +262,7 @@ def _ragged_backward(cfg, x_RxK, w_ExKxN, g_RxN, group_sizes_E, state):
   e_R = _row_expert(group_sizes_E, x_RxK.shape[0])
   if cfg.recipe == "blockwise":
     qg, sg = fp8.quantize(g_RxN, dtype=grad, block_shape=(1, t), power_of_two=p2)
-    qwT, swT = _weight_blocks(cfg, w_ExKxN, transpose=True)
+    qwT, swT = fp8.weight_blocks(cfg, w_ExKxN, transpose=True)
     dx = _chunked(qg, sg, qwT, swT, group_sizes_E, e_R, t)
     tile_R, sizes, tile_expert, count = _token_tiles(group_sizes_E, e_R, t)
 
