@@ -8,8 +8,8 @@ Default: tiny_moe's model and data, 300 steps per run, five runs per seed, seeds
 23.9 minutes alone on 2 CPU cores (s/step: float32 0.37, bfloat16 0.99, tensor 0.89, delayed
 0.80, blockwise 1.19; XLA:CPU has no FP8 matmul, so the tiles are simulated and FP8 is no
 faster) and 32.9 minutes sharing them with a test run: about 2.5 hours for the six seeds. On a
-slower machine (AMD EPYC, AVX2; s/step float32 0.90, bfloat16 1.33, tensor 1.69, delayed 1.43,
-blockwise ~3.6) one seed took about 45 minutes alone.
+slower machine (AMD EPYC, AVX2; seed 3 on 2026-12-02, s/step float32 0.99, bfloat16 1.49, tensor
+1.74, delayed 1.57, blockwise 2.12) one seed took 46 minutes alone.
 A rerun in the same workdir skips finished runs, so seeds can be added later (--config.seeds).
 "quick": one seed, 100 steps at batch 8 (a sixth of the tokens), for a first look only: too
 short to judge the 0.5% criterion. "runlocal": a smoke test (tiny model, 3 steps).
