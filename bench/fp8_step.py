@@ -31,30 +31,29 @@ def main():
   parser.add_argument("--rounds", type=int, default=5)
   args = parser.parse_args()
   base = load_config(args.config)
-  runs = {}
+  setups, states, batches = {}, {}, {}
   for recipe in ["none"] + args.recipes.split(","):
     cfg = dataclasses.replace(base, model=dataclasses.replace(base.model, dtype="bfloat16"),
                               moe=dataclasses.replace(base.moe, dtype="bfloat16"),
                               fp8=dataclasses.replace(base.fp8, recipe=recipe))
-    setup = train.Setup(cfg)
+    setup = setups[recipe] = train.Setup(cfg)
     state, batch = setup.init(jax.random.key(cfg.train.seed)), setup.batches.train(0)
     for _ in range(2):  # compile + warm-up
       state, out = setup.step(state, batch)
     jax.block_until_ready(out)
-    runs[recipe] = [setup, state, batch, []]
+    states[recipe], batches[recipe] = state, batch
+  times = {recipe: [] for recipe in setups}
   for _ in range(args.rounds):
-    for run in runs.values():
-      setup, state, batch, times = run
+    for recipe, setup in setups.items():
       start = time.perf_counter()
-      run[1], out = setup.step(state, batch)
+      states[recipe], out = setup.step(states[recipe], batches[recipe])
       jax.block_until_ready(out)
-      times.append(time.perf_counter() - start)
-  plain = runs["none"][3]
-  for recipe, (_, _, _, times) in runs.items():
+      times[recipe].append(time.perf_counter() - start)
+  for recipe, recipe_times in times.items():
     print(json.dumps({
         "bench": "fp8_step", "config": args.config, "recipe": recipe, "compute": "bfloat16",
-        "step_s": statistics.median(times),
-        "vs_bfloat16": statistics.median(t / p for t, p in zip(times, plain)),
+        "step_s": statistics.median(recipe_times),
+        "vs_bfloat16": statistics.median(t / p for t, p in zip(recipe_times, times["none"])),
         "rounds": args.rounds, "backend": jax.default_backend(), "jax_version": jax.__version__}))
 
 
