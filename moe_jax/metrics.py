@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import statistics
 import sys
 import time
 from typing import Any, Optional, Sequence, TextIO
@@ -173,7 +172,11 @@ def train_flops_per_token(counts: dict, cfg: ModelConfig, seq_len: int) -> float
 def measure_matmul_flops(devices: Optional[Sequence[Any]] = None, *, size: Optional[int] = None,
                          repeats: int = 5) -> float:
   """FLOP/s of a plain float32 matmul on all devices at once (one [n, n] @ [n, n] per device),
-  the median of `repeats` timed runs after a warm-up: the reference rate for MFU."""
+  the fastest of `repeats` timed runs after a warm-up: the reference rate for MFU.
+
+  The fastest run, not the median, because this estimates a peak: a run slowed by another process
+  on a shared machine lowers the reference and lifts every later MFU (a median taken while a
+  second job shared the cores once made a CPU run log MFU 100%)."""
   import jax  # pylint: disable=import-outside-toplevel
   import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
   from jax.sharding import Mesh, NamedSharding, PartitionSpec  # pylint: disable=import-outside-toplevel
@@ -191,7 +194,7 @@ def measure_matmul_flops(devices: Optional[Sequence[Any]] = None, *, size: Optio
     start = time.perf_counter()
     matmul(a, b).block_until_ready()
     times.append(time.perf_counter() - start)
-  return 2.0 * len(devices) * n**3 / statistics.median(times)
+  return 2.0 * len(devices) * n**3 / min(times)
 
 
 # ----------------------------------------------------------------------------- plots
