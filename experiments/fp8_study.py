@@ -49,7 +49,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from moe_jax import fp8, metrics, train
+from moe_jax import fp8, metrics, train, workdir as workdirs
 from moe_jax.config import ConfigError, ExperimentConfig, FP8Config, from_config_dict
 
 RUNS = {"float32": ("float32", "none"), "bfloat16": ("bfloat16", "none"),
@@ -104,13 +104,12 @@ def _add_wall_s(wall_path: str, records: list[dict], done_before: int, wall_s: f
   """This run's training seconds summed over its resumptions, kept in wall_path."""
   trained = max((r["step"] for r in records), default=0) > done_before
   if os.path.exists(wall_path):
-    with open(wall_path) as f:
-      wall_s = json.load(f) + (wall_s if trained else 0.0)
+    stored = workdirs.read_json(wall_path)  # null: unknown (NaN is not JSON)
+    wall_s = (float("nan") if stored is None else stored) + (wall_s if trained else 0.0)
   elif not trained:  # finished by an earlier version that kept no time: unknown
     wall_s = float("nan")
   if jax.process_index() == 0:
-    with open(wall_path, "w") as f:
-      json.dump(wall_s, f)
+    workdirs.write_json(wall_path, wall_s)
   return wall_s
 
 

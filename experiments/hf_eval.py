@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import multihost_utils
 
-from moe_jax import data, metrics, model, sharding, train
+from moe_jax import data, metrics, model, sharding, train, workdir as workdirs
 from moe_jax.config import ConfigError, DataConfig, ExperimentConfig
 from moe_jax.interop import hf
 from moe_jax.interop.hf_config import read_json
@@ -93,6 +93,8 @@ def _on_mesh(mesh, fn: Callable) -> Callable:
 def evaluate(cfg: ExperimentConfig, workdir: str, hf_path: str) -> dict:
   """Loads hf_path onto cfg's mesh; mean held-out cross-entropy and a greedy continuation."""
   cfg.check_devices(jax.device_count(), jax.process_count())
+  if jax.process_index() == 0:
+    workdirs.prepare(workdir)  # hf_eval.json goes there: a bad workdir is found before the work
   model_cfg, moe_cfg = hf.read_config(hf_path)
   model_cfg = dataclasses.replace(model_cfg, dtype=cfg.model.dtype)
   moe_cfg = dataclasses.replace(moe_cfg, dtype=cfg.moe.dtype, parallelism=cfg.moe.parallelism,
@@ -116,6 +118,9 @@ def evaluate(cfg: ExperimentConfig, workdir: str, hf_path: str) -> dict:
     out = eval_step(ckpt.params, ckpt.moe_state, batches.eval(i))
     totals = out if totals is None else jax.tree.map(jnp.add, totals, out)
   result = {k: float(v) / t.eval_batches for k, v in totals.items()}
+  if not all(np.isfinite(list(result.values()))):
+    raise train.NonFinite(f"hf_path={hf_path!r}: held-out loss is {result['eval_loss']}: the "
+                          "checkpoint's weights are not finite (NaN or inf); nothing written")
   result["eval_perplexity"] = metrics.perplexity(result["eval_ce"])
 
   # One prompt, repeated so that every token shard of the mesh holds whole sequences.
@@ -132,9 +137,7 @@ def evaluate(cfg: ExperimentConfig, workdir: str, hf_path: str) -> dict:
                 sample=text.decode(sample))
   if jax.process_index() == 0:
     print(json.dumps(result))
-    os.makedirs(workdir, exist_ok=True)
-    with open(os.path.join(workdir, "hf_eval.json"), "w") as f:
-      json.dump(result, f)
+    workdirs.write_json(os.path.join(workdir, "hf_eval.json"), result)
   return result
 
 

@@ -1,19 +1,27 @@
-"""Checkpoints of the train state: orbax `CheckpointManager`, asynchronous, sharded, resumable.
+"""Checkpoints of the train state: orbax, asynchronous, sharded, resumable, never lost to a fault.
 
 A checkpoint is the whole train state pytree (params, moe_state, optimizer state, step, RNG, the
-bad-step counter). Each process writes its own shards; `restore_latest` reads them back with the
-shardings of a target tree, so a checkpoint written on one mesh shape restores onto another.
+bad-step counter) in `<directory>/<step>/default`. Each process writes its own shards;
+`restore_latest` reads them back with the shardings of a target tree, so a checkpoint written on
+one mesh shape restores onto another.
 
-Failure handling:
-  * a save cut short (killed process) leaves only a temporary directory, which orbax never lists
-    as a step: the previous checkpoint is the latest complete one;
-  * a listed checkpoint that fails to restore (truncated or damaged files) is reported in one
-    line, renamed to `<step>.unreadable` (kept for inspection, never deleted; renaming also frees
-    the step number for the next save) and the previous one is tried.
+Each checkpoint is judged on its own files, newest first, never from a neighbour:
+  * a save cut short (killed process) leaves only a temporary directory, never a step folder;
+  * a step folder that is damaged (empty, no item folder, unreadable metadata, truncated or
+    missing array data) is reported in one line and skipped; a writing run renames it
+    `<step>.unreadable` (kept for inspection, and the step number is free for the next save),
+    a reading one (eval, sample) leaves it where it is;
+  * a readable checkpoint whose arrays do not fit the target (another model) is a
+    `CheckpointMismatch`: nothing is renamed and no older checkpoint is tried.
+A save that fails (a full disk) raises `SaveFailed`; the checkpoints before it are untouched.
 """
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
+import re
+import shutil
 import sys
 from typing import Any, Callable, Optional, TextIO
 
@@ -22,18 +30,63 @@ import numpy as np
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
+from moe_jax.config import ConfigError
+
 UNREADABLE_SUFFIX = ".unreadable"
+ITEM = "default"  # orbax's item folder of a single-item checkpoint
 
 
-def _first_line(error: BaseException) -> str:
-  text = str(error).strip().splitlines()
-  return f"{type(error).__name__}: {text[0] if text else ''}"[:300]
+class CheckpointMismatch(ConfigError):
+  """A readable checkpoint holds another model than the config describes (one line)."""
+
+
+class SaveFailed(OSError):
+  """A checkpoint could not be written; the message is one line naming the newest good one."""
+
+
+def reason(error: BaseException) -> str:
+  """One short line for an exception from orbax or tensorstore: the operating system's error
+  where there is one (tensorstore buries it after two file paths), else the first line without
+  the object reprs (`<... at 0x...>`) that mean nothing to a user."""
+  text = str(error)
+  os_error = re.search(r"\[os_error_code='(\d+)'\]", text)
+  if os_error:
+    code = int(os_error.group(1))
+    return f"OSError: [Errno {code}] {os.strerror(code)}"
+  text = re.sub(r"<[^<>]*? at 0x[0-9a-fA-F]+>", "", text)
+  line = next((l.strip() for l in text.splitlines() if l.strip()), "")
+  return f"{type(error).__name__}: {line}"[:240].rstrip(": ")
+
+
+@contextlib.contextmanager
+def _quiet_absl():
+  """orbax logs a WARNING for each metadata file it looks for and misses; our report says it."""
+  logger = logging.getLogger("absl")
+  level = logger.level
+  logger.setLevel(logging.ERROR)
+  try:
+    yield
+  finally:
+    logger.setLevel(level)
+
+
+class _NoOrbaxLogs(logging.Filter):
+  """Drops orbax's own log records: a failed asynchronous save logs its traceback from a
+  background thread, and the one-line SaveFailed already says what happened."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    return f"{os.sep}orbax{os.sep}" not in record.pathname
+
+
+_EXCEPTION_LINE = re.compile(r"^[A-Z][\w.]*(: |$)")  # a traceback's last line: "ValueError: ..."
 
 
 class _QuietClosedLoop:
   """Wraps sys.stderr to drop the `RuntimeError: Event loop is closed` tracebacks that
-  tensorstore prints when reads still in flight finish after a failed restore has closed
-  orbax's event loop: harmless, and they would bury the one-line report. Other text passes."""
+  tensorstore prints when reads or writes still in flight finish after a failed restore or save
+  has closed orbax's event loop: harmless, and they would bury the one-line report. They come
+  from another thread, so a line of ours may land inside one: it passes at once. Other text
+  passes unchanged."""
 
   def __init__(self, stream: TextIO):
     self._stream, self._partial, self._block = stream, "", []
@@ -45,10 +98,12 @@ class _QuietClosedLoop:
       if line.startswith("Traceback (most recent call last)") or (
           self._block and line.startswith(" ")):
         self._block.append(line + "\n")
-        continue
-      block, self._block = self._block, []
-      if not (block and line.strip() == "RuntimeError: Event loop is closed"):
-        self._stream.write("".join(block) + line + "\n")
+      elif self._block and not _EXCEPTION_LINE.match(line):
+        self._stream.write(line + "\n")
+      else:
+        block, self._block = self._block, []
+        if not (block and line.strip() == "RuntimeError: Event loop is closed"):
+          self._stream.write("".join(block) + line + "\n")
     return len(text)
 
   def flush(self):
@@ -61,80 +116,188 @@ class _QuietClosedLoop:
     return getattr(self._stream, name)
 
 
-class Checkpointer:
-  """Keeps the last `keep` checkpoints of a run under `directory` (one subdirectory per step)."""
+def _shapes(tree: Any) -> dict[str, tuple]:
+  """{path: shape} of a nested dict of arrays or array metadata (paths as jax.tree_util keystr)."""
+  leaves = jax.tree_util.tree_flatten_with_path(tree, is_leaf=lambda x: hasattr(x, "shape"))[0]
+  return {jax.tree_util.keystr(p): tuple(x.shape) for p, x in leaves if hasattr(x, "shape")}
 
-  def __init__(self, directory: str, *, keep: int, async_save: bool = True):
+
+def mismatch(stored: Any, target: Any) -> Optional[str]:
+  """How the checkpoint's arrays differ from the target's, or None. Compares the model's own
+  trees (params, moe_state, fp8): the optimizer state mirrors params, and orbax stores its
+  named tuples as lists, so their paths differ by construction."""
+  problems = []
+  if set(stored) != set(target):
+    problems.append(f"holds {sorted(stored)}, the config needs {sorted(target)}")
+  for section in ("params", "moe_state", "fp8"):
+    have = _shapes(stored.get(section) or {})
+    want = _shapes(target.get(section) or {})
+    for path in sorted(have.keys() | want.keys()):
+      if path not in want:
+        problems.append(f"{section}{path} is only in the checkpoint")
+      elif path not in have:
+        problems.append(f"{section}{path} is not in the checkpoint")
+      elif have[path] != want[path]:
+        problems.append(f"{section}{path} has shape {have[path]}, the config needs {want[path]}")
+  if not problems:
+    return None
+  more = f" (and {len(problems) - 2} more)" if len(problems) > 2 else ""
+  return "; ".join(problems[:2]) + more
+
+
+class Checkpointer:
+  """The checkpoints of one run under `directory` (one subdirectory per step).
+
+  read_only=True (eval, sample): restores only; renames, saves and deletes nothing.
+  Otherwise keeps the last `keep` checkpoints and sets damaged ones aside.
+  """
+
+  def __init__(self, directory: str, *, keep: int, async_save: bool = True,
+               read_only: bool = False):
     self.directory = os.path.abspath(directory)
-    options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
-                                           enable_async_checkpointing=async_save)
-    self._manager = ocp.CheckpointManager(self.directory, options=options)
+    self._keep, self._async, self.read_only = keep, async_save, read_only
+    self._manager: Optional[ocp.CheckpointManager] = None
+    self._quiet = _NoOrbaxLogs()
+    logging.getLogger("absl").addFilter(self._quiet)
 
   def steps(self) -> list[int]:
-    """Steps of the complete checkpoints, ascending."""
-    return sorted(self._manager.all_steps())
+    """Step folders, ascending (a save in progress is a temporary folder, not listed)."""
+    if not os.path.isdir(self.directory):
+      return []
+    return sorted(int(name) for name in os.listdir(self.directory)
+                  if name.isdigit() and os.path.isdir(os.path.join(self.directory, name)))
+
+  def _item(self, step: int) -> str:
+    return os.path.join(self.directory, str(step), ITEM)
+
+  def _manager_for_saving(self) -> ocp.CheckpointManager:
+    if self.read_only:
+      raise RuntimeError(f"{self.directory}: opened read-only")
+    if self._manager is None:
+      options = ocp.CheckpointManagerOptions(max_to_keep=self._keep, create=True,
+                                             enable_async_checkpointing=self._async)
+      self._manager = ocp.CheckpointManager(self.directory, options=options)
+    return self._manager
 
   def save(self, step: int, state: Any, *, wait: bool = False) -> bool:
     """Starts saving `state` as `step` (returns once device buffers are copied out); False if that
-    step is already saved. wait=True blocks until it is on disk."""
-    if step in self._manager.all_steps():
-      saved = False
-    else:
-      saved = self._manager.save(step, args=ocp.args.StandardSave(state), force=True)
-    if wait:
-      self._manager.wait_until_finished()
+    step is already saved. wait=True blocks until it is on disk. SaveFailed if it cannot be
+    written (this save's or an earlier asynchronous one's error)."""
+    try:
+      manager = self._manager_for_saving()
+      saved = step not in self.steps() and step not in manager.all_steps() and manager.save(
+          step, args=ocp.args.StandardSave(state), force=True)
+      if wait:
+        manager.wait_until_finished()
+    except Exception as e:  # pylint: disable=broad-except  (tensorstore's and orbax's types)
+      raise self._save_failed(step, e) from None
     return saved
 
   def wait(self):
-    self._manager.wait_until_finished()
+    if self._manager is not None:
+      try:
+        self._manager.wait_until_finished()
+      except Exception as e:  # pylint: disable=broad-except
+        raise self._save_failed(None, e) from None
+
+  def _save_failed(self, step: Optional[int], error: Exception) -> SaveFailed:
+    good = [s for s in self.steps() if os.path.isfile(os.path.join(self._item(s), "_METADATA"))]
+    which = f"step {step}" if step is not None else "the last checkpoint"
+    newest = f"step {good[-1]} is the newest complete one" if good else "none was completed"
+    return SaveFailed(f"could not save {which} in {self.directory} ({reason(error)}); {newest}")
+
+  def prune(self):
+    """Deletes the oldest step folders beyond `keep` (a kill between a save and orbax's own
+    clean-up leaves one more)."""
+    steps = self.steps()
+    if self.read_only or len(steps) <= self._keep:
+      return
+    if jax.process_index() == 0:
+      for step in steps[:len(steps) - self._keep]:
+        shutil.rmtree(os.path.join(self.directory, str(step)))
+    if jax.process_count() > 1:
+      multihost_utils.sync_global_devices("moe_jax_checkpoint_prune")
+
+  def damage(self, step: int) -> Optional[str]:
+    """What is missing from the step folder's layout, or None (the data is checked by reading)."""
+    item = self._item(step)
+    if not os.path.isdir(item):
+      return f"no item folder '{ITEM}' (an interrupted copy or save?)"
+    if not os.path.isfile(os.path.join(item, "_METADATA")):
+      return f"no {ITEM}/_METADATA"
+    return None
 
   def restore_latest(self, abstract_state: Any,
                      report: Callable[[str], None] = print) -> tuple[Optional[Any], int]:
     """(state, step) from the newest readable checkpoint, or (None, 0) if there is none.
 
     abstract_state: jax.ShapeDtypeStruct leaves carrying the target shardings.
+    Raises CheckpointMismatch if the newest readable checkpoint holds another model.
     """
-    unreadable, state, step = [], None, 0
     if not isinstance(sys.stderr, _QuietClosedLoop):  # before any restore: tracebacks can start
       sys.stderr = _QuietClosedLoop(sys.stderr)       # while the failing read still propagates
-    for candidate in reversed(self.steps()):
-      try:
-        state = self._manager.restore(candidate,
-                                      args=ocp.args.StandardRestore(abstract_state))
-        step = candidate
-        break
-      except Exception as e:  # orbax and tensorstore raise many types for damaged files
-        unreadable.append(candidate)
-        report(f"checkpoint step {candidate} in {self.directory} is unreadable "
-               f"({_first_line(e)}); moved to {candidate}{UNREADABLE_SUFFIX}, "
-               f"trying the previous one")
-    if unreadable:
-      self._set_aside(unreadable)
-    return state, step
+    checkpointer = ocp.StandardCheckpointer()
+    for step in reversed(self.steps()):
+      problem = self.damage(step)
+      if problem is None:
+        try:
+          with _quiet_absl():
+            stored = checkpointer.metadata(self._item(step)).item_metadata
+          if not hasattr(stored, "keys"):
+            raise ValueError("no tree metadata")
+        except Exception as e:  # pylint: disable=broad-except
+          problem = f"its metadata cannot be read ({reason(e)})"
+      if problem is None:
+        differs = mismatch(stored, abstract_state)
+        if differs:
+          raise CheckpointMismatch(
+              f"checkpoint step {step} in {self.directory} does not fit this config: {differs}; "
+              "use the config that wrote it, or another --workdir")
+        try:
+          with _quiet_absl():
+            state = checkpointer.restore(self._item(step), abstract_state)
+          return state, step
+        except Exception as e:  # pylint: disable=broad-except
+          problem = f"its data cannot be read ({reason(e)})"
+      self._set_aside(step, problem, report)
+    return None, 0
 
-  def _set_aside(self, steps: list[int]):
+  def _set_aside(self, step: int, problem: str, report: Callable[[str], None]):
+    where = f"checkpoint step {step} in {self.directory} is unreadable: {problem}"
+    if self.read_only:
+      report(f"{where}; left as it is, trying the previous one")
+      return
+    src = os.path.join(self.directory, str(step))
+    dst, n = src + UNREADABLE_SUFFIX, 1
+    while os.path.exists(dst):
+      n += 1
+      dst = f"{src}{UNREADABLE_SUFFIX}{n}"
+    report(f"{where}; moved to {os.path.basename(dst)}, trying the previous one")
     if jax.process_index() == 0:
-      for step in steps:
-        src = os.path.join(self.directory, str(step))
-        dst, n = src + UNREADABLE_SUFFIX, 1
-        while os.path.exists(dst):
-          n += 1
-          dst = f"{src}{UNREADABLE_SUFFIX}{n}"
-        os.rename(src, dst)
+      os.rename(src, dst)
     if jax.process_count() > 1:
       multihost_utils.sync_global_devices("moe_jax_checkpoint_set_aside")
-    self._manager.reload()
 
   def close(self):
-    self._manager.wait_until_finished()
-    self._manager.close()
+    """Waits for a save in flight; SaveFailed if it failed."""
+    logging.getLogger("absl").removeFilter(self._quiet)
+    if self._manager is not None:
+      manager, self._manager = self._manager, None
+      try:
+        manager.wait_until_finished()
+      except Exception as e:  # pylint: disable=broad-except
+        raise self._save_failed(None, e) from None
+      finally:
+        with contextlib.suppress(Exception):
+          manager.close()
 
 
 def read_numpy(directory: str, step: int) -> Any:
   """The checkpoint of `step` as host numpy arrays (containers as saved: optax states come back
   as lists), with no mesh or target needed: for tests and offline analysis."""
-  path = os.path.join(os.path.abspath(directory), str(step), "default")
+  path = os.path.join(os.path.abspath(directory), str(step), ITEM)
   checkpointer = ocp.PyTreeCheckpointer()
-  tree = checkpointer.metadata(path).item_metadata.tree
+  with _quiet_absl():
+    tree = checkpointer.metadata(path).item_metadata.tree
   args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
   return checkpointer.restore(path, restore_args=args)

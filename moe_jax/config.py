@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import glob
+import math
 import os
 import types
 import typing
@@ -25,6 +26,14 @@ class ConfigError(ValueError):
 
 def _fail(key: str, value: Any, allowed: str):
   raise ConfigError(f"{key}={value!r}: {allowed}")
+
+
+def _finite(obj):
+  """NaN or inf in a float field would pass every range check below and fail steps later."""
+  for field in dataclasses.fields(obj):
+    value = getattr(obj, field.name)
+    if isinstance(value, float) and not math.isfinite(value):
+      _fail(field.name, value, "must be a finite number")
 
 
 def _positive(obj, *names):
@@ -76,6 +85,7 @@ class MoEConfig:
   parallelism: str = "none"          # "none", "alltoall" (shard_map) or "gshard" (SPMD einsum)
 
   def __post_init__(self):
+    _finite(self)
     _positive(self, "embed_dim", "num_experts", "top_k", "expert_ffn_dim", "n_groups",
               "topk_groups")
     _non_negative(self, "num_shared_experts", "aux_loss_coef", "seq_aux_loss_coef",
@@ -121,6 +131,7 @@ class FP8Config:
   dispatch: bool = False             # FP8 activations through the expert all-to-all
 
   def __post_init__(self):
+    _finite(self)
     _one_of(self, "recipe", ("none", "tensor", "delayed", "blockwise"))
     _one_of(self, "fwd_dtype", ("e4m3", "e5m2"))
     _one_of(self, "grad_dtype", ("e4m3", "e5m2"))
@@ -143,6 +154,7 @@ class MeshConfig:
   tensor: int = 1
 
   def __post_init__(self):
+    _finite(self)
     _positive(self, *MESH_AXES)
 
   @property
@@ -197,13 +209,17 @@ class ModelConfig:
   dtype: str = "float32"             # compute dtype; parameters stay float32
 
   def __post_init__(self):
+    _finite(self)
     _positive(self, "vocab_size", "embed_dim", "num_layers", "dense_ffn_dim", "num_heads",
               "num_kv_heads", "head_dim", "kv_lora_rank", "qk_nope_head_dim",
               "qk_rope_head_dim", "v_head_dim", "max_seq_len")
     _non_negative(self, "first_k_dense", "q_lora_rank", "mtp_depth", "mtp_loss_weight",
-                  "norm_eps", "init_std", "rope_theta", "rope_beta_fast", "rope_beta_slow",
+                  "norm_eps", "init_std", "rope_beta_fast", "rope_beta_slow",
                   "rope_mscale", "rope_mscale_all_dim")
     _positive(self, "rope_original_max_len")
+    if isinstance(self.rope_theta, bool) or not isinstance(self.rope_theta, (int, float)) or (
+        self.rope_theta <= 0):
+      _fail("rope_theta", self.rope_theta, "must be a number > 0 (RoPE's base wavelength)")
     if isinstance(self.rope_factor, bool) or not isinstance(self.rope_factor, (int, float)) or (
         self.rope_factor < 1):
       _fail("rope_factor", self.rope_factor, "must be a number >= 1 (1: plain RoPE, no YaRN)")
@@ -230,6 +246,7 @@ class DataConfig:
   heldout_fraction: float = 0.02     # share of files (or tokens) held out for evaluation
 
   def __post_init__(self):
+    _finite(self)
     _one_of(self, "source", ("stdlib", "text", "tokens", "synthetic"))
     if self.source in ("text", "tokens") and not self.path:
       _fail("path", self.path, f"must name a file, directory or glob when source={self.source!r}")
@@ -262,6 +279,7 @@ class TrainConfig:
   inject_nan_at_steps: tuple[int, ...] = ()
 
   def __post_init__(self):
+    _finite(self)
     _positive(self, "steps", "batch_size", "seq_len", "log_every", "eval_every", "eval_batches",
               "checkpoint_every", "keep_checkpoints", "max_bad_steps")
     _non_negative(self, "learning_rate", "warmup_steps", "min_lr_ratio", "weight_decay",
@@ -297,6 +315,7 @@ class ExperimentConfig:
   data: DataConfig = dataclasses.field(default_factory=DataConfig)
 
   def __post_init__(self):
+    _finite(self)
     if not isinstance(self.experiment, str) or not self.experiment:
       _fail("experiment", self.experiment, "must be a non-empty string")
     model, moe, mesh, train = self.model, self.moe, self.mesh, self.train

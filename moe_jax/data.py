@@ -341,6 +341,18 @@ def load_dataset(config: DataConfig, *, cache_dir: Optional[str] = None) -> Data
                  train, heldout)
 
 
+def check_vocab(dataset: Dataset, config: DataConfig, vocab_size: int):
+  """ConfigError if a token id of the data is outside the model's vocabulary (an embedding
+  lookup would silently clamp it). Reads each split once: a scan of a memory-mapped file."""
+  largest = max((int(split.max()) for split in (dataset.train, dataset.heldout) if len(split)),
+                default=-1)
+  if largest >= vocab_size:
+    where = (f"data.path={config.path!r}" if config.source in ("tokens", "text")
+             else f"data.source={config.source!r}")
+    raise ConfigError(f"{where}: holds token id {largest}, outside model.vocab_size="
+                      f"{vocab_size}; give a vocab_size above it or other data")
+
+
 def num_windows(num_tokens: int, seq_len: int) -> int:
   """Windows of seq_len+1 tokens starting every seq_len tokens: each token is a target once."""
   return max(0, (num_tokens - 1) // seq_len)

@@ -15,7 +15,7 @@ import math
 import os
 import sys
 import time
-from typing import Any, Optional, Sequence, TextIO
+from typing import Any, Callable, Optional, Sequence, TextIO
 
 import numpy as np
 
@@ -24,11 +24,25 @@ from moe_jax.config import ModelConfig
 METRICS_FILE = "metrics.jsonl"
 
 
-def read_jsonl(path: str) -> list[dict]:
+def read_jsonl(path: str, report: Optional[Callable[[str], None]] = None) -> list[dict]:
+  """The records of a JSON-lines file ([] if there is none). A line that is not a JSON object
+  with a "step" (torn by a crash mid-write) is dropped, and reported when `report` is given."""
   if not os.path.exists(path):
     return []
-  with open(path) as f:
-    return [json.loads(line) for line in f if line.strip()]
+  records = []
+  with open(path, errors="replace") as f:
+    for number, line in enumerate(f, 1):
+      if not line.strip():
+        continue
+      try:
+        record = json.loads(line)
+      except ValueError:
+        record = None
+      if isinstance(record, dict) and isinstance(record.get("step"), int):
+        records.append(record)
+      elif report is not None:
+        report(f"{path}: line {number} is not a whole record (torn by a crash?); dropped")
+  return records
 
 
 def _jsonable(value: Any) -> Any:
@@ -80,13 +94,14 @@ class MetricsLog:
 
   With enabled=False (every process but the first) it writes nothing."""
 
-  def __init__(self, workdir: str, *, enabled: bool = True, resume_step: int = 0):
+  def __init__(self, workdir: str, *, enabled: bool = True, resume_step: int = 0,
+               report: Callable[[str], None] = print):
     self.path = os.path.join(workdir, METRICS_FILE)
     self.enabled = enabled
     self._tb = None
     if not enabled:
       return
-    kept = [r for r in read_jsonl(self.path) if r["step"] <= resume_step]
+    kept = [r for r in read_jsonl(self.path, report) if r["step"] <= resume_step]
     with open(self.path + ".tmp", "w") as f:  # rewritten atomically: a crash leaves old or new
       f.writelines(json.dumps(r) + "\n" for r in kept)
     os.replace(self.path + ".tmp", self.path)

@@ -18,6 +18,7 @@ the optimizer's own count, which a skipped (non-finite) step does not advance.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import math
@@ -32,22 +33,30 @@ import numpy as np
 import optax
 from jax.experimental import multihost_utils
 
-from moe_jax import checkpoint, data, metrics, model, sharding
-from moe_jax.config import ConfigError, ExperimentConfig, TrainConfig
+from moe_jax import checkpoint, data, metrics, model, sharding, workdir as workdirs
+from moe_jax.config import ConfigError, ExperimentConfig, TrainConfig, from_config_dict
 
 BATCH_AXES = ("batch", "seq")
 CONFIG_FILE = "config.json"
-# Sections whose change makes a workdir's checkpoints unusable.
-_STATE_SECTIONS = ("model", "moe", "fp8")
+# What a reading experiment (eval, sample) needs to match: the model the checkpoint holds.
+_STATE_SECTIONS = ("model.", "moe.", "fp8.")
 
 
-class Diverged(RuntimeError):
+class NonFinite(RuntimeError):
+  """Numbers that cannot be trusted (a diverged run, NaN weights); the message is one line."""
+
+
+class Diverged(NonFinite):
   """Too many non-finite steps in a row; the message is one line."""
 
 
 class Preempted(Exception):
-  """SIGTERM arrived: the current step is saved. Raised (not returned) so that a study training
-  several runs stops too instead of starting its next run inside the grace period."""
+  """SIGTERM or SIGINT arrived: the current step is saved. Raised (not returned) so that a study
+  training several runs stops too instead of starting its next run inside the grace period."""
+
+  def __init__(self, message: str, signum: int = signal.SIGTERM):
+    super().__init__(message)
+    self.signum = signum
 
 
 def learning_rate(step: jax.Array, cfg: TrainConfig) -> jax.Array:
@@ -140,12 +149,16 @@ def train_step(state: dict, batch: dict, cfg: ExperimentConfig) -> tuple[dict, d
     poison = jnp.isin(step, jnp.asarray(cfg.train.inject_nan_at_steps, jnp.int32))
     grads = jax.tree.map(lambda g: jnp.where(poison, jnp.nan, g), grads)
   grad_norm = optax.tree.norm(grads)
-  finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
   updates, opt_state = make_optimizer(cfg.train).update(grads, state["opt_state"],
                                                         state["params"])
   lr = learning_rate(step, cfg.train)
-  params = optax.apply_updates(state["params"], jax.tree.map(lambda u: -lr * u, updates))
+  updates = jax.tree.map(lambda u: -lr * u, updates)
+  params = optax.apply_updates(state["params"], updates)
   moe_state = model.update_moe_state(state["moe_state"], aux["load"], cfg.moe)
+  # The update too: finite gradients can still give a NaN step (a corrupted optimizer moment),
+  # and what is applied here is what the next checkpoint saves.
+  finite = (jnp.isfinite(loss) & jnp.isfinite(grad_norm) &
+            jnp.isfinite(optax.tree.norm(updates)) & jnp.isfinite(optax.tree.norm(moe_state)))
   keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
   bad_steps = jnp.where(finite, 0, state["bad_steps"] + 1)
   new_state = dict(state, step=step + 1, bad_steps=bad_steps,
@@ -201,6 +214,7 @@ class Setup:
     self.cfg, self.mesh = cfg, sharding.make_mesh(cfg.mesh)
     check_divisible(cfg, self.mesh)
     self.dataset = data.load_dataset(cfg.data)
+    data.check_vocab(self.dataset, cfg.data, cfg.model.vocab_size)
     for split in data.SPLITS:
       if data.num_windows(len(self.dataset.split(split)), cfg.train.seq_len) == 0:
         raise ConfigError(f"train.seq_len={cfg.train.seq_len}: longer than the {split} split of "
@@ -244,40 +258,75 @@ class Setup:
     return means
 
 
-def check_workdir(cfg: ExperimentConfig, workdir: str):
-  """A workdir holding checkpoints of another model cannot be resumed: say so, change nothing."""
-  path = os.path.join(workdir, CONFIG_FILE)
-  if not os.path.exists(path):
-    return
-  with open(path) as f:
-    old = json.load(f)
-  new = cfg.to_dict()
-  for section in _STATE_SECTIONS:
-    for key, value in new[section].items():
-      if section in old and old[section].get(key, value) != value:
-        raise ConfigError(f"{section}.{key}={value!r}: the run in {workdir} used "
-                          f"{old[section][key]!r}; use another --workdir to start a new run")
+def check_workdir(cfg: ExperimentConfig, workdir: str, *, reading: bool = False,
+                  report=print) -> dict:
+  """Compares cfg with the config the workdir's run was written with (config.json).
+
+  Refuses (ConfigError naming the key, nothing changed) what would change the meaning of its
+  checkpoints; returns the accepted changes {key: (old, new)} (see workdir.RESUMABLE). A reading
+  experiment only needs the model to match. No config.json, or a torn one: {} (the checkpoint's
+  own shapes are checked when it is restored).
+  """
+  old = workdirs.read_json(os.path.join(workdir, CONFIG_FILE), report=report)
+  if not isinstance(old, dict):
+    return {}
+  with contextlib.suppress(ConfigError, TypeError, ValueError):
+    old = from_config_dict(old).to_dict()  # fields added since then take their defaults
+  refused, accepted = workdirs.config_changes(old, cfg.to_dict())
+  if reading:
+    refused = {k: v for k, v in refused.items() if k.startswith(_STATE_SECTIONS)}
+  for key, (before, after) in refused.items():
+    raise ConfigError(f"{key}={after!r}: the run in {workdir} used {before!r}; use another "
+                      "--workdir to start a new run")
+  return accepted
+
+
+@contextlib.contextmanager
+def _writer(path: str):
+  """The workdir, created, writable and locked for this run (all processes agree)."""
+  error = None
+  with contextlib.ExitStack() as stack:
+    if jax.process_index() == 0:
+      try:
+        workdirs.prepare(path)
+        stack.enter_context(workdirs.lock(path))
+      except ConfigError as e:
+        error = e
+    if jax.process_count() > 1:
+      if int(multihost_utils.broadcast_one_to_all(np.int32(error is not None))) and not error:
+        error = ConfigError(f"workdir={path!r}: refused on process 0 (see its error)")
+      if not error:
+        os.makedirs(path, exist_ok=True)
+    if error:
+      raise error
+    yield
 
 
 class _Preemption:
-  """SIGTERM sets a flag; the loop saves and exits at the next step boundary. With several
-  processes they agree (an all-gather) so that all stop at the same step."""
+  """SIGTERM or SIGINT (Ctrl-C) sets a flag; the loop saves and exits at the next step boundary.
+  A second SIGINT ends the process at once. With several processes they agree (an all-gather)
+  so that all stop at the same step."""
+
+  SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
   def __init__(self):
-    self.flag = False
-    self._old = signal.signal(signal.SIGTERM, self._handler)
+    self.signum = 0
+    self._old = {s: signal.signal(s, self._handler) for s in self.SIGNALS}
 
   def _handler(self, signum, frame):
-    del signum, frame
-    self.flag = True
+    del frame
+    self.signum = signum
+    signal.signal(signal.SIGINT, signal.SIG_DFL)  # the next Ctrl-C does not wait for the save
 
-  def requested(self) -> bool:
+  def requested(self) -> int:
+    """The signal received (0 if none); the highest of all processes'."""
     if jax.process_count() == 1:
-      return self.flag
-    return bool(np.max(multihost_utils.process_allgather(np.int32(self.flag))))
+      return self.signum
+    return int(np.max(multihost_utils.process_allgather(np.int32(self.signum))))
 
   def close(self):
-    signal.signal(signal.SIGTERM, self._old)
+    for s, handler in self._old.items():
+      signal.signal(s, handler)
 
 
 def _mean(window: list[dict]) -> dict:
@@ -294,40 +343,66 @@ def _mean(window: list[dict]) -> dict:
   return out
 
 
+def _resume(cfg: ExperimentConfig, setup: Setup, path: str, ckpt: checkpoint.Checkpointer,
+            say) -> tuple[Any, int]:
+  """The state to continue from and its step; checks everything before the run writes."""
+  changes = check_workdir(cfg, path, report=say)
+  state, start = ckpt.restore_latest(setup.abstract_state(), report=say)
+  if start > cfg.train.steps:
+    raise ConfigError(f"train.steps={cfg.train.steps}: the run in {path} is already at step "
+                      f"{start}; give train.steps >= {start} to continue it, or another --workdir")
+  if state is not None and changes:
+    say("resuming with " + ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in changes.items()) +
+        f" (recorded in {workdirs.HISTORY_FILE})")
+    if jax.process_index() == 0:
+      workdirs.record_changes(path, start, changes)
+  return state, start
+
+
 def train(cfg: ExperimentConfig, workdir: str,
           step_hooks: Sequence[Callable[[int, dict], None]] = ()) -> dict:
   """Trains (or resumes) the run in `workdir`; returns the last logged train record.
 
   step_hooks: called as hook(steps_completed, state) after every step (tests use it to kill).
-  Raises ConfigError before writing anything if the config does not fit this machine or data,
-  Diverged, and Preempted after saving the current step on SIGTERM.
+  Raises ConfigError before writing anything if the config does not fit this machine, the data,
+  the workdir or its checkpoints, or another run holds the workdir; Diverged; checkpoint.
+  SaveFailed; and Preempted after saving the current step on SIGTERM or SIGINT.
   """
   setup = Setup(cfg)
-  check_workdir(cfg, workdir)
+  with _writer(workdir):
+    return _train(cfg, setup, workdir, step_hooks)
+
+
+def _train(cfg: ExperimentConfig, setup: Setup, path: str,
+           step_hooks: Sequence[Callable[[int, dict], None]]) -> dict:
   main, t = jax.process_index() == 0, cfg.train
   say = print if main else (lambda *_: None)
+  ckpt = checkpoint.Checkpointer(os.path.join(path, "checkpoints"), keep=t.keep_checkpoints)
+  state, start = _resume(cfg, setup, path, ckpt, say)
   say(f"{jax.process_count()} process(es), {jax.device_count()} devices "
       f"({jax.devices()[0].platform}), mesh {dict(setup.mesh.shape)}, data {setup.dataset.name}")
-  os.makedirs(workdir, exist_ok=True)
-  if main:
-    with open(os.path.join(workdir, CONFIG_FILE), "w") as f:
-      json.dump(cfg.to_dict(), f, indent=2)
-  ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), keep=t.keep_checkpoints)
-  state, start = ckpt.restore_latest(setup.abstract_state(), report=say)
   if state is None:
     state = setup.init(jax.random.key(t.seed))
   else:
     say(f"resumed from step {start} ({ckpt.directory}/{start})")
-  log = metrics.MetricsLog(workdir, enabled=main, resume_step=start)
+  if main:
+    workdirs.write_json(os.path.join(path, CONFIG_FILE), cfg.to_dict(), indent=2)
+  ckpt.prune()
+  log = metrics.MetricsLog(path, enabled=main, resume_step=start, report=say)
+  if start == t.steps:
+    say(f"the run in {path} is complete at step {start} (train.steps={t.steps}); nothing to do")
+    log.close()
+    records = [r for r in metrics.read_jsonl(log.path) if "loss" in r]
+    return records[-1] if records else {}
   progress = metrics.Progress(t.steps)
   tokens_per_step = t.batch_size * t.seq_len
   flops_per_token = metrics.train_flops_per_token(model.count_params(cfg.model, cfg.moe),
                                                   cfg.model, t.seq_len)
   matmul_rate = metrics.measure_matmul_flops()
-  preemption, window, record, preempted_at = _Preemption(), [], {}, None
+  preemption, window, record, preempted = _Preemption(), [], {}, None
   clock, clock_step = None, start
   try:
-    batch = setup.batches.train(start) if start < t.steps else None
+    batch = setup.batches.train(start)
     for s in range(start, t.steps):
       state, out = setup.step(state, batch)
       window.append(out)
@@ -360,20 +435,25 @@ def train(cfg: ExperimentConfig, workdir: str,
                           eta, f"MFU {record['mfu'] or 0:.1%}")
       if diverged:
         ckpt.wait()
-        raise Diverged(f"stopped at step {done}: loss or gradient norm not finite for {bad} "
-                       f"steps in a row (train.max_bad_steps={t.max_bad_steps}); the last "
-                       f"good checkpoint is step {max(ckpt.steps(), default=0)} in "
-                       f"{ckpt.directory}")
+        good = max(ckpt.steps(), default=0)
+        last = (f"the last good checkpoint is step {good} in {ckpt.directory}" if good else
+                f"no checkpoint was saved before it (train.checkpoint_every="
+                f"{t.checkpoint_every})")
+        raise Diverged(f"stopped at step {done}: loss, gradient or update not finite for {bad} "
+                       f"steps in a row (train.max_bad_steps={t.max_bad_steps}); {last}")
       if done % t.eval_every == 0 or done == t.steps:
         result = setup.evaluate(state)
         log.write(dict(step=done, **result))
         if main:
           progress.message(f"step {done}: held-out loss {result['eval_loss']:.4f}")
         clock, clock_step = time.perf_counter(), done  # evaluation is not training throughput
-      if preemption.requested():
+      signum = preemption.requested()
+      if signum:
         ckpt.save(done, state, wait=True)
-        say(f"SIGTERM: saved step {done} to {ckpt.directory}, exiting")
-        preempted_at = done
+        name = signal.Signals(signum).name
+        if main:
+          progress.message(f"{name}: saved step {done} to {ckpt.directory}, exiting")
+        preempted = Preempted(f"{name}: stopped after saving step {done} in {path}", signum)
         break
     ckpt.wait()
   finally:
@@ -381,37 +461,38 @@ def train(cfg: ExperimentConfig, workdir: str,
     if main:
       progress.close()
     log.close()
-    ckpt.close()
+    with contextlib.suppress(checkpoint.SaveFailed):  # raised above already, if it failed
+      ckpt.close()
   if main:
-    metrics.plot(workdir)
-  if preempted_at is not None:
-    raise Preempted(f"SIGTERM: stopped after saving step {preempted_at} in {workdir}")
+    metrics.plot(path)
+  if preempted is not None:
+    raise preempted
   return record
 
 
 def load_state(cfg: ExperimentConfig, workdir: str) -> tuple[Setup, dict, int]:
-  """(setup, state, step) of the latest readable checkpoint in workdir; ConfigError if none."""
+  """(setup, state, step) of the latest readable checkpoint in workdir; ConfigError if none.
+  Reads only: nothing in the workdir is renamed, moved or written."""
   setup = Setup(cfg)
-  check_workdir(cfg, workdir)
-  directory = os.path.join(workdir, "checkpoints")
-  if not os.path.isdir(directory):
-    raise ConfigError(f"workdir={workdir!r}: holds no checkpoint to evaluate; train first")
-  ckpt = checkpoint.Checkpointer(directory, keep=cfg.train.keep_checkpoints)
-  try:
-    state, step = ckpt.restore_latest(setup.abstract_state())
-  finally:
-    ckpt.close()
+  if os.path.exists(workdir) and not os.path.isdir(workdir):
+    raise ConfigError(f"workdir={workdir!r}: is a file, not a directory")
+  check_workdir(cfg, workdir, reading=True)
+  ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"),
+                                 keep=cfg.train.keep_checkpoints, read_only=True)
+  state, step = ckpt.restore_latest(setup.abstract_state())
   if state is None:
-    raise ConfigError(f"workdir={workdir!r}: holds no checkpoint to evaluate; train first")
+    raise ConfigError(f"workdir={workdir!r}: holds no readable checkpoint to evaluate; "
+                      "train first")
   return setup, state, step
 
 
 def evaluate(cfg: ExperimentConfig, workdir: str) -> dict:
   """Held-out loss of the latest checkpoint; printed and written to <workdir>/eval.json."""
   setup, state, step = load_state(cfg, workdir)
+  if jax.process_index() == 0:
+    workdirs.prepare(workdir)  # eval.json goes there: say so before the work, not after
   result = dict(step=step, **setup.evaluate(state))
   if jax.process_index() == 0:
+    workdirs.write_json(os.path.join(workdir, "eval.json"), result)
     print(json.dumps(result))
-    with open(os.path.join(workdir, "eval.json"), "w") as f:
-      json.dump(result, f)
   return result

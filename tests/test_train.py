@@ -85,6 +85,24 @@ def test_bad_step_is_skipped_and_training_goes_on(setup):
                             after["params"]["head"]["kernel"])
 
 
+def test_non_finite_update_from_finite_gradients_is_not_applied(setup):
+  """A corrupted Adam second moment (negative) gives a NaN update from finite gradients: the
+  guard must look at the update itself, or the NaN is applied and saved."""
+  state = setup.init(jax.random.key(0))
+  for i in range(2):  # step 1 is the fixture's injected NaN gradient
+    state, _ = setup.step(state, setup.batches.train(i))
+  adam = state["opt_state"][1]
+  corrupted = adam._replace(nu=jax.tree.map(lambda v: v - 1.0, adam.nu))
+  state = dict(state, opt_state=(state["opt_state"][0], corrupted, *state["opt_state"][2:]))
+  before = _host(state)
+  state, out = setup.step(state, setup.batches.train(2))  # step 2: no injected fault
+  assert np.isfinite(float(out["loss"])) and np.isfinite(float(out["grad_norm"]))
+  assert int(out["applied"]) == 0 and int(out["bad_steps"]) == 2  # step 1's, then this one
+  after = _host(state)
+  for key in ("params", "opt_state", "moe_state"):
+    _assert_trees_equal(after[key], before[key])
+
+
 def test_batches_are_the_global_batch_on_the_mesh(setup):
   batch = setup.batches.train(3)
   cfg = setup.cfg.train
