@@ -10,6 +10,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -371,3 +372,25 @@ def test_run_that_diverges_before_its_first_checkpoint_says_there_is_none(env, c
   assert line.startswith("error: stopped at step 3: loss, gradient or update not finite"), line
   assert "no checkpoint was saved before it (train.checkpoint_every=4)" in line
   assert not os.path.exists(os.path.join(workdir, "checkpoints"))
+
+
+def test_readme_two_process_example_runs_as_written(env, tmp_path):
+  """The README's example, with a short run and its own workdir and port appended."""
+  readme = (REPO / "README.md").read_text().splitlines()
+  start = next(i for i, l in enumerate(readme) if l.strip().startswith("export JAX_PLATFORMS="))
+  end = next(i for i in range(start, len(readme)) if readme[i].strip() == "done; wait")
+  block = "\n".join(l[4:] for l in readme[start:end + 1])
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+  short = (f"--config.train.steps=2 --config.train.eval_every=2 --config.train.eval_batches=1 "
+           f"--workdir={tmp_path / 'run'}")
+  block = block.replace("--config.moe.parallelism=alltoall",
+                        f"--config.moe.parallelism=alltoall {short}").replace("12355", str(port))
+  assert short in block, block
+  result = subprocess.run(["bash", "-c", block], cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=600)
+  assert result.returncode == 0, result.stderr[-3000:]
+  records = train_records(str(tmp_path / "run"))
+  assert [r["step"] for r in records] == [2]  # log_every 10: the last step only
+  assert "2 process(es), 8 devices (cpu)" in result.stdout
