@@ -201,6 +201,7 @@ def test_values_that_could_only_fail_later_are_refused_up_front(env, config_file
       ("train.learning_rate=float('nan')", "train.learning_rate=nan: must be a finite number"),
       ("train.learning_rate=float('inf')", "train.learning_rate=inf: must be a finite number"),
       ("model.rope_theta=0.0", "model.rope_theta=0.0: must be a number > 0"),
+      ("model.pad_id=259", "model.pad_id=259: must be an integer in [-1, vocab_size=259)"),
       ("model.vocab_size=200;model.pad_id=-1",
        "data.source='synthetic': holds token id 257, outside model.vocab_size=200"),
       (f"data.source='tokens';data.path={tokens!r}",
