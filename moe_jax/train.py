@@ -34,12 +34,10 @@ import optax
 from jax.experimental import multihost_utils
 
 from moe_jax import checkpoint, data, metrics, model, sharding, workdir as workdirs
-from moe_jax.config import ConfigError, ExperimentConfig, TrainConfig, from_config_dict
+from moe_jax.config import ConfigError, ExperimentConfig, TrainConfig
 
 BATCH_AXES = ("batch", "seq")
-CONFIG_FILE = "config.json"
-# What a reading experiment (eval, sample) needs to match: the model the checkpoint holds.
-_STATE_SECTIONS = ("model.", "moe.", "fp8.")
+CONFIG_FILE = workdirs.CONFIG_FILE
 
 
 class NonFinite(RuntimeError):
@@ -258,50 +256,6 @@ class Setup:
     return means
 
 
-def check_workdir(cfg: ExperimentConfig, workdir: str, *, reading: bool = False,
-                  report=print) -> dict:
-  """Compares cfg with the config the workdir's run was written with (config.json).
-
-  Refuses (ConfigError naming the key, nothing changed) what would change the meaning of its
-  checkpoints; returns the accepted changes {key: (old, new)} (see workdir.RESUMABLE). A reading
-  experiment only needs the model to match. No config.json, or a torn one: {} (the checkpoint's
-  own shapes are checked when it is restored).
-  """
-  old = workdirs.read_json(os.path.join(workdir, CONFIG_FILE), report=report)
-  if not isinstance(old, dict):
-    return {}
-  with contextlib.suppress(ConfigError, TypeError, ValueError):
-    old = from_config_dict(old).to_dict()  # fields added since then take their defaults
-  refused, accepted = workdirs.config_changes(old, cfg.to_dict())
-  if reading:
-    refused = {k: v for k, v in refused.items() if k.startswith(_STATE_SECTIONS)}
-  for key, (before, after) in refused.items():
-    raise ConfigError(f"{key}={after!r}: the run in {workdir} used {before!r}; use another "
-                      "--workdir to start a new run")
-  return accepted
-
-
-@contextlib.contextmanager
-def _writer(path: str):
-  """The workdir, created, writable and locked for this run (all processes agree)."""
-  error = None
-  with contextlib.ExitStack() as stack:
-    if jax.process_index() == 0:
-      try:
-        workdirs.prepare(path)
-        stack.enter_context(workdirs.lock(path))
-      except ConfigError as e:
-        error = e
-    if jax.process_count() > 1:
-      if int(multihost_utils.broadcast_one_to_all(np.int32(error is not None))) and not error:
-        error = ConfigError(f"workdir={path!r}: refused on process 0 (see its error)")
-      if not error:
-        os.makedirs(path, exist_ok=True)
-    if error:
-      raise error
-    yield
-
-
 class _Preemption:
   """SIGTERM or SIGINT (Ctrl-C) sets a flag; the loop saves and exits at the next step boundary.
   A second SIGINT ends the process at once. With several processes they agree (an all-gather)
@@ -346,7 +300,7 @@ def _mean(window: list[dict]) -> dict:
 def _resume(cfg: ExperimentConfig, setup: Setup, path: str, ckpt: checkpoint.Checkpointer,
             say) -> tuple[Any, int]:
   """The state to continue from and its step; checks everything before the run writes."""
-  changes = check_workdir(cfg, path, report=say)
+  changes = workdirs.check_config(cfg, path, report=say)
   state, start = ckpt.restore_latest(setup.abstract_state(), report=say)
   if start > cfg.train.steps:
     raise ConfigError(f"train.steps={cfg.train.steps}: the run in {path} is already at step "
@@ -369,7 +323,7 @@ def train(cfg: ExperimentConfig, workdir: str,
   SaveFailed; and Preempted after saving the current step on SIGTERM or SIGINT.
   """
   setup = Setup(cfg)
-  with _writer(workdir):
+  with workdirs.claim(workdir):
     return _train(cfg, setup, workdir, step_hooks)
 
 
@@ -378,7 +332,11 @@ def _train(cfg: ExperimentConfig, setup: Setup, path: str,
   main, t = jax.process_index() == 0, cfg.train
   say = print if main else (lambda *_: None)
   ckpt = checkpoint.Checkpointer(os.path.join(path, "checkpoints"), keep=t.keep_checkpoints)
-  state, start = _resume(cfg, setup, path, ckpt, say)
+  try:
+    state, start = _resume(cfg, setup, path, ckpt, say)
+  except BaseException:
+    ckpt.close()
+    raise
   say(f"{jax.process_count()} process(es), {jax.device_count()} devices "
       f"({jax.devices()[0].platform}), mesh {dict(setup.mesh.shape)}, data {setup.dataset.name}")
   if state is None:
@@ -392,6 +350,7 @@ def _train(cfg: ExperimentConfig, setup: Setup, path: str,
   if start == t.steps:
     say(f"the run in {path} is complete at step {start} (train.steps={t.steps}); nothing to do")
     log.close()
+    ckpt.close()
     records = [r for r in metrics.read_jsonl(log.path) if "loss" in r]
     return records[-1] if records else {}
   progress = metrics.Progress(t.steps)
@@ -476,10 +435,13 @@ def load_state(cfg: ExperimentConfig, workdir: str) -> tuple[Setup, dict, int]:
   setup = Setup(cfg)
   if os.path.exists(workdir) and not os.path.isdir(workdir):
     raise ConfigError(f"workdir={workdir!r}: is a file, not a directory")
-  check_workdir(cfg, workdir, reading=True)
+  workdirs.check_config(cfg, workdir, reading=True)
   ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"),
                                  keep=cfg.train.keep_checkpoints, read_only=True)
-  state, step = ckpt.restore_latest(setup.abstract_state())
+  try:
+    state, step = ckpt.restore_latest(setup.abstract_state())
+  finally:
+    ckpt.close()
   if state is None:
     raise ConfigError(f"workdir={workdir!r}: holds no readable checkpoint to evaluate; "
                       "train first")

@@ -5,7 +5,8 @@
   files    `write_json` replaces a file atomically (a crash leaves the old or the new one) and
            writes strict JSON (non-finite floats become null); `read_json` treats a torn or
            missing file as absent and says so.
-  changes  `config_changes` sorts the differences between the config a workdir's checkpoints
+  claim    `claim(workdir)`: prepare + lock for a writing run, agreed by every process.
+  changes  `check_config` and `config_changes` sort the differences between the config a workdir's checkpoints
            were written with and the one resuming them: keys that change what the checkpoint
            means are refused, the rest (how the same computation runs, what is logged, how long
            the run is) are accepted and appended to config_history.jsonl.
@@ -22,8 +23,13 @@ import tempfile
 import time
 from typing import Any, Callable, Iterator, Optional
 
-from moe_jax.config import ConfigError
+import jax
+import numpy as np
+from jax.experimental import multihost_utils
 
+from moe_jax.config import ConfigError, ExperimentConfig, from_config_dict
+
+CONFIG_FILE = "config.json"
 LOCK_FILE = ".lock"
 HISTORY_FILE = "config_history.jsonl"
 
@@ -33,6 +39,8 @@ RESUMABLE = ("experiment", "hf_path", "seeds", "mesh.", "model.dtype", "moe.dtyp
              "moe.grouped_backend", "moe.parallelism", "train.steps", "train.log_every",
              "train.eval_every", "train.eval_batches", "train.checkpoint_every",
              "train.keep_checkpoints", "train.max_bad_steps", "train.inject_nan_at_steps")
+# What a reading experiment (eval, sample) needs to match: the model the checkpoint holds.
+_MODEL_KEYS = ("model.", "moe.", "fp8.")
 
 
 def prepare(workdir: str):
@@ -135,3 +143,47 @@ def record_changes(workdir: str, step: int, accepted: dict):
           "changes": {k: list(v) for k, v in accepted.items()}}
   with open(os.path.join(workdir, HISTORY_FILE), "a") as f:
     f.write(json.dumps(_finite(line)) + "\n")
+
+
+def check_config(cfg: ExperimentConfig, workdir: str, *, reading: bool = False,
+                  report=print) -> dict:
+  """Compares cfg with the config the workdir's run was written with (config.json).
+
+  Refuses (ConfigError naming the key, nothing changed) what would change the meaning of its
+  checkpoints; returns the accepted changes {key: (old, new)} (see RESUMABLE). A reading
+  experiment only needs the model to match. No config.json, or a torn one: {} (the checkpoint's
+  own shapes are checked when it is restored).
+  """
+  old = read_json(os.path.join(workdir, CONFIG_FILE), report=report)
+  if not isinstance(old, dict):
+    return {}
+  with contextlib.suppress(ConfigError, TypeError, ValueError):
+    old = from_config_dict(old).to_dict()  # fields added since then take their defaults
+  refused, accepted = config_changes(old, cfg.to_dict())
+  if reading:
+    refused = {k: v for k, v in refused.items() if k.startswith(_MODEL_KEYS)}
+  for key, (before, after) in refused.items():
+    raise ConfigError(f"{key}={after!r}: the run in {workdir} used {before!r}; use another "
+                      "--workdir to start a new run")
+  return accepted
+
+
+@contextlib.contextmanager
+def claim(path: str):
+  """The workdir, created, writable and locked for this run (all processes agree)."""
+  error = None
+  with contextlib.ExitStack() as stack:
+    if jax.process_index() == 0:
+      try:
+        prepare(path)
+        stack.enter_context(lock(path))
+      except ConfigError as e:
+        error = e
+    if jax.process_count() > 1:
+      if int(multihost_utils.broadcast_one_to_all(np.int32(error is not None))) and not error:
+        error = ConfigError(f"workdir={path!r}: refused on process 0 (see its error)")
+      if not error:
+        os.makedirs(path, exist_ok=True)
+    if error:
+      raise error
+    yield

@@ -11,7 +11,7 @@ import jax
 import numpy as np
 import pytest
 
-from moe_jax import config, data, metrics, model, train
+from moe_jax import config, data, metrics, model, train, workdir
 from moe_jax.config import ConfigError
 
 
@@ -173,10 +173,10 @@ def test_workdir_of_another_model_is_refused(tmp_path):
   cfg = tiny()
   with open(tmp_path / train.CONFIG_FILE, "w") as f:
     json.dump(cfg.to_dict(), f)
-  train.check_workdir(tiny(steps=20), str(tmp_path))  # train settings may change
+  workdir.check_config(tiny(steps=20), str(tmp_path))  # train settings may change
   other = config.from_config_dict(dict(cfg.to_dict(), moe=dict(cfg.to_dict()["moe"], top_k=1)))
   with pytest.raises(ConfigError, match=r"^moe\.top_k=1: the run in .* used 2; use another"):
-    train.check_workdir(other, str(tmp_path))
+    workdir.check_config(other, str(tmp_path))
 
 
 def test_sigterm_saves_the_step_then_raises_preempted(tmp_path):
