@@ -57,6 +57,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from moe_jax import shard_util
 from moe_jax.config import FP8Config
 
 BlockShape = Optional[tuple[int, int]]
@@ -180,7 +181,8 @@ def init_delayed_state(history_len: int, num_groups: Optional[int] = None) -> De
   return {k: jnp.zeros(shape, jnp.float32) for k in ("x", "w", "g")}
 
 
-def _roll_history(history_GxL: jax.Array, amax_G: jax.Array) -> jax.Array:
+def roll_history(history_GxL: jax.Array, amax_G: jax.Array) -> jax.Array:
+  """A delayed state's update: the history shifted by one with this step's amax [G] in front."""
   return jnp.concatenate([amax_G[:, None], history_GxL[:, :-1]], axis=1)
 
 
@@ -232,7 +234,7 @@ def weight_blocks(cfg: FP8Config, w_GxKxN: jax.Array, transpose: bool = False):
   """"blockwise" weights: the FP8 tile x tile blocks of w (of w^T for dx = g @ w^T) and their
   scales repeated along the output dim, ([G, K, N], [G, Kb, N]) or ([G, N, K], [G, Nb, K]).
   Quantizing is deterministic: callers that multiply one weight many times (the MoE's overflow
-  blocks) quantize it once and pass the blocks to `_forward` / `_backward`."""
+  blocks) quantize it once and pass the blocks to `forward` / `backward`."""
   t = cfg.tile
   qw, sw = quantize(w_GxKxN, dtype=FP8_DTYPES[cfg.fwd_dtype], block_shape=(t, t),
                     power_of_two=cfg.power_of_two_scale)
@@ -241,23 +243,27 @@ def weight_blocks(cfg: FP8Config, w_GxKxN: jax.Array, transpose: bool = False):
   return qw, _expand(sw, (1, t), sw.shape[:2] + qw.shape[2:])
 
 
-def _tensor_quantize(x_GxMxN: jax.Array, scale_G: jax.Array, dtype) -> jax.Array:
+def tensor_quantize(x_GxMxN: jax.Array, scale_G: jax.Array, dtype) -> jax.Array:
+  """x in dtype with one scale per group ([G]): the "tensor" and "delayed" recipes' operands."""
   full = (max(x_GxMxN.shape[1], 1), max(x_GxMxN.shape[2], 1))
   return quantize_with_scale(x_GxMxN, scale_G[:, None, None], dtype=dtype, block_shape=full)
 
 
-def _tensor_amax(x_GxMxN: jax.Array) -> jax.Array:
+def tensor_amax(x_GxMxN: jax.Array) -> jax.Array:
+  """max |x| per group, [G] float32 (0 for a group without elements)."""
   return jnp.max(jnp.abs(x_GxMxN.astype(jnp.float32)), axis=(1, 2), initial=0.0)
 
 
 def _per_tensor_scales(cfg: FP8Config, x, w, g, state: DelayedState):
   """Scales of x, w and g ([G] each) for the "tensor" and "delayed" recipes."""
-  current = [_tensor_amax(t) if t is not None else None for t in (x, w, g)]
-  return _scales_from_amax(cfg, current, state)
+  current = [tensor_amax(t) if t is not None else None for t in (x, w, g)]
+  return scales_from_amax(cfg, current, state)
 
 
-def _scales_from_amax(cfg: FP8Config, current, state: DelayedState):
-  """`_per_tensor_scales` from the current amaxes ([G] each, or None) of x, w and g."""
+def scales_from_amax(cfg: FP8Config, current, state: DelayedState):
+  """Scales of x, w and g ([G] each, None where the amax is None) from their current amaxes:
+  those themselves ("tensor"), or each state's history ("delayed", current only on step one).
+  Kernels that take amaxes their own way (per expert over packed rows) call this directly."""
   fwd, grad = FP8_DTYPES[cfg.fwd_dtype], FP8_DTYPES[cfg.grad_dtype]
   p2 = cfg.power_of_two_scale
   amaxes = current
@@ -272,8 +278,9 @@ def _scales_from_amax(cfg: FP8Config, current, state: DelayedState):
           for a, dt in zip(amaxes, (fwd, fwd, grad))]
 
 
-def _forward(cfg: FP8Config, x_GxMxK, w_GxKxN, state: DelayedState, w_blocks=None) -> jax.Array:
-  """y = x @ w per the recipe; "blockwise" takes w's `weight_blocks` if given."""
+def forward(cfg: FP8Config, x_GxMxK, w_GxKxN, state: DelayedState, w_blocks=None) -> jax.Array:
+  """y = x @ w per the recipe in float32, [G, M, N]; "blockwise" takes w's `weight_blocks` if
+  given. The forward of `fp8_dot`; kernels with their own loop call it per step."""
   fwd, t = FP8_DTYPES[cfg.fwd_dtype], cfg.tile
   p2 = cfg.power_of_two_scale
   if cfg.recipe == "blockwise":
@@ -281,12 +288,13 @@ def _forward(cfg: FP8Config, x_GxMxK, w_GxKxN, state: DelayedState, w_blocks=Non
     qw, sw_GxKbxN = w_blocks if w_blocks is not None else weight_blocks(cfg, w_GxKxN)
     return _chunked_matmul(qx, sx, qw, sw_GxKbxN, t)
   sx, sw, _ = _per_tensor_scales(cfg, x_GxMxK, w_GxKxN, None, state)
-  return _tensor_matmul(_tensor_quantize(x_GxMxK, sx, fwd), _tensor_quantize(w_GxKxN, sw, fwd),
+  return _tensor_matmul(tensor_quantize(x_GxMxK, sx, fwd), tensor_quantize(w_GxKxN, sw, fwd),
                         sx, sw)
 
 
-def _backward(cfg: FP8Config, x_GxMxK, w_GxKxN, g_GxMxN, state: DelayedState, wT_blocks=None):
-  """(dx, dw) per the recipe; "blockwise" takes w's transposed `weight_blocks` if given."""
+def backward(cfg: FP8Config, x_GxMxK, w_GxKxN, g_GxMxN, state: DelayedState, wT_blocks=None):
+  """(dx, dw) in float32 per the recipe, for the output gradient g; "blockwise" takes w's
+  transposed `weight_blocks` if given. The backward of `fp8_dot`, without the state update."""
   fwd, grad, t = FP8_DTYPES[cfg.fwd_dtype], FP8_DTYPES[cfg.grad_dtype], cfg.tile
   p2 = cfg.power_of_two_scale
   xT_GxKxM = jnp.swapaxes(x_GxMxK, 1, 2)
@@ -302,32 +310,32 @@ def _backward(cfg: FP8Config, x_GxMxK, w_GxKxN, g_GxMxN, state: DelayedState, wT
     dw = _chunked_matmul(qxT, sxT, qg2, sg2, t)
     return dx, dw
   sx, sw, sg = _per_tensor_scales(cfg, x_GxMxK, w_GxKxN, g_GxMxN, state)
-  qg = _tensor_quantize(g_GxMxN, sg, grad)
-  qwT = jnp.swapaxes(_tensor_quantize(w_GxKxN, sw, fwd), 1, 2)
+  qg = tensor_quantize(g_GxMxN, sg, grad)
+  qwT = jnp.swapaxes(tensor_quantize(w_GxKxN, sw, fwd), 1, 2)
   dx = _tensor_matmul(qg, qwT, sg, sw)
-  dw = _tensor_matmul(_tensor_quantize(xT_GxKxM, sx, fwd), qg, sx, sg)
+  dw = _tensor_matmul(tensor_quantize(xT_GxKxM, sx, fwd), qg, sx, sg)
   return dx, dw
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
 def _fp8_matmul(cfg: FP8Config, x_GxMxK, w_GxKxN, state: DelayedState):
-  return _forward(cfg, x_GxMxK, w_GxKxN, state).astype(x_GxMxK.dtype)
+  return forward(cfg, x_GxMxK, w_GxKxN, state).astype(x_GxMxK.dtype)
 
 
 def _fp8_matmul_fwd(cfg, x_GxMxK, w_GxKxN, state):
   # x and w are kept, not their FP8 forms: dw needs x re-tiled along tokens anyway, and w
   # (a parameter) stays alive regardless. Re-quantizing is deterministic, so it matches.
-  y = _forward(cfg, x_GxMxK, w_GxKxN, state).astype(x_GxMxK.dtype)
+  y = forward(cfg, x_GxMxK, w_GxKxN, state).astype(x_GxMxK.dtype)
   return y, (x_GxMxK, w_GxKxN, state)
 
 
 def _fp8_matmul_bwd(cfg, residuals, g_GxMxN):
   x, w, state = residuals
-  dx, dw = _backward(cfg, x, w, g_GxMxN, state)
+  dx, dw = backward(cfg, x, w, g_GxMxN, state)
   new_state = {}
   if cfg.recipe == "delayed":
-    amax = {"x": _tensor_amax(x), "w": _tensor_amax(w), "g": _tensor_amax(g_GxMxN)}
-    new_state = {k: _roll_history(state[k], amax[k]) for k in state}
+    amax = {"x": tensor_amax(x), "w": tensor_amax(w), "g": tensor_amax(g_GxMxN)}
+    new_state = {k: roll_history(state[k], amax[k]) for k in state}
   return (*cotangents_like((dx.astype(x.dtype), dw.astype(w.dtype)), (x, w)),
           state_cotangent(new_state, state))
 
@@ -335,15 +343,13 @@ def _fp8_matmul_bwd(cfg, residuals, g_GxMxN):
 def cotangents_like(cts, primals):
   """Inside shard_map a custom VJP's cotangent must vary over the mesh axes its primal varies
   over: a weight the same on every token shard gets the sum of the shards' partial gradients."""
-  from moe_jax.moe import manual  # moe imports this module
-  return tuple(manual.cotangent_like(c, p) for c, p in zip(cts, primals))
+  return tuple(shard_util.cotangent_like(c, p) for c, p in zip(cts, primals))
 
 
 def state_cotangent(new_state: DelayedState, state: DelayedState) -> DelayedState:
   """The updated histories, combined over the mesh axes the state is the same on by a max:
   each device's history differs only in the amax at index 0, and the global amax is their max."""
-  from moe_jax.moe import manual
-  return {k: manual.cotangent_like(h, state[k], jax.lax.pmax) for k, h in new_state.items()}
+  return {k: shard_util.cotangent_like(h, state[k], jax.lax.pmax) for k, h in new_state.items()}
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(1,))

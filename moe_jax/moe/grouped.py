@@ -28,7 +28,8 @@ import jax
 import jax.numpy as jnp
 
 from moe_jax.config import FP8Config
-from moe_jax.moe import dispatch, grouped_fp8, manual
+from moe_jax import shard_util
+from moe_jax.moe import dispatch, grouped_fp8
 from moe_jax.moe.dispatch import Plan
 
 
@@ -142,7 +143,7 @@ def _routed_fwd(x_TxD, gate_ExDxF, up_ExDxF, down_ExFxD, gates_TxK, src_R, row_T
             jax.lax.dynamic_update_slice_in_dim(ab_Rx2F, ab_Bx2F, start, axis=0))
 
   operands = (x_TxD, gate_ExDxF, up_ExDxF, down_ExFxD, block_expert_N)
-  zeros = tuple(manual.zeros(shape, x_TxD.dtype, *operands) for shape in ((r, d), (r, 2 * f)))
+  zeros = tuple(shard_util.zeros(shape, x_TxD.dtype, *operands) for shape in ((r, d), (r, 2 * f)))
   y_RxD, ab_Rx2F = _loops(seg, block_expert_N, used_blocks, body, zeros)
   y_TxD = jnp.einsum("tkd,tk->td", _take_rows(y_RxD, row_TxK), gates_TxK)
   return y_TxD, (x_TxD, y_RxD, ab_Rx2F, gate_ExDxF, up_ExDxF, down_ExFxD, gates_TxK, src_R,
@@ -184,16 +185,16 @@ def _routed_bwd(seg, residuals, dy_TxD):
 
   weights = (gate_ExDxF, up_ExDxF, down_ExFxD)
   operands = (x_TxD, y_RxD, ab_Rx2F, *weights, block_expert_N, dy_TxD)
-  init = (manual.zeros(y_RxD.shape, x_TxD.dtype, *operands),
-          manual.zeros(src_R.shape, x_TxD.dtype, *operands),
-          *(manual.zeros(w.shape, f32, *operands) for w in weights))
+  init = (shard_util.zeros(y_RxD.shape, x_TxD.dtype, *operands),
+          shard_util.zeros(src_R.shape, x_TxD.dtype, *operands),
+          *(shard_util.zeros(w.shape, f32, *operands) for w in weights))
   dx_RxD, dgate_R, *dweights = _loops(seg, block_expert_N, used_blocks, body, init)
   # Each token's rows summed back: gathers through the row map, not scatter-adds.
   dx_TxD = _take_rows(dx_RxD, row_TxK).sum(1)
   dgates_TxK = jnp.take(dgate_R, row_TxK, mode="fill", fill_value=0)
   cts = (dx_TxD, *(dw.astype(w.dtype) for dw, w in zip(dweights, weights)), dgates_TxK)
   primals = (x_TxD, *weights, gates_TxK)
-  return (*(manual.cotangent_like(c, p) for c, p in zip(cts, primals)), None, None, None, None)
+  return (*(shard_util.cotangent_like(c, p) for c, p in zip(cts, primals)), None, None, None, None)
 
 
 _routed.defvjp(_routed_fwd, _routed_bwd)

@@ -26,7 +26,7 @@ from jax import lax
 
 from moe_jax import fp8
 from moe_jax.config import FP8Config
-from moe_jax.moe import manual
+from moe_jax import shard_util
 
 NAMES = ("gate", "up", "down")
 f32 = jnp.float32
@@ -49,7 +49,7 @@ def swiglu_grouped(x_ExCxD, w: dict, cfg: FP8Config, states: dict):
 
 
 # ----------------------------------------------------------------------------------------------
-# Overflow blocks: grouped.py's block loop with each product through fp8._forward/_backward
+# Overflow blocks: grouped.py's block loop with each product through fp8.forward/backward
 # (G = 1), and the same hand-written backward that accumulates weight gradients in place.
 
 def _expert(w, e):
@@ -98,7 +98,7 @@ def _blocks_fwd(x_RxD, gate, up, down, block_expert_N, used_blocks, states, bloc
   r, d = x_RxD.shape
   dtype = x_RxD.dtype
   blocks = _weight_blocks(cfg, {"gate": gate, "up": up, "down": down}, transpose=False)
-  dot = lambda x, name, wt, e: fp8._forward(cfg, x[None], _expert(wt, e), _state(states, name, e),
+  dot = lambda x, name, wt, e: fp8.forward(cfg, x[None], _expert(wt, e), _state(states, name, e),
                                             _expert_blocks(blocks, name, e))[0].astype(dtype)
 
   def body(n, carry):
@@ -111,7 +111,7 @@ def _blocks_fwd(x_RxD, gate, up, down, block_expert_N, used_blocks, states, bloc
             lax.dynamic_update_slice_in_dim(ab_Rx2F, ab_Bx2F, n * block, axis=0))
 
   operands = (x_RxD, gate, up, down, block_expert_N, *jax.tree.leaves(states))
-  zeros = tuple(manual.zeros(s, dtype, *operands) for s in ((r, d), (r, 2 * gate.shape[-1])))
+  zeros = tuple(shard_util.zeros(s, dtype, *operands) for s in ((r, d), (r, 2 * gate.shape[-1])))
   y_RxD, ab_Rx2F = lax.fori_loop(0, used_blocks, body, zeros)
   return y_RxD, (x_RxD, ab_Rx2F, gate, up, down, block_expert_N, used_blocks, states)
 
@@ -123,7 +123,7 @@ def _blocks_bwd(block, cfg, residuals, dy_RxD):
   blocks = _weight_blocks(cfg, weights, transpose=True)
 
   def grads(x, name, g, e):
-    dx, dw = fp8._backward(cfg, x[None], _expert(weights[name], e), g[None],
+    dx, dw = fp8.backward(cfg, x[None], _expert(weights[name], e), g[None],
                            _state(states, name, e), _expert_blocks(blocks, name, e))
     return dx[0].astype(dtype), dw
 
@@ -151,17 +151,17 @@ def _blocks_bwd(block, cfg, residuals, dy_RxD):
     return dx_RxD, dw, amax
 
   operands = (x_RxD, ab_Rx2F, gate, up, down, block_expert_N, dy_RxD, *jax.tree.leaves(states))
-  init = (manual.zeros(x_RxD.shape, dtype, *operands),
-          {k: manual.zeros(v.shape, f32, *operands) for k, v in weights.items()},
-          {k: manual.zeros((e_count,), f32, *operands) for k in ("x", "h", "ga", "gb", "gd")})
+  init = (shard_util.zeros(x_RxD.shape, dtype, *operands),
+          {k: shard_util.zeros(v.shape, f32, *operands) for k, v in weights.items()},
+          {k: shard_util.zeros((e_count,), f32, *operands) for k in ("x", "h", "ga", "gb", "gd")})
   dx_RxD, dw, amax = lax.fori_loop(0, used_blocks, body, init)
   new_states = {}
   if states:
     seen = {"gate": (amax["x"], amax["ga"]), "up": (amax["x"], amax["gb"]),
             "down": (amax["h"], amax["gd"])}
     for k in NAMES:
-      now = {"x": seen[k][0], "w": fp8._tensor_amax(weights[k]), "g": seen[k][1]}
-      rolled = {h: fp8._roll_history(states[k][h], now[h]) for h in states[k]}
+      now = {"x": seen[k][0], "w": fp8.tensor_amax(weights[k]), "g": seen[k][1]}
+      rolled = {h: fp8.roll_history(states[k][h], now[h]) for h in states[k]}
       new_states[k] = fp8.state_cotangent(rolled, states[k])
   cts = fp8.cotangents_like(
       (dx_RxD, *(dw[k].astype(weights[k].dtype) for k in NAMES)), (x_RxD, gate, up, down))
@@ -217,9 +217,9 @@ def _chunked(qa_RxC, sa_RxCb, qb_ExCxN, sb_ExCbxN, group_sizes_E, e_R, tile):
 
 def _ragged_scales(cfg, x_RxK, w_ExKxN, g_RxN, e_R, state):
   e = w_ExKxN.shape[0]
-  current = [_expert_amax(x_RxK, e_R, e), fp8._tensor_amax(w_ExKxN),
+  current = [_expert_amax(x_RxK, e_R, e), fp8.tensor_amax(w_ExKxN),
              None if g_RxN is None else _expert_amax(g_RxN, e_R, e)]
-  return fp8._scales_from_amax(cfg, current, state)
+  return fp8.scales_from_amax(cfg, current, state)
 
 
 def _ragged_forward(cfg, x_RxK, w_ExKxN, group_sizes_E, state):
@@ -231,7 +231,7 @@ def _ragged_forward(cfg, x_RxK, w_ExKxN, group_sizes_E, state):
     return _chunked(qx, sx, qw, sw, group_sizes_E, e_R, t)
   sx, sw, _ = _ragged_scales(cfg, x_RxK, w_ExKxN, None, e_R, state)
   qx = _per_row_quantize(x_RxK, _per_row(sx, e_R), fwd)
-  y = _rdot(qx, fp8._tensor_quantize(w_ExKxN, sw, fwd), group_sizes_E)
+  y = _rdot(qx, fp8.tensor_quantize(w_ExKxN, sw, fwd), group_sizes_E)
   return y * _per_row(sx * sw, e_R)[:, None]
 
 
@@ -278,7 +278,7 @@ def _ragged_backward(cfg, x_RxK, w_ExKxN, g_RxN, group_sizes_E, state):
     return dx, jax.ops.segment_sum(p_TxKxN, tile_expert, e)
   sx, sw, sg = _ragged_scales(cfg, x_RxK, w_ExKxN, g_RxN, e_R, state)
   qg = _per_row_quantize(g_RxN, _per_row(sg, e_R), grad)
-  qwT = jnp.swapaxes(fp8._tensor_quantize(w_ExKxN, sw, fwd), 1, 2)
+  qwT = jnp.swapaxes(fp8.tensor_quantize(w_ExKxN, sw, fwd), 1, 2)
   dx = _rdot(qg, qwT, group_sizes_E) * _per_row(sg * sw, e_R)[:, None]
   qx = _per_row_quantize(x_RxK, _per_row(sx, e_R), fwd)
   dw = _contract(qx, qg, group_sizes_E) * (sx * sg)[:, None, None]
@@ -302,10 +302,10 @@ def _ragged_bwd(cfg, residuals, g_RxN):
   if state:
     e_R = _row_expert(group_sizes_E, x.shape[0])
     e = w.shape[0]
-    now = {"x": _expert_amax(x, e_R, e), "w": fp8._tensor_amax(w),
+    now = {"x": _expert_amax(x, e_R, e), "w": fp8.tensor_amax(w),
            "g": _expert_amax(g_RxN, e_R, e)}
     new_state = fp8.state_cotangent(
-        {k: fp8._roll_history(state[k], now[k]) for k in state}, state)
+        {k: fp8.roll_history(state[k], now[k]) for k in state}, state)
   dx, dw = fp8.cotangents_like((dx.astype(x.dtype), dw.astype(w.dtype)), (x, w))
   return dx, dw, None, new_state
 

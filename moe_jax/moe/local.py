@@ -12,7 +12,8 @@ import jax.numpy as jnp
 
 from moe_jax import fp8
 from moe_jax.config import FP8Config, MoEConfig
-from moe_jax.moe import dispatch, grouped, grouped_fp8, manual, routing
+from moe_jax import shard_util
+from moe_jax.moe import dispatch, grouped, grouped_fp8, routing
 
 
 def swiglu(x: jax.Array, w: dict, matmuls: fp8.Matmuls = fp8.NO_FP8) -> jax.Array:
@@ -93,7 +94,7 @@ def _spill_fwd(x_TxD, experts, gates_TxK, idx_TxK, spilled_TxK, fp8_states, cfg,
   f = _spill_fn(idx_TxK, spilled_TxK, cfg, backend, block, fp8_cfg)
   y_TxD = jax.lax.cond(
       spilled_TxK.any(), f,
-      lambda x, w, g, s: manual.zeros(x.shape, x.dtype, x, *jax.tree.leaves((w, s)), g),
+      lambda x, w, g, s: shard_util.zeros(x.shape, x.dtype, x, *jax.tree.leaves((w, s)), g),
       x_TxD, experts, gates_TxK, fp8_states)
   return y_TxD, (x_TxD, experts, gates_TxK, idx_TxK, spilled_TxK, fp8_states)
 
