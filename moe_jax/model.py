@@ -62,17 +62,16 @@ from jax.sharding import PartitionSpec
 from moe_jax import attention, moe, params_count, sharding
 from moe_jax import generate as sampling
 from moe_jax.config import FP8Config, ModelConfig, MoEConfig
-from moe_jax.fp8 import NO_FP8, Matmuls
+from moe_jax.fp8 import Matmuls
 from moe_jax.layers import RMSNorm, fp8_matmuls, logical_param
+from moe_jax.moe.params import ParamSpec
 
 Params = dict[str, Any]
 MoEState = dict[str, dict[str, jax.Array]]
 
 ACTIVATION_AXES = ("batch", "seq", "embed")
 LOGIT_AXES = ("batch", "seq", "vocab")
-# Expert weights have their own width names so that sharding.py can split them unlike dense ones.
-EXPERT_IN_AXES = ("experts", "expert_embed", "expert_mlp")
-EXPERT_OUT_AXES = ("experts", "expert_mlp", "expert_embed")
+swiglu = moe.swiglu
 
 
 def project(x: jax.Array, w_KxN: jax.Array, out_dtype=None) -> jax.Array:
@@ -81,15 +80,17 @@ def project(x: jax.Array, w_KxN: jax.Array, out_dtype=None) -> jax.Array:
   return jnp.matmul(x, w_KxN.astype(x.dtype), preferred_element_type=out_dtype)
 
 
-def swiglu(x: jax.Array, w: Params, matmuls: Matmuls = NO_FP8) -> jax.Array:
-  """down(silu(x @ gate) * (x @ up)), each product through `matmuls` (plain by default)."""
-  h = jax.nn.silu(matmuls.dot(x, "gate", w["gate"])) * matmuls.dot(x, "up", w["up"])
-  return matmuls.dot(h, "down", w["down"])
+def _normal_specs(std: float, specs) -> tuple:
+  """((name, shape, axes), ...) -> a parameter table of N(0, std) matrices."""
+  init = nn.initializers.normal(stddev=std)
+  return tuple((name, ParamSpec(tuple(shape), tuple(axes), init)) for name, shape, axes in specs)
 
 
-def _swiglu_specs(d: int, f: int, in_axes, out_axes, lead: tuple[int, ...] = ()):
-  return (("gate", lead + (d, f), in_axes), ("up", lead + (d, f), in_axes),
-          ("down", lead + (f, d), out_axes))
+def _dense_ffn_specs(cfg: ModelConfig) -> tuple:
+  d, f = cfg.embed_dim, cfg.dense_ffn_dim
+  return _normal_specs(cfg.init_std, (("gate", (d, f), ("embed", "mlp")),
+                                      ("up", (d, f), ("embed", "mlp")),
+                                      ("down", (f, d), ("mlp", "embed"))))
 
 
 def is_moe_layer(cfg: ModelConfig, index: int) -> bool:
@@ -100,63 +101,51 @@ def is_moe_layer(cfg: ModelConfig, index: int) -> bool:
 # ----------------------------------------------------------------------------- Flax modules
 
 
-def _normal_params(module: nn.Module, specs: tuple, std: float) -> Params:
-  init = nn.initializers.normal(stddev=std)
-  return {name: logical_param(module, name, init, shape, axes) for name, shape, axes in specs}
+def _table_params(module: nn.Module, specs: tuple) -> Params:
+  return {name: logical_param(module, name, spec.init, spec.shape, spec.axes)
+          for name, spec in specs}
 
 
 class Weights(nn.Module):
-  """A group of float32 N(0, std) parameters: specs ((name, shape, axes), ...) -> {name: array}."""
+  """A group of float32 parameters: specs ((name, ParamSpec), ...) -> {name: array}."""
   specs: tuple
-  std: float
 
   @nn.compact
   def __call__(self) -> Params:
-    return _normal_params(self, self.specs, self.std)
+    return _table_params(self, self.specs)
 
 
 class Dense(nn.Module):
   """Weights of dense projections: -> (params, their fp8.Matmuls under fp8_cfg, whose "delayed"
   states sit in the "fp8" collection under the same path as the parameters)."""
   specs: tuple
-  std: float
   fp8_cfg: FP8Config
   groups: Optional[int] = None  # stacked expert matrices: "delayed" histories [groups, L]
 
   @nn.compact
   def __call__(self) -> tuple[Params, Matmuls]:
-    params = _normal_params(self, self.specs, self.std)
+    params = _table_params(self, self.specs)
     return params, fp8_matmuls(self, list(params), self.fp8_cfg, self.groups)
 
 
 class MoE(nn.Module):
-  """moe.apply over parameters laid out as moe.init's; the router bias is a "moe_state" variable,
-  the "delayed" FP8 histories "fp8" variables under the parameters' paths ("experts", "shared")."""
+  """moe.apply over the parameters of moe.param_specs (the router a Weights group, experts and
+  shared experts Dense groups); the router bias is a "moe_state" variable, the "delayed" FP8
+  histories "fp8" variables under the parameters' paths ("experts", "shared")."""
   cfg: MoEConfig
-  std: float
   fp8_cfg: FP8Config = FP8Config()
 
   @nn.compact
   def __call__(self, x_BxSxD: jax.Array) -> tuple[jax.Array, dict]:
-    d, e, f, s = (self.cfg.embed_dim, self.cfg.num_experts, self.cfg.expert_ffn_dim,
-                  self.cfg.num_shared_experts)
-    fp8_cfg = self.fp8_cfg
-    experts, matmuls = Dense(_swiglu_specs(d, f, EXPERT_IN_AXES, EXPERT_OUT_AXES, (e,)), self.std,
-                             fp8_cfg, groups=e, name="experts")()
-    params = {
-        # Every token scores every expert, so the router's expert dim is never split.
-        "router": Weights((("kernel", (d, e), ("embed", None)),), self.std, name="router")(),
-        "experts": experts,
-    }
-    states = {"experts": matmuls.states}
-    if s:
-      params["shared"], matmuls = Dense(_swiglu_specs(d, s * f, ("embed", "mlp"),
-                                                      ("mlp", "embed")),
-                                        self.std, fp8_cfg, name="shared")()
-      states["shared"] = matmuls.states
-    bias = self.variable("moe_state", "router_bias",
-                         nn.with_logical_partitioning(jnp.zeros, (None,)), (e,), jnp.float32)
-    fp8_state = states if fp8_cfg.recipe == "delayed" else None
+    table = {group: tuple(specs.items()) for group, specs in moe.param_specs(self.cfg).items()}
+    params, states = {"router": Weights(table.pop("router"), name="router")()}, {}
+    for group, specs in table.items():
+      groups = self.cfg.num_experts if group == "experts" else None
+      params[group], matmuls = Dense(specs, self.fp8_cfg, groups, name=group)()
+      states[group] = matmuls.states
+    bias = self.variable("moe_state", "router_bias", nn.with_logical_partitioning(jnp.zeros, (None,)),
+                         (self.cfg.num_experts,), jnp.float32)
+    fp8_state = states if self.fp8_cfg.recipe == "delayed" else None
     return moe.apply(params, {"router_bias": bias.value}, x_BxSxD, self.cfg,
                      fp8_cfg=self.fp8_cfg, fp8_state=fp8_state)
 
@@ -175,12 +164,10 @@ class Block(nn.Module):
     x_BxTxD = x_BxTxD + h_BxTxD
     h_BxTxD = RMSNorm(cfg.norm_eps, name="ffn_norm")(x_BxTxD)
     if self.moe_cfg is None:
-      w, matmuls = Dense(_swiglu_specs(cfg.embed_dim, cfg.dense_ffn_dim, ("embed", "mlp"),
-                                       ("mlp", "embed")), cfg.init_std, self.fp8_cfg,
-                         name="ffn")()
+      w, matmuls = Dense(_dense_ffn_specs(cfg), self.fp8_cfg, name="ffn")()
       h_BxTxD, aux = swiglu(h_BxTxD, w, matmuls), None
     else:
-      h_BxTxD, aux = MoE(self.moe_cfg, cfg.init_std, self.fp8_cfg, name="ffn")(h_BxTxD)
+      h_BxTxD, aux = MoE(self.moe_cfg, self.fp8_cfg, name="ffn")(h_BxTxD)
     return sharding.constrain(x_BxTxD + h_BxTxD, ACTIVATION_AXES), aux, cache
 
 
@@ -195,8 +182,8 @@ class MTPModule(nn.Module):
     cfg, d = self.cfg, self.cfg.embed_dim
     he_BxSx2D = jnp.concatenate([RMSNorm(cfg.norm_eps, name="embed_norm")(e_BxSxD),
                                  RMSNorm(cfg.norm_eps, name="hidden_norm")(h_BxSxD)], axis=-1)
-    w, matmuls = Dense((("kernel", (2 * d, d), (None, "embed")),), cfg.init_std, self.fp8_cfg,
-                       name="proj")()
+    w, matmuls = Dense(_normal_specs(cfg.init_std, (("kernel", (2 * d, d), (None, "embed")),)),
+                       self.fp8_cfg, name="proj")()
     h_BxSxD, aux, _ = Block(cfg, self.moe_cfg, self.fp8_cfg, name="block")(
         matmuls.dot(he_BxSx2D, "kernel", w["kernel"]))
     logits_BxSxV = project(RMSNorm(cfg.norm_eps, name="final_norm")(h_BxSxD), head_DxV,
@@ -218,9 +205,9 @@ class Transformer(nn.Module):
   def __call__(self, tokens_BxT: jax.Array, pos=0, caches: Optional[dict] = None):
     cfg, dtype = self.cfg, jnp.dtype(self.cfg.dtype)
     V, D = cfg.vocab_size, cfg.embed_dim
-    emb_VxD = Weights((("embedding", (V, D), ("vocab", "embed")),), cfg.init_std,
+    emb_VxD = Weights(_normal_specs(cfg.init_std, (("embedding", (V, D), ("vocab", "embed")),)),
                       name="embed")()["embedding"]
-    head_DxV = Weights((("kernel", (D, V), ("embed", "vocab")),), cfg.init_std,
+    head_DxV = Weights(_normal_specs(cfg.init_std, (("kernel", (D, V), ("embed", "vocab")),)),
                        name="head")()["kernel"]
 
     def embed(tokens):

@@ -31,58 +31,13 @@ import jax.numpy as jnp
 from moe_jax import fp8
 from moe_jax.config import FP8Config, MoEConfig
 from moe_jax.moe import parallel, routing
+from moe_jax.moe.params import check_fp8_state, init, init_fp8_state
 from moe_jax.moe.local import routed_experts, route, sequence_shape, statistics, swiglu
-
-_fan_in = jax.nn.initializers.variance_scaling(1.0, "fan_in", "truncated_normal",
-                                               in_axis=-2, out_axis=-1)
-
-
-def init(key: jax.Array, cfg: MoEConfig) -> tuple[dict, dict]:
-  """Fresh parameters (float32 master copies) and zero router bias."""
-  d, e, f, s = cfg.embed_dim, cfg.num_experts, cfg.expert_ffn_dim, cfg.num_shared_experts
-  keys = jax.random.split(key, 7)
-  params = {
-      "router": {"kernel": _fan_in(keys[0], (d, e), jnp.float32)},
-      "experts": {
-          "gate": _fan_in(keys[1], (e, d, f), jnp.float32),
-          "up": _fan_in(keys[2], (e, d, f), jnp.float32),
-          "down": _fan_in(keys[3], (e, f, d), jnp.float32),
-      },
-  }
-  if s:
-    params["shared"] = {
-        "gate": _fan_in(keys[4], (d, s * f), jnp.float32),
-        "up": _fan_in(keys[5], (d, s * f), jnp.float32),
-        "down": _fan_in(keys[6], (s * f, d), jnp.float32),
-    }
-  return params, {"router_bias": jnp.zeros((e,), jnp.float32)}
-
 
 def check_input(x: jax.Array, cfg: MoEConfig):
   if x.ndim < 1 or x.shape[-1] != cfg.embed_dim:
     raise ValueError(f"x.shape={tuple(x.shape)}: last dimension must equal "
                      f"moe.embed_dim={cfg.embed_dim}")
-
-
-def init_fp8_state(cfg: MoEConfig, fp8_cfg: FP8Config) -> Optional[dict]:
-  """Zero "delayed" amax histories of every expert matrix (None for the other recipes)."""
-  if fp8_cfg.recipe != "delayed":
-    return None
-  names = ("gate", "up", "down")
-  length = fp8_cfg.amax_history_len
-  state = {"experts": {k: fp8.init_delayed_state(length, cfg.num_experts) for k in names}}
-  if cfg.num_shared_experts:
-    state["shared"] = {k: fp8.init_delayed_state(length) for k in names}
-  return state
-
-
-def _check_fp8_state(cfg: MoEConfig, fp8_cfg: FP8Config, fp8_state: Optional[dict]):
-  want = init_fp8_state(cfg, fp8_cfg)
-  shapes = lambda tree: jax.tree.map(jnp.shape, tree)
-  if (want is None) != (fp8_state is None) or shapes(want) != shapes(fp8_state):
-    kind = "None" if want is None else "its histories"
-    raise ValueError(f"fp8 recipe={fp8_cfg.recipe!r}: fp8_state must be "
-                     f"moe.init_fp8_state(cfg, fp8_cfg) ({kind})")
 
 
 def apply(params: dict, state: dict, x: jax.Array, cfg: MoEConfig, *,
@@ -91,7 +46,7 @@ def apply(params: dict, state: dict, x: jax.Array, cfg: MoEConfig, *,
   """y = sum_k gate_k * expert_k(x) + shared(x), for x of shape [..., D]; aux per module doc.
   Expert products in FP8 per fp8_cfg (module doc)."""
   check_input(x, cfg)
-  _check_fp8_state(cfg, fp8_cfg, fp8_state)
+  check_fp8_state(cfg, fp8_cfg, fp8_state)
   x_TxD = x.reshape(-1, cfg.embed_dim)
   seq_shape = sequence_shape(x.shape)
   if cfg.parallelism == "alltoall":

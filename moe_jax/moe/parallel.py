@@ -30,11 +30,12 @@ import jax.numpy as jnp
 from moe_jax import fp8, sharding
 from moe_jax.config import FP8Config, MoEConfig
 from moe_jax.moe import dispatch, grouped
+from moe_jax.moe.params import param_specs
 from moe_jax.moe.local import route, statistics, swiglu
 
-_EXPERT_SPECS = {"gate": ("experts", None, "expert_mlp"), "up": ("experts", None, "expert_mlp"),
-                 "down": ("experts", "expert_mlp", None)}
-_SHARED_SPECS = {"gate": (None, "mlp"), "up": (None, "mlp"), "down": ("mlp", None)}
+# Inside the layer weights stay split over experts and ffn width; their embed dims (fsdp) are
+# gathered at the shard_map boundary.
+_GATHERED = ("embed", "expert_embed")
 
 
 def _mesh():
@@ -65,12 +66,11 @@ def _spec(names, mesh) -> jax.sharding.PartitionSpec:
   return jax.sharding.PartitionSpec(*(keep(a) for a in sharding.logical_to_spec(names)))
 
 
-def _spec_tree(params: dict, mesh) -> dict:
-  specs = {"router": {"kernel": _spec((None, None), mesh)},
-           "experts": {k: _spec(v, mesh) for k, v in _EXPERT_SPECS.items()}}
-  if "shared" in params:
-    specs["shared"] = {k: _spec(v, mesh) for k, v in _SHARED_SPECS.items()}
-  return specs
+def _param_specs(cfg: MoEConfig, mesh) -> dict:
+  """shard_map in_specs of the parameters, from the one table (params.py)."""
+  local = lambda axes: tuple(None if a in _GATHERED else a for a in axes)
+  return {group: {name: _spec(local(spec.axes), mesh) for name, spec in table.items()}
+          for group, table in param_specs(cfg).items()}
 
 
 def _fp8_state_specs(fp8_state: Optional[dict], mesh):
@@ -168,7 +168,7 @@ def apply_alltoall(params: dict, state: dict, x_TxD: jax.Array, cfg: MoEConfig, 
   tokens = _spec(("batch", None), mesh)
   body = lambda p, s, x, f: _alltoall_body(p, s, x, f, cfg, seq_len, ep, tensor, fp8_cfg)
   fn = jax.shard_map(body, mesh=mesh,
-                     in_specs=(_spec_tree(params, mesh), {"router_bias": _spec((None,), mesh)},
+                     in_specs=(_param_specs(cfg, mesh), {"router_bias": _spec((None,), mesh)},
                                tokens, _fp8_state_specs(fp8_state, mesh)),
                      out_specs=(tokens, jax.sharding.PartitionSpec()))
   return fn(params, state, x_TxD, fp8_state)
