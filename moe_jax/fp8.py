@@ -42,7 +42,7 @@ wrap FP8 transport (e.g. expert dispatch) in a custom VJP, as `fp8_dot` does.
 
 Model seam: `fp8_einsum` runs a dense projection written as an einsum ("btd,dhk->bthk") through
 `fp8_dot`, and `Matmuls` bundles a layer's recipe with its per-matrix delayed states, so layers
-call `matmuls.einsum(spec, x, "wq", w)` whatever the recipe. The MoE experts (moe/grouped_fp8.py)
+call `matmuls.einsum(spec, x, "wq", w)` whatever the recipe. The MoE experts (moe/products.py)
 run one matrix as several calls and share its state through `share_state`; inside shard_map the
 VJPs reduce their cotangents to their primals' mesh variance (`cotangents_like`,
 `state_cotangent`).
@@ -444,6 +444,35 @@ def fp8_einsum(spec: str, x: jax.Array, w: jax.Array, cfg: FP8Config,
   lead, out = x.shape[:x.ndim - n], w.shape[n:]
   w_KxN = w.reshape(math.prod(w.shape[:n]), math.prod(out))
   return fp8_dot(x.reshape(lead + (w_KxN.shape[0],)), w_KxN, cfg, state).reshape(lead + out)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2))
+def dispatch_rows(x_RxD: jax.Array, cfg: FP8Config, axis: Optional[str] = None) -> jax.Array:
+  """DeepSeek-V3's FP8 dispatch: rows quantized to fwd_dtype in 1 x tile tiles, sent with their
+  float32 scales by a tiled all-to-all over mesh axis `axis`, dequantized to x's dtype on
+  arrival. axis=None sends nothing: the same rounding where no exchange is written (one
+  device; the SPMD layer, whose exchanges the partitioner places). The gradient goes back in
+  x's dtype, unrounded (an FP8 cast has no usable VJP)."""
+  q, s = quantize(x_RxD, dtype=FP8_DTYPES[cfg.fwd_dtype], block_shape=(1, cfg.tile),
+                  power_of_two=cfg.power_of_two_scale)
+  q, s = _exchange(q, axis), _exchange(s, axis)
+  return dequantize(q, s, block_shape=(1, cfg.tile), out_dtype=x_RxD.dtype)
+
+
+def _exchange(v, axis):
+  return v if axis is None else lax.all_to_all(v, axis, 0, 0, tiled=True)
+
+
+def _dispatch_rows_fwd(x_RxD, cfg, axis):
+  return dispatch_rows(x_RxD, cfg, axis), None
+
+
+def _dispatch_rows_bwd(cfg, axis, _, dy_RxD):
+  # A tiled all-to-all that splits and concatenates the same dim is its own transpose.
+  return (_exchange(dy_RxD, axis),)
+
+
+dispatch_rows.defvjp(_dispatch_rows_fwd, _dispatch_rows_bwd)
 
 
 class Matmuls(NamedTuple):
