@@ -1,7 +1,8 @@
 """The MoE layer on one device's tokens: route, dispatch, grouped experts, combine, statistics.
 
-`apply_local` is the single-device layer; `routed_experts` and `add_shared` are the pieces the
-sharded layers (parallel.py) share with it.
+`apply_local` is the single-device layer; `routed_experts` is its dispatch, experts and combine
+(with the spill pass that keeps a small overflow buffer dropless), `add_shared` the one place
+the shared experts are added, in the sharded layers (parallel.py) too.
 """
 from __future__ import annotations
 
