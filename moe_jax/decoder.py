@@ -215,3 +215,31 @@ class Transformer(nn.Module):
       mtp_logits.append(sharding.constrain(logits_k, LOGIT_AXES))
       auxes += [aux] if aux is not None else []
     return sharding.constrain(logits_BxTxV, LOGIT_AXES), mtp_logits, auxes, None
+
+
+def moe_paths(cfg: ModelConfig) -> dict[str, tuple[str, ...]]:
+  """Contract name -> the Flax module path of that block's MoE, in ascending layer order."""
+  paths = {f"layer_{i}": (f"layer_{i}", "ffn") for i in range(cfg.num_layers)}
+  paths.update({f"layer_{cfg.num_layers + k}": (f"mtp_{k}", "block", "ffn")
+                for k in range(cfg.mtp_depth)})
+  return {name: path for i, (name, path) in enumerate(paths.items()) if is_moe_layer(cfg, i)}
+
+
+def from_flax_state(flax_state: dict, cfg: ModelConfig) -> dict:
+  """The "moe_state" collection -> {"layer_<i>": that block's state}."""
+  def walk(tree, path):
+    for key in path:
+      tree = tree[key]
+    return dict(tree)
+  return {name: walk(flax_state, path) for name, path in moe_paths(cfg).items()}
+
+
+def to_flax_state(moe_state: dict, cfg: ModelConfig) -> dict:
+  """{"layer_<i>": state} -> the "moe_state" collection at the blocks' module paths."""
+  tree: dict = {}
+  for name, path in moe_paths(cfg).items():
+    node = tree
+    for key in path[:-1]:
+      node = node.setdefault(key, {})
+    node[path[-1]] = moe_state[name]
+  return tree

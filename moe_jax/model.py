@@ -10,6 +10,7 @@ the modules:
       -> (loss, metrics)
   update_moe_state(moe_state, load_LxE, moe_cfg) -> moe_state
   generate(params, moe_state, prompt_BxP, model_cfg, moe_cfg, *, max_new_tokens, key, ...)
+      (generate.py, as are forward_cached and init_caches)
   param_axes / moe_state_axes(model_cfg, moe_cfg) -> logical names, from the modules' metadata
   count_params(model_cfg, moe_cfg) -> parameter counts (see params_count.py)
 
@@ -27,42 +28,14 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec
 
-from moe_jax import attention, moe, params_count
-from moe_jax import generate as sampling
+from moe_jax import decoder, moe, params_count
 from moe_jax.config import FP8Config, ModelConfig, MoEConfig
-from moe_jax.decoder import Transformer, is_moe_layer
+from moe_jax.decoder import Transformer
+# Generation is generate.py's; these stay the model's API (model.generate, ...).
+from moe_jax.generate import forward_cached, generate, init_caches  # noqa: F401
 
 Params = dict[str, Any]
 MoEState = dict[str, dict[str, jax.Array]]
-
-# ----------------------------------------------------------------------------- moe_state paths
-
-
-def _moe_paths(cfg: ModelConfig) -> dict[str, tuple[str, ...]]:
-  """Contract name -> the Flax module path of that block's MoE, in ascending layer order."""
-  paths = {f"layer_{i}": (f"layer_{i}", "ffn") for i in range(cfg.num_layers)}
-  paths.update({f"layer_{cfg.num_layers + k}": (f"mtp_{k}", "block", "ffn")
-                for k in range(cfg.mtp_depth)})
-  return {name: path for i, (name, path) in enumerate(paths.items()) if is_moe_layer(cfg, i)}
-
-
-def _from_flax_state(flax_state: dict, cfg: ModelConfig) -> dict:
-  def walk(tree, path):
-    for key in path:
-      tree = tree[key]
-    return dict(tree)
-  return {name: walk(flax_state, path) for name, path in _moe_paths(cfg).items()}
-
-
-def _to_flax_state(moe_state: dict, cfg: ModelConfig) -> dict:
-  tree: dict = {}
-  for name, path in _moe_paths(cfg).items():
-    node = tree
-    for key in path[:-1]:
-      node = node.setdefault(key, {})
-    node[path[-1]] = moe_state[name]
-  return tree
-
 
 def _layer_number(name: str) -> int:
   return int(name.rsplit("_", 1)[1])
@@ -100,7 +73,7 @@ def abstract_variables(model_cfg: ModelConfig, moe_cfg: MoEConfig,
 def init(key: jax.Array, model_cfg: ModelConfig, moe_cfg: MoEConfig) -> tuple[Params, MoEState]:
   """Float32 parameters (plain nested dicts) and the zero router biases of every MoE block."""
   variables = nn.meta.unbox(_init_boxed(key, model_cfg, moe_cfg))
-  return variables["params"], _from_flax_state(variables.get("moe_state", {}), model_cfg)
+  return variables["params"], decoder.from_flax_state(variables.get("moe_state", {}), model_cfg)
 
 
 def init_fp8_state(model_cfg: ModelConfig, moe_cfg: MoEConfig, fp8_cfg: FP8Config) -> dict:
@@ -125,12 +98,12 @@ def param_axes(model_cfg: ModelConfig, moe_cfg: MoEConfig) -> Any:
 def moe_state_axes(model_cfg: ModelConfig, moe_cfg: MoEConfig) -> Any:
   """Logical axis names of `init`'s moe_state."""
   flax_state = abstract_variables(model_cfg, moe_cfg).get("moe_state", {})
-  return _from_flax_state(_names(flax_state), model_cfg)
+  return decoder.from_flax_state(_names(flax_state), model_cfg)
 
 
 def _variables(params: Params, moe_state: MoEState, model_cfg: ModelConfig,
                fp8_cfg: FP8Config = FP8Config(), fp8_state: Optional[dict] = None) -> dict:
-  variables = {"params": params, "moe_state": _to_flax_state(moe_state, model_cfg)}
+  variables = {"params": params, "moe_state": decoder.to_flax_state(moe_state, model_cfg)}
   if fp8_cfg.recipe == "delayed":
     if not fp8_state:
       raise ValueError("fp8 recipe='delayed' needs fp8_state=model.init_fp8_state(...)")
@@ -209,56 +182,6 @@ def update_moe_state(moe_state: MoEState, load_LxE: jax.Array, moe_cfg: MoEConfi
     raise ValueError(f"load has {load_LxE.shape[0]} rows for {len(names)} MoE blocks")
   return {name: moe.update_bias(moe_state[name], load_LxE[i], moe_cfg)
           for i, name in enumerate(names)}
-
-
-# ----------------------------------------------------------------------------- generation
-
-
-def init_caches(model_cfg: ModelConfig, batch: int, max_len: int) -> dict[str, attention.Cache]:
-  """Empty fixed-size KV caches ({"layer_<i>": ...}); MLA's hold the latent and RoPE key only."""
-  return {f"layer_{i}": attention.init_cache(model_cfg, batch, max_len)
-          for i in range(model_cfg.num_layers)}
-
-
-@functools.partial(jax.jit, static_argnums=(5, 6))
-def forward_cached(params: Params, moe_state: MoEState, tokens_BxT: jax.Array, pos,
-                   caches: dict, model_cfg: ModelConfig, moe_cfg: MoEConfig):
-  """T new tokens at position `pos` (traced or not) -> (logits_BxTxV float32, caches)."""
-  logits_BxTxV, _, _, caches = _module(model_cfg, moe_cfg).apply(
-      _variables(params, moe_state, model_cfg), tokens_BxT, pos, caches)
-  return logits_BxTxV, caches
-
-
-def generate(params: Params, moe_state: MoEState, prompt_BxP: jax.Array, model_cfg: ModelConfig,
-             moe_cfg: MoEConfig, *, max_new_tokens: int, key: jax.Array, temperature=0.0,
-             top_p=1.0) -> jax.Array:
-  """Prompt plus max_new_tokens sampled tokens, [B, P + max_new_tokens] int32.
-
-  temperature 0 is greedy; otherwise nucleus sampling (top_p) at that temperature; both may
-  change between calls without recompiling. All sequences share one prompt length; the cache
-  holds P + max_new_tokens <= max_seq_len slots. Compiled once per shape and config.
-  """
-  P = prompt_BxP.shape[1]
-  if P + max_new_tokens > model_cfg.max_seq_len:
-    raise ValueError(f"prompt {P} + max_new_tokens {max_new_tokens} exceeds "
-                     f"max_seq_len={model_cfg.max_seq_len}")
-  if isinstance(temperature, (int, float)) and temperature < 0:
-    raise ValueError(f"temperature={temperature}: must be >= 0 (0 = greedy)")
-  if isinstance(top_p, (int, float)) and not 0 < top_p <= 1:
-    raise ValueError(f"top_p={top_p}: must be in (0, 1]")
-  return _generate(params, moe_state, prompt_BxP, model_cfg, moe_cfg, max_new_tokens, key,
-                   temperature, top_p)
-
-
-@functools.partial(jax.jit, static_argnums=(3, 4, 5))
-def _generate(params, moe_state, prompt_BxP, model_cfg, moe_cfg, max_new_tokens, key,
-              temperature, top_p):
-  def step(tokens_BxT, pos, caches):
-    return forward_cached(params, moe_state, tokens_BxT, pos, caches, model_cfg, moe_cfg)
-
-  caches = init_caches(model_cfg, prompt_BxP.shape[0], prompt_BxP.shape[1] + max_new_tokens)
-  return sampling.decode(step, caches, prompt_BxP, max_new_tokens=max_new_tokens, key=key,
-                         temperature=temperature, top_p=top_p)
 
 
 def count_params(model_cfg: ModelConfig, moe_cfg: MoEConfig) -> dict:
