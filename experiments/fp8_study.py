@@ -38,7 +38,6 @@ quantization error).
 """
 from __future__ import annotations
 
-import csv
 import dataclasses
 import json
 import os
@@ -49,6 +48,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from experiments import report
 from moe_jax import fp8, metrics, train, workdir as workdirs
 from moe_jax.config import ConfigError, ExperimentConfig, FP8Config, from_config_dict
 
@@ -305,40 +305,35 @@ def markdown(cfg: ExperimentConfig, rows: list[dict], means: list[dict], same: l
          "router, embeddings, head, norms and softmax stay in bfloat16/float32.", "",
          f"## Mean over {len(seeds)} seed(s)", "",
          "Differences to the bfloat16 run of the same seed, averaged over the seeds, +- the "
-         "standard error of that mean.", "",
-         "| run | compute | FP8 recipe | train loss | vs bf16 | held-out loss | vs bf16 | s/step "
-         "| run min |", "|---|---|---|---|---|---|---|---|---|"]
-  for r in means:
-    diff = lambda k: f"{_pct(r[k])} +- {_pct(r[k + '_se'], '.3f')}"
-    out.append(f"| {r['run']} | {r['compute']} | {r['recipe']} | "
-               f"{_fmt(r['final_train_loss'], '.4f')} | {diff('train_rel_diff')} | "
-               f"{_fmt(r['final_eval_loss'], '.4f')} | {diff('eval_rel_diff')} | "
-               f"{_fmt(r['s_per_step'], '.2f')} | {_fmt(r['wall_s'] / 60, '.1f')} |")
+         "standard error of that mean.", ""]
+  losses = ("train loss", "vs bf16", "held-out loss", "vs bf16", "s/step", "run min")
+  diff = lambda r, k: f"{_pct(r[k])} +- {_pct(r[k + '_se'], '.3f')}"
+  out += report.table(("run", "compute", "FP8 recipe") + losses, [
+      (r["run"], r["compute"], r["recipe"], _fmt(r["final_train_loss"], ".4f"),
+       diff(r, "train_rel_diff"), _fmt(r["final_eval_loss"], ".4f"), diff(r, "eval_rel_diff"),
+       _fmt(r["s_per_step"], ".2f"), _fmt(r["wall_s"] / 60, ".1f")) for r in means])
   out.append("")
   for key, what in (("eval_rel_diff", "held-out"), ("train_rel_diff", "train")):
     met, diff, floor = verdict(means, key)
     out.append(f"- {what} loss: noise floor mean |float32 - bfloat16| = {_pct(floor, '.3f')}; "
                f"blockwise |mean| {_pct(diff, '.3f')} -> criterion (< {100 * MAX_REL_DIFF:.1f}% "
                f"and <= {MAX_FLOOR_MULTIPLE:g}x floor) {'MET' if met else 'NOT met'}")
-  out += ["", "## Per seed", "",
-          "| seed | run | FP8 recipe | train loss | vs bf16 | held-out loss | vs bf16 | s/step "
-          "| run min |", "|---|---|---|---|---|---|---|---|---|"]
-  for r in rows:
-    out.append(f"| {r['seed']} | {r['run']} | {r['recipe']} | "
-               f"{_fmt(r['final_train_loss'], '.4f')} | {_pct(r['train_rel_diff'])} | "
-               f"{_fmt(r['final_eval_loss'], '.4f')} | {_pct(r['eval_rel_diff'])} | "
-               f"{_fmt(r['s_per_step'], '.2f')} | {_fmt(r['wall_s'] / 60, '.1f')} |")
+  out += ["", "## Per seed", ""]
+  out += report.table(("seed", "run", "FP8 recipe") + losses, [
+      (r["seed"], r["run"], r["recipe"], _fmt(r["final_train_loss"], ".4f"),
+       _pct(r["train_rel_diff"]), _fmt(r["final_eval_loss"], ".4f"), _pct(r["eval_rel_diff"]),
+       _fmt(r["s_per_step"], ".2f"), _fmt(r["wall_s"] / 60, ".1f")) for r in rows])
   out += ["", "## Same weights: the forward cost of each recipe", "",
           "Held-out loss of each seed's final bfloat16 weights evaluated under each run's "
-          "numerics (no training, so no chaos), relative to evaluating them in bfloat16.", "",
-          "| run | FP8 recipe | held-out loss | vs bf16, same weights |", "|---|---|---|---|"]
+          "numerics (no training, so no chaos), relative to evaluating them in bfloat16.", ""]
+  cells = []
   for name in SAME_WEIGHTS_RUNS:
     mine = [r for r in same if r["run"] == name]
     if mine:
       mean, se = _mean_se([r["rel_diff"] for r in mine])
-      out.append(f"| {name} | {RUNS[name][1]} | "
-                 f"{_fmt(np.mean([r['eval_loss'] for r in mine]), '.4f')} | "
-                 f"{_pct(mean)} +- {_pct(se, '.3f')} |")
+      cells.append((name, RUNS[name][1], _fmt(np.mean([r["eval_loss"] for r in mine]), ".4f"),
+                    f"{_pct(mean)} +- {_pct(se, '.3f')}"))
+  out += report.table(("run", "FP8 recipe", "held-out loss", "vs bf16, same weights"), cells)
   total = _fmt(sum(r["wall_s"] for r in rows) / 60, ".1f")
   out += ["", f"Train loss: mean over the last {max(t.steps // 10, 1)} steps. s/step: median of "
           "the logged intervals (no compilation, no evaluation). Run min: wall time of each "
@@ -346,15 +341,15 @@ def markdown(cfg: ExperimentConfig, rows: list[dict], means: list[dict], same: l
           f"invocation {wall_s / 60:.1f} min.", "",
           "## Quantization error of activations with outliers (e4m3 range check)", "",
           "Relative error ||q - x|| / ||x|| of the ordinary entries (outliers in brackets), "
-          "512 x 512 N(0,1) activations, 4 outlier tokens or channels of the given magnitude.", "",
-          "| outliers | magnitude | " + " | ".join(QUANT_RECIPES) + " |",
-          "|---|---|" + "---|" * len(QUANT_RECIPES)]
+          "512 x 512 N(0,1) activations, 4 outlier tokens or channels of the given magnitude.", ""]
+  cells = []
   for kind in ("token", "channel"):
     for m in sorted({r["magnitude"] for r in qrows}):
-      cells = [next(r for r in qrows if r["outliers"] == kind and r["magnitude"] == m and
+      found = [next(r for r in qrows if r["outliers"] == kind and r["magnitude"] == m and
                     r["recipe"] == rec) for rec in QUANT_RECIPES]
-      out.append(f"| {kind} | {m:.0e} | " + " | ".join(
-          f"{c['err_ordinary']:.2e} ({c['err_outliers']:.1e})" for c in cells) + " |")
+      cells.append((kind, f"{m:.0e}", *(f"{c['err_ordinary']:.2e} ({c['err_outliers']:.1e})"
+                                         for c in found)))
+  out += report.table(("outliers", "magnitude", *QUANT_RECIPES), cells)
   out.append("")
   for kind in ("token", "channel"):
     parts = []
@@ -365,13 +360,6 @@ def markdown(cfg: ExperimentConfig, rows: list[dict], means: list[dict], same: l
     out.append(f"- {kind} outliers absorbed (ordinary entries' error within 2x of no outliers): "
                + ", ".join(parts))
   return "\n".join(out) + "\n"
-
-
-def _write_csv(path: str, rows: list[dict], columns: tuple[str, ...]):
-  with open(path, "w", newline="") as f:
-    writer = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
-    writer.writeheader()
-    writer.writerows(rows)
 
 
 def _smooth(values: np.ndarray, window: int) -> np.ndarray:
@@ -387,9 +375,7 @@ def _relative_curve(run: dict, base: dict) -> dict[int, float]:
 
 def plot(path: str, results: dict[int, dict[str, dict]], qrows: list[dict], steps: int):
   """results: seed -> run name -> `train_run`'s result."""
-  import matplotlib  # pylint: disable=import-outside-toplevel
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
+  plt = report.pyplot()
 
   fig, (ax_loss, ax_diff, ax_q) = plt.subplots(1, 3, figsize=(17, 4.5))
   window = max(steps // 30, 1)
@@ -427,8 +413,7 @@ def plot(path: str, results: dict[int, dict[str, dict]], qrows: list[dict], step
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
   fig.tight_layout()
-  fig.savefig(path, dpi=100, bbox_inches="tight")
-  plt.close(fig)
+  report.save(fig, path, dpi=100, bbox_inches="tight")
 
 
 def run(config: ExperimentConfig, workdir: str) -> list[dict]:
@@ -449,10 +434,10 @@ def run(config: ExperimentConfig, workdir: str) -> list[dict]:
   same = same_weights_rows(config, workdir)
   wall_s = time.perf_counter() - start
   if jax.process_index() == 0:
-    _write_csv(os.path.join(workdir, "fp8_study.csv"), rows, RUN_COLUMNS)
-    _write_csv(os.path.join(workdir, "fp8_study_mean.csv"), means, MEAN_COLUMNS)
-    _write_csv(os.path.join(workdir, "fp8_same_weights.csv"), same, SAME_COLUMNS)
-    _write_csv(os.path.join(workdir, "fp8_quantization.csv"), qrows, QUANT_COLUMNS)
+    report.write_csv(os.path.join(workdir, "fp8_study.csv"), rows, RUN_COLUMNS)
+    report.write_csv(os.path.join(workdir, "fp8_study_mean.csv"), means, MEAN_COLUMNS)
+    report.write_csv(os.path.join(workdir, "fp8_same_weights.csv"), same, SAME_COLUMNS)
+    report.write_csv(os.path.join(workdir, "fp8_quantization.csv"), qrows, QUANT_COLUMNS)
     text = markdown(config, rows, means, same, qrows, wall_s)
     with open(os.path.join(workdir, "fp8_study.md"), "w") as f:
       f.write(text)

@@ -37,7 +37,6 @@ Each row's `source` says which figures were compiled as shown and which were ext
 """
 from __future__ import annotations
 
-import csv
 import dataclasses
 import functools
 import math
@@ -50,6 +49,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import AbstractMesh, AxisType
 
+from experiments import report
 from moe_jax import hlo_stats, sharding, train
 from moe_jax.config import MESH_AXES, ConfigError, ExperimentConfig, MeshConfig
 
@@ -285,15 +285,15 @@ def _ratio_text(row: dict) -> str:
 def markdown_table(rows: Sequence[dict]) -> str:
   head = ("mesh (d x f x e x t)", "layers", "source", "param+opt", "peak", "GFLOP (XLA)",
           "GFLOP experts", *KINDS[:4], "a2a min", "a2a / min")
-  lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+  cells = []
   for r in rows:
     mesh = r["mesh"] if r["compiled_on"] == r["mesh"] else f"{r['mesh']} (on {r['compiled_on']})"
     gflop = (f"{r[k] / 1e9:,.1f}" for k in ("flops", "expert_flops"))
-    cells = (r["compiled_on"] if r["source"] == "measured, slice" else mesh, r["layers"],
-             r["source"], _size(r["param_opt_bytes"]), _size(r["peak_bytes"]), *gflop,
-             *(_size(r[k]) for k in KINDS[:4]), _size(r["a2a_min_step_bytes"]), _ratio_text(r))
-    lines.append("| " + " | ".join(cells) + " |")
-  return "\n".join(lines)
+    cells.append((r["compiled_on"] if r["source"] == "measured, slice" else mesh, r["layers"],
+                  r["source"], _size(r["param_opt_bytes"]), _size(r["peak_bytes"]), *gflop,
+                  *(_size(r[k]) for k in KINDS[:4]), _size(r["a2a_min_step_bytes"]),
+                  _ratio_text(r)))
+  return "\n".join(report.table(head, cells))
 
 
 def notes(cfg: ExperimentConfig, rows: Sequence[dict]) -> list[str]:
@@ -325,18 +325,8 @@ def notes(cfg: ExperimentConfig, rows: Sequence[dict]) -> list[str]:
   return lines
 
 
-def write_csv(rows: Sequence[dict], path: str):
-  with open(path, "w", newline="") as f:
-    writer = csv.DictWriter(f, fieldnames=COLUMNS)
-    writer.writeheader()
-    for r in rows:
-      writer.writerow({k: ("" if r[k] is None else r[k]) for k in COLUMNS})
-
-
 def plot(rows: Sequence[dict], path: str, title: str):
-  import matplotlib  # pylint: disable=import-outside-toplevel
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
+  plt = report.pyplot()
   short = lambda r: r["layers"].replace(" dense", "d").replace(" MoE", "m").replace(" MTP", "mtp")
   labels = [f"{r['compiled_on']}\nslice\n{short(r)}" if r["source"] == "measured, slice" else
             r["mesh"] + ("\nextrapolated" if r["source"] == "extrapolated" else "") for r in rows]
@@ -369,8 +359,7 @@ def plot(rows: Sequence[dict], path: str, title: str):
   axes[1].set_xlabel("mesh data x fsdp x expert x tensor")
   fig.suptitle(title, fontsize=9)
   fig.tight_layout()
-  fig.savefig(path, dpi=110)
-  plt.close(fig)
+  report.save(fig, path, dpi=110)
 
 
 def write_outputs(cfg: ExperimentConfig, rows: Sequence[dict], workdir: str) -> str:
@@ -379,7 +368,7 @@ def write_outputs(cfg: ExperimentConfig, rows: Sequence[dict], workdir: str) -> 
   text = markdown_table(rows) + "\n\n" + "\n".join(f"- {line}" for line in notes(cfg, rows))
   with open(os.path.join(workdir, "table.md"), "w") as f:
     f.write(text + "\n")
-  write_csv(rows, os.path.join(workdir, "table.csv"))
+  report.write_csv(os.path.join(workdir, "table.csv"), rows, COLUMNS)
   plot(rows, os.path.join(workdir, "plot.png"),
        f"training step of {_layers(cfg)}, embed {cfg.model.embed_dim}, "
        f"{cfg.moe.num_experts} experts top-{cfg.moe.top_k} ({cfg.moe.parallelism})")

@@ -1,10 +1,6 @@
-"""FP8 numerics: scaled quantization and an FP8 matmul with a custom VJP.
-
-Quantization maps x to `q = saturate(round_to_nearest_even(x / scale))` in an ml_dtypes FP8 type
-(`float8_e4m3fn`, max 448, or `float8_e5m2`, max 57344), so `x ~= q * scale`. `scale` is float32
-with one entry per block of the last two dims (`block_shape`, ragged edge blocks allowed, leading
-dims are batch dims with their own scales) or one for the whole tensor (`block_shape=None`):
-`scale = amax(block) / max_finite`, 1 for an all-zero block, optionally rounded up to 2^k.
+"""FP8 products: an FP8 matmul with a custom VJP per recipe, its delayed-scaling state, the
+model's seam (`Matmuls`) and FP8 dispatch. Quantization itself is quantize.py's (re-exported
+here: `fp8.quantize`, `fp8.dequantize`, ...).
 
 Recipes (`FP8Config.recipe`) for `fp8_dot` ([..., M, K] @ [K, N]) and `fp8_grouped_dot`
 ([E, C, K] @ [E, K, N], one product per expert; every scale below is then per expert):
@@ -32,17 +28,9 @@ respect to it too, and replaces the state with that gradient; it must never reac
 Each dot needs its own state: a state shared by two calls (or summed over micro-batches) gets
 summed cotangents. A forward-only call (evaluation) leaves the state as it was.
 
-Platform facts (XLA:CPU, jax 0.10.2): FP8 dot_general upcasts to float32, so the numerics are
-exact FP8 rounding at float32 speed; casts to FP8 round to nearest even but do not saturate
-(overflow gives nan in e4m3fn, inf in e5m2), hence the explicit clip; float32 subnormals are
-flushed to zero, hence scales are kept >= 2^-126; division by a broadcast becomes a multiply by
-the reciprocal (1 ulp off), hence `_divide`. The VJP of a cast to FP8 casts the cotangent to
-FP8 *unscaled* (small gradients become 0, large ones nan): never differentiate through `quantize`;
-wrap FP8 transport (e.g. expert dispatch) in a custom VJP, as `fp8_dot` does.
-
 Model seam: `fp8_einsum` runs a dense projection written as an einsum ("btd,dhk->bthk") through
 `fp8_dot`, and `Matmuls` bundles a layer's recipe with its per-matrix delayed states, so layers
-call `matmuls.einsum(spec, x, "wq", w)` whatever the recipe. The MoE experts (moe/grouped_fp8.py)
+call `matmuls.einsum(spec, x, "wq", w)` whatever the recipe. The MoE experts (moe/products.py)
 run one matrix as several calls and share its state through `share_state`; inside shard_map the
 VJPs reduce their cotangents to their primals' mesh variance (`cotangents_like`,
 `state_cotangent`).
@@ -57,117 +45,14 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from moe_jax import shard_util
 from moe_jax.config import FP8Config
+# Quantization is quantize.py's; its functions stay importable here (fp8.quantize, ...).
+from moe_jax.quantize import (FP8_DTYPES, block_amax, compute_scale, dequantize,  # noqa: F401
+                              expand, max_finite, quantization_error, quantize,
+                              quantize_with_scale)
 
-BlockShape = Optional[tuple[int, int]]
 DelayedState = dict[str, jax.Array]
-
-FP8_DTYPES = {"e4m3": jnp.float8_e4m3fn, "e5m2": jnp.float8_e5m2}
-# Smallest normal float32: XLA:CPU flushes subnormals, so a smaller scale would divide by zero.
-_MIN_SCALE = 2.0 ** -126
-
-
-def max_finite(dtype) -> float:
-  """Largest finite value of an FP8 dtype (448 for e4m3fn, 57344 for e5m2)."""
-  return float(jnp.finfo(dtype).max)
-
-
-def _divide(a: jax.Array, b: jax.Array) -> jax.Array:
-  """a / b, correctly rounded. XLA rewrites division by a broadcast into multiplication by its
-  reciprocal (up to 1 ulp off, so scales and FP8 values would hinge on pattern matching); the
-  barrier hides the broadcast, at the cost of materializing b at a's shape."""
-  return a / lax.optimization_barrier(jnp.broadcast_to(b, a.shape))
-
-
-def _num_blocks(shape: tuple[int, ...], block_shape: tuple[int, int]) -> tuple[int, int]:
-  (M, N), (bm, bn) = shape[-2:], block_shape
-  return -(-M // bm), -(-N // bn)
-
-
-def _check(x: jax.Array, block_shape: BlockShape):
-  if block_shape is None:
-    return
-  if x.ndim < 2:
-    raise ValueError(f"block_shape={block_shape} needs an array of rank >= 2, got {x.shape}")
-  if len(block_shape) != 2 or min(block_shape) <= 0:
-    raise ValueError(f"block_shape={block_shape}: must be None or two positive integers")
-
-
-def block_amax(x: jax.Array, block_shape: BlockShape) -> jax.Array:
-  """max |x| per block of the last two dims ([..., ceil(M/bm), ceil(N/bn)]), or a scalar."""
-  _check(x, block_shape)
-  x = jnp.abs(x.astype(jnp.float32))
-  if block_shape is None:
-    return jnp.max(x)
-  (Mb, Nb), (bm, bn) = _num_blocks(x.shape, block_shape), block_shape
-  M, N = x.shape[-2:]
-  # Zero padding cannot raise an amax, so ragged edge blocks need no mask.
-  pad = [(0, 0)] * (x.ndim - 2) + [(0, Mb * bm - M), (0, Nb * bn - N)]
-  x = jnp.pad(x, pad).reshape(x.shape[:-2] + (Mb, bm, Nb, bn))
-  return jnp.max(x, axis=(-3, -1))
-
-
-def compute_scale(amax: jax.Array, dtype, power_of_two: bool = False) -> jax.Array:
-  """float32 scale = amax / max_finite(dtype); 1 where amax is 0; optionally rounded up to 2^k."""
-  amax = amax.astype(jnp.float32)
-  scale = _divide(amax, jnp.float32(max_finite(dtype)))
-  scale = jnp.where(amax > 0, jnp.maximum(scale, _MIN_SCALE), 1.0).astype(jnp.float32)
-  if power_of_two:
-    # Rounding up the mantissa bits of a positive normal float is an exact ceil to 2^k.
-    bits = lax.bitcast_convert_type(scale, jnp.int32)
-    bits = (bits + 0x7FFFFF) & jnp.int32(-0x800000)
-    scale = lax.bitcast_convert_type(bits, jnp.float32)
-  return scale
-
-
-def _expand(scale: jax.Array, block_shape: BlockShape, shape: tuple[int, ...]) -> jax.Array:
-  """Repeats per-block scales to the full shape of the quantized array."""
-  if block_shape is None:
-    return scale
-  (M, N), (bm, bn) = shape[-2:], block_shape
-  full = jnp.repeat(jnp.repeat(scale, bm, axis=-2), bn, axis=-1)
-  return full[..., :M, :N]
-
-
-def quantize_with_scale(x: jax.Array, scale: jax.Array, *, dtype=jnp.float8_e4m3fn,
-                        block_shape: BlockShape = (1, 128)) -> jax.Array:
-  """Casts x / scale to dtype, rounding to nearest even and saturating at +-max_finite."""
-  _check(x, block_shape)
-  fmax = max_finite(dtype)
-  y = _divide(x.astype(jnp.float32), _expand(scale.astype(jnp.float32), block_shape, x.shape))
-  return jnp.clip(y, -fmax, fmax).astype(dtype)
-
-
-def quantize(x: jax.Array, *, dtype=jnp.float8_e4m3fn, block_shape: BlockShape = (1, 128),
-             power_of_two: bool = False) -> tuple[jax.Array, jax.Array]:
-  """Returns (q, scale) with x ~= q * scale, scales from each block's current amax.
-
-  block_shape=(1, 128) gives DeepSeek-V3's activation tiles (one scale per row per 128
-  columns), (128, 128) its weight blocks, None one scale for the whole tensor. Works for any
-  [..., M, N] (e.g. dispatch rows [T, D], D a multiple of 128 or not).
-  """
-  scale = compute_scale(block_amax(x, block_shape), dtype, power_of_two)
-  return quantize_with_scale(x, scale, dtype=dtype, block_shape=block_shape), scale
-
-
-def dequantize(q: jax.Array, scale: jax.Array, *, block_shape: BlockShape = (1, 128),
-               out_dtype=jnp.float32) -> jax.Array:
-  """q * scale in float32 (block scales repeated over their blocks), cast to out_dtype."""
-  _check(q, block_shape)
-  full = _expand(scale.astype(jnp.float32), block_shape, q.shape)
-  return (q.astype(jnp.float32) * full).astype(out_dtype)
-
-
-def quantization_error(x: jax.Array, *, block_shape: BlockShape = (1, 128),
-                       dtype=jnp.float8_e4m3fn, power_of_two: bool = False,
-                       where: Optional[jax.Array] = None) -> jax.Array:
-  """Relative error ||dequantize(quantize(x)) - x|| / ||x|| (over `where` only, if given)."""
-  q, scale = quantize(x, dtype=dtype, block_shape=block_shape, power_of_two=power_of_two)
-  x32 = x.astype(jnp.float32)
-  err = dequantize(q, scale, block_shape=block_shape) - x32
-  if where is not None:
-    err, x32 = jnp.where(where, err, 0.0), jnp.where(where, x32, 0.0)
-  return jnp.linalg.norm(err) / jnp.linalg.norm(x32)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -180,7 +65,8 @@ def init_delayed_state(history_len: int, num_groups: Optional[int] = None) -> De
   return {k: jnp.zeros(shape, jnp.float32) for k in ("x", "w", "g")}
 
 
-def _roll_history(history_GxL: jax.Array, amax_G: jax.Array) -> jax.Array:
+def roll_history(history_GxL: jax.Array, amax_G: jax.Array) -> jax.Array:
+  """A delayed state's update: the history shifted by one with this step's amax [G] in front."""
   return jnp.concatenate([amax_G[:, None], history_GxL[:, :-1]], axis=1)
 
 
@@ -232,32 +118,36 @@ def weight_blocks(cfg: FP8Config, w_GxKxN: jax.Array, transpose: bool = False):
   """"blockwise" weights: the FP8 tile x tile blocks of w (of w^T for dx = g @ w^T) and their
   scales repeated along the output dim, ([G, K, N], [G, Kb, N]) or ([G, N, K], [G, Nb, K]).
   Quantizing is deterministic: callers that multiply one weight many times (the MoE's overflow
-  blocks) quantize it once and pass the blocks to `_forward` / `_backward`."""
+  blocks) quantize it once and pass the blocks to `forward` / `backward`."""
   t = cfg.tile
   qw, sw = quantize(w_GxKxN, dtype=FP8_DTYPES[cfg.fwd_dtype], block_shape=(t, t),
                     power_of_two=cfg.power_of_two_scale)
   if transpose:
     qw, sw = jnp.swapaxes(qw, 1, 2), jnp.swapaxes(sw, 1, 2)
-  return qw, _expand(sw, (1, t), sw.shape[:2] + qw.shape[2:])
+  return qw, expand(sw, (1, t), sw.shape[:2] + qw.shape[2:])
 
 
-def _tensor_quantize(x_GxMxN: jax.Array, scale_G: jax.Array, dtype) -> jax.Array:
+def tensor_quantize(x_GxMxN: jax.Array, scale_G: jax.Array, dtype) -> jax.Array:
+  """x in dtype with one scale per group ([G]): the "tensor" and "delayed" recipes' operands."""
   full = (max(x_GxMxN.shape[1], 1), max(x_GxMxN.shape[2], 1))
   return quantize_with_scale(x_GxMxN, scale_G[:, None, None], dtype=dtype, block_shape=full)
 
 
-def _tensor_amax(x_GxMxN: jax.Array) -> jax.Array:
+def tensor_amax(x_GxMxN: jax.Array) -> jax.Array:
+  """max |x| per group, [G] float32 (0 for a group without elements)."""
   return jnp.max(jnp.abs(x_GxMxN.astype(jnp.float32)), axis=(1, 2), initial=0.0)
 
 
 def _per_tensor_scales(cfg: FP8Config, x, w, g, state: DelayedState):
   """Scales of x, w and g ([G] each) for the "tensor" and "delayed" recipes."""
-  current = [_tensor_amax(t) if t is not None else None for t in (x, w, g)]
-  return _scales_from_amax(cfg, current, state)
+  current = [tensor_amax(t) if t is not None else None for t in (x, w, g)]
+  return scales_from_amax(cfg, current, state)
 
 
-def _scales_from_amax(cfg: FP8Config, current, state: DelayedState):
-  """`_per_tensor_scales` from the current amaxes ([G] each, or None) of x, w and g."""
+def scales_from_amax(cfg: FP8Config, current, state: DelayedState):
+  """Scales of x, w and g ([G] each, None where the amax is None) from their current amaxes:
+  those themselves ("tensor"), or each state's history ("delayed", current only on step one).
+  Kernels that take amaxes their own way (per expert over packed rows) call this directly."""
   fwd, grad = FP8_DTYPES[cfg.fwd_dtype], FP8_DTYPES[cfg.grad_dtype]
   p2 = cfg.power_of_two_scale
   amaxes = current
@@ -272,8 +162,9 @@ def _scales_from_amax(cfg: FP8Config, current, state: DelayedState):
           for a, dt in zip(amaxes, (fwd, fwd, grad))]
 
 
-def _forward(cfg: FP8Config, x_GxMxK, w_GxKxN, state: DelayedState, w_blocks=None) -> jax.Array:
-  """y = x @ w per the recipe; "blockwise" takes w's `weight_blocks` if given."""
+def forward(cfg: FP8Config, x_GxMxK, w_GxKxN, state: DelayedState, w_blocks=None) -> jax.Array:
+  """y = x @ w per the recipe in float32, [G, M, N]; "blockwise" takes w's `weight_blocks` if
+  given. The forward of `fp8_dot`; kernels with their own loop call it per step."""
   fwd, t = FP8_DTYPES[cfg.fwd_dtype], cfg.tile
   p2 = cfg.power_of_two_scale
   if cfg.recipe == "blockwise":
@@ -281,12 +172,13 @@ def _forward(cfg: FP8Config, x_GxMxK, w_GxKxN, state: DelayedState, w_blocks=Non
     qw, sw_GxKbxN = w_blocks if w_blocks is not None else weight_blocks(cfg, w_GxKxN)
     return _chunked_matmul(qx, sx, qw, sw_GxKbxN, t)
   sx, sw, _ = _per_tensor_scales(cfg, x_GxMxK, w_GxKxN, None, state)
-  return _tensor_matmul(_tensor_quantize(x_GxMxK, sx, fwd), _tensor_quantize(w_GxKxN, sw, fwd),
+  return _tensor_matmul(tensor_quantize(x_GxMxK, sx, fwd), tensor_quantize(w_GxKxN, sw, fwd),
                         sx, sw)
 
 
-def _backward(cfg: FP8Config, x_GxMxK, w_GxKxN, g_GxMxN, state: DelayedState, wT_blocks=None):
-  """(dx, dw) per the recipe; "blockwise" takes w's transposed `weight_blocks` if given."""
+def backward(cfg: FP8Config, x_GxMxK, w_GxKxN, g_GxMxN, state: DelayedState, wT_blocks=None):
+  """(dx, dw) in float32 per the recipe, for the output gradient g; "blockwise" takes w's
+  transposed `weight_blocks` if given. The backward of `fp8_dot`, without the state update."""
   fwd, grad, t = FP8_DTYPES[cfg.fwd_dtype], FP8_DTYPES[cfg.grad_dtype], cfg.tile
   p2 = cfg.power_of_two_scale
   xT_GxKxM = jnp.swapaxes(x_GxMxK, 1, 2)
@@ -302,32 +194,32 @@ def _backward(cfg: FP8Config, x_GxMxK, w_GxKxN, g_GxMxN, state: DelayedState, wT
     dw = _chunked_matmul(qxT, sxT, qg2, sg2, t)
     return dx, dw
   sx, sw, sg = _per_tensor_scales(cfg, x_GxMxK, w_GxKxN, g_GxMxN, state)
-  qg = _tensor_quantize(g_GxMxN, sg, grad)
-  qwT = jnp.swapaxes(_tensor_quantize(w_GxKxN, sw, fwd), 1, 2)
+  qg = tensor_quantize(g_GxMxN, sg, grad)
+  qwT = jnp.swapaxes(tensor_quantize(w_GxKxN, sw, fwd), 1, 2)
   dx = _tensor_matmul(qg, qwT, sg, sw)
-  dw = _tensor_matmul(_tensor_quantize(xT_GxKxM, sx, fwd), qg, sx, sg)
+  dw = _tensor_matmul(tensor_quantize(xT_GxKxM, sx, fwd), qg, sx, sg)
   return dx, dw
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
 def _fp8_matmul(cfg: FP8Config, x_GxMxK, w_GxKxN, state: DelayedState):
-  return _forward(cfg, x_GxMxK, w_GxKxN, state).astype(x_GxMxK.dtype)
+  return forward(cfg, x_GxMxK, w_GxKxN, state).astype(x_GxMxK.dtype)
 
 
 def _fp8_matmul_fwd(cfg, x_GxMxK, w_GxKxN, state):
   # x and w are kept, not their FP8 forms: dw needs x re-tiled along tokens anyway, and w
   # (a parameter) stays alive regardless. Re-quantizing is deterministic, so it matches.
-  y = _forward(cfg, x_GxMxK, w_GxKxN, state).astype(x_GxMxK.dtype)
+  y = forward(cfg, x_GxMxK, w_GxKxN, state).astype(x_GxMxK.dtype)
   return y, (x_GxMxK, w_GxKxN, state)
 
 
 def _fp8_matmul_bwd(cfg, residuals, g_GxMxN):
   x, w, state = residuals
-  dx, dw = _backward(cfg, x, w, g_GxMxN, state)
+  dx, dw = backward(cfg, x, w, g_GxMxN, state)
   new_state = {}
   if cfg.recipe == "delayed":
-    amax = {"x": _tensor_amax(x), "w": _tensor_amax(w), "g": _tensor_amax(g_GxMxN)}
-    new_state = {k: _roll_history(state[k], amax[k]) for k in state}
+    amax = {"x": tensor_amax(x), "w": tensor_amax(w), "g": tensor_amax(g_GxMxN)}
+    new_state = {k: roll_history(state[k], amax[k]) for k in state}
   return (*cotangents_like((dx.astype(x.dtype), dw.astype(w.dtype)), (x, w)),
           state_cotangent(new_state, state))
 
@@ -335,15 +227,13 @@ def _fp8_matmul_bwd(cfg, residuals, g_GxMxN):
 def cotangents_like(cts, primals):
   """Inside shard_map a custom VJP's cotangent must vary over the mesh axes its primal varies
   over: a weight the same on every token shard gets the sum of the shards' partial gradients."""
-  from moe_jax.moe import manual  # moe imports this module
-  return tuple(manual.cotangent_like(c, p) for c, p in zip(cts, primals))
+  return tuple(shard_util.cotangent_like(c, p) for c, p in zip(cts, primals))
 
 
 def state_cotangent(new_state: DelayedState, state: DelayedState) -> DelayedState:
   """The updated histories, combined over the mesh axes the state is the same on by a max:
   each device's history differs only in the amax at index 0, and the global amax is their max."""
-  from moe_jax.moe import manual
-  return {k: manual.cotangent_like(h, state[k], jax.lax.pmax) for k, h in new_state.items()}
+  return {k: shard_util.cotangent_like(h, state[k], jax.lax.pmax) for k, h in new_state.items()}
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
@@ -438,6 +328,35 @@ def fp8_einsum(spec: str, x: jax.Array, w: jax.Array, cfg: FP8Config,
   lead, out = x.shape[:x.ndim - n], w.shape[n:]
   w_KxN = w.reshape(math.prod(w.shape[:n]), math.prod(out))
   return fp8_dot(x.reshape(lead + (w_KxN.shape[0],)), w_KxN, cfg, state).reshape(lead + out)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2))
+def dispatch_rows(x_RxD: jax.Array, cfg: FP8Config, axis: Optional[str] = None) -> jax.Array:
+  """DeepSeek-V3's FP8 dispatch: rows quantized to fwd_dtype in 1 x tile tiles, sent with their
+  float32 scales by a tiled all-to-all over mesh axis `axis`, dequantized to x's dtype on
+  arrival. axis=None sends nothing: the same rounding where no exchange is written (one
+  device; the SPMD layer, whose exchanges the partitioner places). The gradient goes back in
+  x's dtype, unrounded (an FP8 cast has no usable VJP)."""
+  q, s = quantize(x_RxD, dtype=FP8_DTYPES[cfg.fwd_dtype], block_shape=(1, cfg.tile),
+                  power_of_two=cfg.power_of_two_scale)
+  q, s = _exchange(q, axis), _exchange(s, axis)
+  return dequantize(q, s, block_shape=(1, cfg.tile), out_dtype=x_RxD.dtype)
+
+
+def _exchange(v, axis):
+  return v if axis is None else lax.all_to_all(v, axis, 0, 0, tiled=True)
+
+
+def _dispatch_rows_fwd(x_RxD, cfg, axis):
+  return dispatch_rows(x_RxD, cfg, axis), None
+
+
+def _dispatch_rows_bwd(cfg, axis, _, dy_RxD):
+  # A tiled all-to-all that splits and concatenates the same dim is its own transpose.
+  return (_exchange(dy_RxD, axis),)
+
+
+dispatch_rows.defvjp(_dispatch_rows_fwd, _dispatch_rows_bwd)
 
 
 class Matmuls(NamedTuple):

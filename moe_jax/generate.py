@@ -1,16 +1,21 @@
 """Autoregressive decoding over any cached step function: prefill, then a `lax.scan` of steps.
 
 A step function `step(tokens_BxT, pos, caches) -> (logits_BxTxV, caches)` runs T new tokens at
-position `pos` against fixed-size caches (`model.forward_cached` is one). This file knows nothing
-of the model; `model.generate` binds it. Everything here is jit-able: `pos` is traced inside the
-scan, and so may `temperature` and `top_p` be.
+position `pos` against fixed-size caches. `decode` and the samplers know nothing of the model;
+`forward_cached` (the decoder's step, main model only, no FP8) and `generate` bind them to it
+(model.py re-exports both). Everything here is jit-able: `pos` is traced inside the scan, and so
+may `temperature` and `top_p` be.
 """
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
+
+from moe_jax import attention, decoder
+from moe_jax.config import ModelConfig, MoEConfig
 
 StepFn = Callable[[jax.Array, Any, Any], tuple[jax.Array, Any]]
 
@@ -62,3 +67,54 @@ def decode(step: StepFn, caches: Any, prompt_BxP: jax.Array, *, max_new_tokens: 
   (last_B, _, _), fed_NxB = jax.lax.scan(one_step, (first_B, caches, key),
                                          jnp.arange(max_new_tokens - 1, dtype=jnp.int32))
   return jnp.concatenate([prompt_BxP, fed_NxB.T, last_B[:, None]], axis=1)
+
+
+# ----------------------------------------------------------------------------- the decoder's step
+
+
+def init_caches(model_cfg: ModelConfig, batch: int, max_len: int) -> dict[str, attention.Cache]:
+  """Empty fixed-size KV caches ({"layer_<i>": ...}); MLA's hold the latent and RoPE key only."""
+  return {f"layer_{i}": attention.init_cache(model_cfg, batch, max_len)
+          for i in range(model_cfg.num_layers)}
+
+
+@functools.partial(jax.jit, static_argnums=(5, 6))
+def forward_cached(params: dict, moe_state: dict, tokens_BxT: jax.Array, pos,
+                   caches: dict, model_cfg: ModelConfig, moe_cfg: MoEConfig):
+  """T new tokens at position `pos` (traced or not) -> (logits_BxTxV float32, caches)."""
+  variables = {"params": params, "moe_state": decoder.to_flax_state(moe_state, model_cfg)}
+  logits_BxTxV, _, _, caches = decoder.Transformer(model_cfg, moe_cfg).apply(
+      variables, tokens_BxT, pos, caches)
+  return logits_BxTxV, caches
+
+
+def generate(params: dict, moe_state: dict, prompt_BxP: jax.Array, model_cfg: ModelConfig,
+             moe_cfg: MoEConfig, *, max_new_tokens: int, key: jax.Array, temperature=0.0,
+             top_p=1.0) -> jax.Array:
+  """Prompt plus max_new_tokens sampled tokens, [B, P + max_new_tokens] int32.
+
+  temperature 0 is greedy; otherwise nucleus sampling (top_p) at that temperature; both may
+  change between calls without recompiling. All sequences share one prompt length; the cache
+  holds P + max_new_tokens <= max_seq_len slots. Compiled once per shape and config.
+  """
+  P = prompt_BxP.shape[1]
+  if P + max_new_tokens > model_cfg.max_seq_len:
+    raise ValueError(f"prompt {P} + max_new_tokens {max_new_tokens} exceeds "
+                     f"max_seq_len={model_cfg.max_seq_len}")
+  if isinstance(temperature, (int, float)) and temperature < 0:
+    raise ValueError(f"temperature={temperature}: must be >= 0 (0 = greedy)")
+  if isinstance(top_p, (int, float)) and not 0 < top_p <= 1:
+    raise ValueError(f"top_p={top_p}: must be in (0, 1]")
+  return _generate(params, moe_state, prompt_BxP, model_cfg, moe_cfg, max_new_tokens, key,
+                   temperature, top_p)
+
+
+@functools.partial(jax.jit, static_argnums=(3, 4, 5))
+def _generate(params, moe_state, prompt_BxP, model_cfg, moe_cfg, max_new_tokens, key,
+              temperature, top_p):
+  def step(tokens_BxT, pos, caches):
+    return forward_cached(params, moe_state, tokens_BxT, pos, caches, model_cfg, moe_cfg)
+
+  caches = init_caches(model_cfg, prompt_BxP.shape[0], prompt_BxP.shape[1] + max_new_tokens)
+  return decode(step, caches, prompt_BxP, max_new_tokens=max_new_tokens, key=key,
+                temperature=temperature, top_p=top_p)

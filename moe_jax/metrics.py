@@ -1,4 +1,4 @@
-"""What a run reports: metrics.jsonl, TensorBoard (when installed), PNG plots, a progress line,
+"""What a run reports: metrics.jsonl, TensorBoard (when installed), PNG plots (drawn by plots.py),
 and the FLOP accounting behind model FLOPs utilisation (MFU).
 
 metrics.jsonl holds one JSON object per line, always with "step" (optimizer steps completed):
@@ -19,6 +19,7 @@ from typing import Any, Callable, Optional, Sequence, TextIO
 
 import numpy as np
 
+from moe_jax import plots
 from moe_jax.config import ModelConfig
 
 METRICS_FILE = "metrics.jsonl"
@@ -212,60 +213,10 @@ def measure_matmul_flops(devices: Optional[Sequence[Any]] = None, *, size: Optio
   return 2.0 * len(devices) * n**3 / min(times)
 
 
-# ----------------------------------------------------------------------------- plots
-
-
 def plot(workdir: str) -> list[str]:
-  """Writes loss.png, expert_load.png and max_vio.png from metrics.jsonl; returns their paths."""
-  import matplotlib  # pylint: disable=import-outside-toplevel
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
-
-  records = read_jsonl(os.path.join(workdir, METRICS_FILE))
-  train = [r for r in records if "loss" in r]
-  evals = [r for r in records if "eval_loss" in r]
-  written = []
-
-  def save(fig, name):
-    path = os.path.join(workdir, name)
-    fig.savefig(path, dpi=100, bbox_inches="tight")
-    plt.close(fig)
-    written.append(path)
-
-  fig, ax = plt.subplots(figsize=(7, 4))
-  ax.plot([r["step"] for r in train], [r["loss"] for r in train], label="train")
-  if evals:
-    ax.plot([r["step"] for r in evals], [r["eval_loss"] for r in evals], "o-", label="held-out")
-  ax.set(xlabel="step", ylabel="loss (nats/token)", title="Loss")
-  ax.legend()
-  ax.grid(alpha=0.3)
-  save(fig, "loss.png")
-
-  moe = [r for r in train if r.get("load")]
-  if moe:
-    load_TxLxE = np.array([r["load"] for r in moe])
-    steps = [r["step"] for r in moe]
-    layers, experts = load_TxLxE.shape[1], load_TxLxE.shape[2]
-    fig, axes = plt.subplots(layers, 1, figsize=(7, 1.2 + 1.8 * layers), squeeze=False)
-    for l, ax in enumerate(axes[:, 0]):
-      # Load relative to a perfectly balanced router (1 = each expert gets 1/E).
-      image = ax.imshow(load_TxLxE[:, l, :].T * experts, aspect="auto", origin="lower",
-                        cmap="viridis", extent=(steps[0], steps[-1], -0.5, experts - 0.5))
-      ax.set(ylabel=f"MoE layer {l}\nexpert")
-      fig.colorbar(image, ax=ax, label="load x E")
-    axes[-1, 0].set_xlabel("step")
-    axes[0, 0].set_title("Expert load per MoE layer (1 = balanced)")
-    save(fig, "expert_load.png")
-
-    fig, ax = plt.subplots(figsize=(7, 4))
-    max_vio = np.array([r["max_vio"] for r in moe])
-    for l in range(max_vio.shape[1]):
-      ax.plot(steps, max_vio[:, l], label=f"MoE layer {l}")
-    ax.set(xlabel="step", ylabel="MaxVio (max load / mean load - 1)", title="Load imbalance")
-    ax.legend()
-    ax.grid(alpha=0.3)
-    save(fig, "max_vio.png")
-  return written
+  """Writes loss.png, expert_load.png and max_vio.png from metrics.jsonl (plots.py); returns
+  their paths."""
+  return plots.write(workdir, read_jsonl(os.path.join(workdir, METRICS_FILE)))
 
 
 def perplexity(loss: float) -> float:

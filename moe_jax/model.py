@@ -1,8 +1,6 @@
-"""The DeepSeek-V3-style decoder: embeddings, first_k_dense dense blocks, MoE blocks, MTP modules.
-
-Thin Flax modules create every parameter with logical axis names; the maths is in pure functions
-(`attention.attention_apply`, `moe.apply`, `swiglu`, `project`). Callers use the functions below
-on plain pytrees, never the modules:
+"""The DeepSeek-V3-style decoder as functions on plain pytrees, over decoder.py's Flax modules
+(whose docstring gives the parameter layout, MoE state, MTP and FP8). Callers use these, never
+the modules:
 
   init(key, model_cfg, moe_cfg) -> (params, moe_state)
   init_fp8_state(model_cfg, moe_cfg, fp8_cfg) -> fp8_state ({} unless fp8_cfg.recipe="delayed")
@@ -12,38 +10,9 @@ on plain pytrees, never the modules:
       -> (loss, metrics)
   update_moe_state(moe_state, load_LxE, moe_cfg) -> moe_state
   generate(params, moe_state, prompt_BxP, model_cfg, moe_cfg, *, max_new_tokens, key, ...)
+      (generate.py, as are forward_cached and init_caches)
   param_axes / moe_state_axes(model_cfg, moe_cfg) -> logical names, from the modules' metadata
   count_params(model_cfg, moe_cfg) -> parameter counts (see params_count.py)
-
-Parameters (float32, plain nested dicts):
-  embed/embedding [V, D]; layer_<i>/{attn_norm, attn, ffn_norm, ffn}; final_norm; head/kernel
-  [D, V] (untied, as V3); mtp_<k>/{embed_norm, hidden_norm, proj [2D, D], block, final_norm}.
-  A dense ffn is {gate, up, down}; an MoE ffn has moe.init's layout {router, experts, shared}.
-
-MoE state: {"layer_<i>": {"router_bias": [E]}} for every MoE block, numbered as in V3's
-checkpoint: main blocks first_k_dense..L-1, then MTP module k's block as layer L+k. Every
-per-layer aux array (`load` [L_moe, E], ...) has one row per entry, in ascending layer number.
-The bias is a Flax variable collection ("moe_state"), never a parameter, so it gets no gradient.
-
-Multi-token prediction (V3 section 2.2): module k (0-based) at position i combines the previous
-depth's hidden state h_i (the main model's last block output for k = 0) with the embedding of
-token i+k+1, projects [2D -> D], runs one block and the shared output head, and so predicts
-token i+k+2. The module reads the input tokens shifted left by k+1 (wrapping around); its last
-k+1 positions have no target and are left out of the MTP loss. Concatenation order is
-[norm(embedding); norm(hidden)], the order of the released V3 weights' eh_proj.
-
-FP8 (fp8_cfg.recipe != "none"; see fp8.py): every dense projection multiplies through `fp8_dot`:
-attention's wq/wq_a/wq_b/wkv_a/wkv_b/wo (MHA: wq/wk/wv/wo), the dense blocks' gate/up/down and
-the MTP projection; so do the MoE layers' routed experts (per-expert scales,
-moe/grouped_fp8.py) and shared experts, and with fp8_cfg.dispatch the expert all-to-all carries
-FP8 activations (moe/layer.py). The router, embeddings, output head, norms and attention
-scores/softmax stay in the compute dtype or float32, as in V3. Not yet: generation
-(`forward_cached` has no fp8_cfg).
-"delayed" keeps one amax-history state per quantized matrix, fp8_state, a tree mirroring the
-parameters' paths ({"layer_0": {"attn": {"wq": {"x", "w", "g"}}}, ...}; an expert matrix's
-histories are [E, L], under "ffn"/"experts"; the modules' "fp8" collection). Its gradient from
-`loss` is the updated state (fp8.py's docstring): a trainer replaces the state with it and never
-feeds it to the optimizer.
 
 Dtypes: parameters float32; the residual stream, attention and dense blocks compute in
 model_cfg.dtype, the MoE layers in moe_cfg.dtype (routing always float32); logits float32.
@@ -59,225 +28,14 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec
 
-from moe_jax import attention, moe, params_count, sharding
-from moe_jax import generate as sampling
+from moe_jax import decoder, moe, params_count
 from moe_jax.config import FP8Config, ModelConfig, MoEConfig
-from moe_jax.fp8 import NO_FP8, Matmuls
-from moe_jax.layers import RMSNorm, fp8_matmuls, logical_param
+from moe_jax.decoder import Transformer
+# Generation is generate.py's; these stay the model's API (model.generate, ...).
+from moe_jax.generate import forward_cached, generate, init_caches  # noqa: F401
 
 Params = dict[str, Any]
 MoEState = dict[str, dict[str, jax.Array]]
-
-ACTIVATION_AXES = ("batch", "seq", "embed")
-LOGIT_AXES = ("batch", "seq", "vocab")
-# Expert weights have their own width names so that sharding.py can split them unlike dense ones.
-EXPERT_IN_AXES = ("experts", "expert_embed", "expert_mlp")
-EXPERT_OUT_AXES = ("experts", "expert_mlp", "expert_embed")
-
-
-def project(x: jax.Array, w_KxN: jax.Array, out_dtype=None) -> jax.Array:
-  """x [..., K] @ w [K, N] in x's dtype, never FP8: the output head. The FP8 seam of the
-  dense projections is `fp8.Matmuls` (`Dense` modules), of attention its `matmuls` argument."""
-  return jnp.matmul(x, w_KxN.astype(x.dtype), preferred_element_type=out_dtype)
-
-
-def swiglu(x: jax.Array, w: Params, matmuls: Matmuls = NO_FP8) -> jax.Array:
-  """down(silu(x @ gate) * (x @ up)), each product through `matmuls` (plain by default)."""
-  h = jax.nn.silu(matmuls.dot(x, "gate", w["gate"])) * matmuls.dot(x, "up", w["up"])
-  return matmuls.dot(h, "down", w["down"])
-
-
-def _swiglu_specs(d: int, f: int, in_axes, out_axes, lead: tuple[int, ...] = ()):
-  return (("gate", lead + (d, f), in_axes), ("up", lead + (d, f), in_axes),
-          ("down", lead + (f, d), out_axes))
-
-
-def is_moe_layer(cfg: ModelConfig, index: int) -> bool:
-  """Block `index` (MTP blocks numbered from num_layers) is MoE; MTP blocks follow the model."""
-  return cfg.first_k_dense < cfg.num_layers and index >= cfg.first_k_dense
-
-
-# ----------------------------------------------------------------------------- Flax modules
-
-
-def _normal_params(module: nn.Module, specs: tuple, std: float) -> Params:
-  init = nn.initializers.normal(stddev=std)
-  return {name: logical_param(module, name, init, shape, axes) for name, shape, axes in specs}
-
-
-class Weights(nn.Module):
-  """A group of float32 N(0, std) parameters: specs ((name, shape, axes), ...) -> {name: array}."""
-  specs: tuple
-  std: float
-
-  @nn.compact
-  def __call__(self) -> Params:
-    return _normal_params(self, self.specs, self.std)
-
-
-class Dense(nn.Module):
-  """Weights of dense projections: -> (params, their fp8.Matmuls under fp8_cfg, whose "delayed"
-  states sit in the "fp8" collection under the same path as the parameters)."""
-  specs: tuple
-  std: float
-  fp8_cfg: FP8Config
-  groups: Optional[int] = None  # stacked expert matrices: "delayed" histories [groups, L]
-
-  @nn.compact
-  def __call__(self) -> tuple[Params, Matmuls]:
-    params = _normal_params(self, self.specs, self.std)
-    return params, fp8_matmuls(self, list(params), self.fp8_cfg, self.groups)
-
-
-class MoE(nn.Module):
-  """moe.apply over parameters laid out as moe.init's; the router bias is a "moe_state" variable,
-  the "delayed" FP8 histories "fp8" variables under the parameters' paths ("experts", "shared")."""
-  cfg: MoEConfig
-  std: float
-  fp8_cfg: FP8Config = FP8Config()
-
-  @nn.compact
-  def __call__(self, x_BxSxD: jax.Array) -> tuple[jax.Array, dict]:
-    d, e, f, s = (self.cfg.embed_dim, self.cfg.num_experts, self.cfg.expert_ffn_dim,
-                  self.cfg.num_shared_experts)
-    fp8_cfg = self.fp8_cfg
-    experts, matmuls = Dense(_swiglu_specs(d, f, EXPERT_IN_AXES, EXPERT_OUT_AXES, (e,)), self.std,
-                             fp8_cfg, groups=e, name="experts")()
-    params = {
-        # Every token scores every expert, so the router's expert dim is never split.
-        "router": Weights((("kernel", (d, e), ("embed", None)),), self.std, name="router")(),
-        "experts": experts,
-    }
-    states = {"experts": matmuls.states}
-    if s:
-      params["shared"], matmuls = Dense(_swiglu_specs(d, s * f, ("embed", "mlp"),
-                                                      ("mlp", "embed")),
-                                        self.std, fp8_cfg, name="shared")()
-      states["shared"] = matmuls.states
-    bias = self.variable("moe_state", "router_bias",
-                         nn.with_logical_partitioning(jnp.zeros, (None,)), (e,), jnp.float32)
-    fp8_state = states if fp8_cfg.recipe == "delayed" else None
-    return moe.apply(params, {"router_bias": bias.value}, x_BxSxD, self.cfg,
-                     fp8_cfg=self.fp8_cfg, fp8_state=fp8_state)
-
-
-class Block(nn.Module):
-  """Pre-norm residual block: x + attn(norm(x)), then x + ffn(norm(x)); ffn dense or MoE."""
-  cfg: ModelConfig
-  moe_cfg: Optional[MoEConfig]  # None: dense SwiGLU of width cfg.dense_ffn_dim
-  fp8_cfg: FP8Config = FP8Config()
-
-  @nn.compact
-  def __call__(self, x_BxTxD: jax.Array, pos=0, cache: Optional[attention.Cache] = None):
-    cfg = self.cfg
-    h_BxTxD, cache = attention.Attention(cfg, fp8_cfg=self.fp8_cfg, name="attn")(
-        RMSNorm(cfg.norm_eps, name="attn_norm")(x_BxTxD), pos, cache)
-    x_BxTxD = x_BxTxD + h_BxTxD
-    h_BxTxD = RMSNorm(cfg.norm_eps, name="ffn_norm")(x_BxTxD)
-    if self.moe_cfg is None:
-      w, matmuls = Dense(_swiglu_specs(cfg.embed_dim, cfg.dense_ffn_dim, ("embed", "mlp"),
-                                       ("mlp", "embed")), cfg.init_std, self.fp8_cfg,
-                         name="ffn")()
-      h_BxTxD, aux = swiglu(h_BxTxD, w, matmuls), None
-    else:
-      h_BxTxD, aux = MoE(self.moe_cfg, cfg.init_std, self.fp8_cfg, name="ffn")(h_BxTxD)
-    return sharding.constrain(x_BxTxD + h_BxTxD, ACTIVATION_AXES), aux, cache
-
-
-class MTPModule(nn.Module):
-  """One V3 multi-token prediction depth: proj[norm(emb); norm(h)] -> block -> norm -> head."""
-  cfg: ModelConfig
-  moe_cfg: Optional[MoEConfig]
-  fp8_cfg: FP8Config = FP8Config()
-
-  @nn.compact
-  def __call__(self, h_BxSxD: jax.Array, e_BxSxD: jax.Array, head_DxV: jax.Array):
-    cfg, d = self.cfg, self.cfg.embed_dim
-    he_BxSx2D = jnp.concatenate([RMSNorm(cfg.norm_eps, name="embed_norm")(e_BxSxD),
-                                 RMSNorm(cfg.norm_eps, name="hidden_norm")(h_BxSxD)], axis=-1)
-    w, matmuls = Dense((("kernel", (2 * d, d), (None, "embed")),), cfg.init_std, self.fp8_cfg,
-                       name="proj")()
-    h_BxSxD, aux, _ = Block(cfg, self.moe_cfg, self.fp8_cfg, name="block")(
-        matmuls.dot(he_BxSx2D, "kernel", w["kernel"]))
-    logits_BxSxV = project(RMSNorm(cfg.norm_eps, name="final_norm")(h_BxSxD), head_DxV,
-                           jnp.float32)
-    return h_BxSxD, logits_BxSxV, aux
-
-
-class Transformer(nn.Module):
-  """tokens_BxT -> (logits_BxTxV f32, [mtp logits per depth], [MoE aux per MoE block], caches).
-
-  Without caches: a training forward over positions 0..T-1, MTP modules included. With caches
-  ({"layer_<i>": attention cache}): T new tokens at `pos`, main model only.
-  """
-  cfg: ModelConfig
-  moe_cfg: MoEConfig
-  fp8_cfg: FP8Config = FP8Config()
-
-  @nn.compact
-  def __call__(self, tokens_BxT: jax.Array, pos=0, caches: Optional[dict] = None):
-    cfg, dtype = self.cfg, jnp.dtype(self.cfg.dtype)
-    V, D = cfg.vocab_size, cfg.embed_dim
-    emb_VxD = Weights((("embedding", (V, D), ("vocab", "embed")),), cfg.init_std,
-                      name="embed")()["embedding"]
-    head_DxV = Weights((("kernel", (D, V), ("embed", "vocab")),), cfg.init_std,
-                       name="head")()["kernel"]
-
-    def embed(tokens):
-      return sharding.constrain(jnp.take(emb_VxD, tokens, axis=0).astype(dtype), ACTIVATION_AXES)
-
-    def ffn_cfg(index):
-      return self.moe_cfg if is_moe_layer(cfg, index) else None
-
-    x_BxTxD, auxes, new_caches = embed(tokens_BxT), [], {}
-    for i in range(cfg.num_layers):
-      name = f"layer_{i}"
-      x_BxTxD, aux, cache = Block(cfg, ffn_cfg(i), self.fp8_cfg, name=name)(
-          x_BxTxD, pos, None if caches is None else caches[name])
-      new_caches[name] = cache
-      auxes += [aux] if aux is not None else []
-    logits_BxTxV = project(RMSNorm(cfg.norm_eps, name="final_norm")(x_BxTxD), head_DxV,
-                           jnp.float32)
-    if caches is not None:
-      return sharding.constrain(logits_BxTxV, LOGIT_AXES), [], auxes, new_caches
-    mtp_logits, h_BxTxD = [], x_BxTxD
-    for k in range(cfg.mtp_depth):
-      e_BxTxD = embed(jnp.roll(tokens_BxT, -(k + 1), axis=1))
-      h_BxTxD, logits_k, aux = MTPModule(cfg, ffn_cfg(cfg.num_layers + k), self.fp8_cfg,
-                                         name=f"mtp_{k}")(h_BxTxD, e_BxTxD, head_DxV)
-      mtp_logits.append(sharding.constrain(logits_k, LOGIT_AXES))
-      auxes += [aux] if aux is not None else []
-    return sharding.constrain(logits_BxTxV, LOGIT_AXES), mtp_logits, auxes, None
-
-
-# ----------------------------------------------------------------------------- moe_state paths
-
-
-def _moe_paths(cfg: ModelConfig) -> dict[str, tuple[str, ...]]:
-  """Contract name -> the Flax module path of that block's MoE, in ascending layer order."""
-  paths = {f"layer_{i}": (f"layer_{i}", "ffn") for i in range(cfg.num_layers)}
-  paths.update({f"layer_{cfg.num_layers + k}": (f"mtp_{k}", "block", "ffn")
-                for k in range(cfg.mtp_depth)})
-  return {name: path for i, (name, path) in enumerate(paths.items()) if is_moe_layer(cfg, i)}
-
-
-def _from_flax_state(flax_state: dict, cfg: ModelConfig) -> dict:
-  def walk(tree, path):
-    for key in path:
-      tree = tree[key]
-    return dict(tree)
-  return {name: walk(flax_state, path) for name, path in _moe_paths(cfg).items()}
-
-
-def _to_flax_state(moe_state: dict, cfg: ModelConfig) -> dict:
-  tree: dict = {}
-  for name, path in _moe_paths(cfg).items():
-    node = tree
-    for key in path[:-1]:
-      node = node.setdefault(key, {})
-    node[path[-1]] = moe_state[name]
-  return tree
-
 
 def _layer_number(name: str) -> int:
   return int(name.rsplit("_", 1)[1])
@@ -315,7 +73,7 @@ def abstract_variables(model_cfg: ModelConfig, moe_cfg: MoEConfig,
 def init(key: jax.Array, model_cfg: ModelConfig, moe_cfg: MoEConfig) -> tuple[Params, MoEState]:
   """Float32 parameters (plain nested dicts) and the zero router biases of every MoE block."""
   variables = nn.meta.unbox(_init_boxed(key, model_cfg, moe_cfg))
-  return variables["params"], _from_flax_state(variables.get("moe_state", {}), model_cfg)
+  return variables["params"], decoder.from_flax_state(variables.get("moe_state", {}), model_cfg)
 
 
 def init_fp8_state(model_cfg: ModelConfig, moe_cfg: MoEConfig, fp8_cfg: FP8Config) -> dict:
@@ -340,12 +98,12 @@ def param_axes(model_cfg: ModelConfig, moe_cfg: MoEConfig) -> Any:
 def moe_state_axes(model_cfg: ModelConfig, moe_cfg: MoEConfig) -> Any:
   """Logical axis names of `init`'s moe_state."""
   flax_state = abstract_variables(model_cfg, moe_cfg).get("moe_state", {})
-  return _from_flax_state(_names(flax_state), model_cfg)
+  return decoder.from_flax_state(_names(flax_state), model_cfg)
 
 
 def _variables(params: Params, moe_state: MoEState, model_cfg: ModelConfig,
                fp8_cfg: FP8Config = FP8Config(), fp8_state: Optional[dict] = None) -> dict:
-  variables = {"params": params, "moe_state": _to_flax_state(moe_state, model_cfg)}
+  variables = {"params": params, "moe_state": decoder.to_flax_state(moe_state, model_cfg)}
   if fp8_cfg.recipe == "delayed":
     if not fp8_state:
       raise ValueError("fp8 recipe='delayed' needs fp8_state=model.init_fp8_state(...)")
@@ -424,56 +182,6 @@ def update_moe_state(moe_state: MoEState, load_LxE: jax.Array, moe_cfg: MoEConfi
     raise ValueError(f"load has {load_LxE.shape[0]} rows for {len(names)} MoE blocks")
   return {name: moe.update_bias(moe_state[name], load_LxE[i], moe_cfg)
           for i, name in enumerate(names)}
-
-
-# ----------------------------------------------------------------------------- generation
-
-
-def init_caches(model_cfg: ModelConfig, batch: int, max_len: int) -> dict[str, attention.Cache]:
-  """Empty fixed-size KV caches ({"layer_<i>": ...}); MLA's hold the latent and RoPE key only."""
-  return {f"layer_{i}": attention.init_cache(model_cfg, batch, max_len)
-          for i in range(model_cfg.num_layers)}
-
-
-@functools.partial(jax.jit, static_argnums=(5, 6))
-def forward_cached(params: Params, moe_state: MoEState, tokens_BxT: jax.Array, pos,
-                   caches: dict, model_cfg: ModelConfig, moe_cfg: MoEConfig):
-  """T new tokens at position `pos` (traced or not) -> (logits_BxTxV float32, caches)."""
-  logits_BxTxV, _, _, caches = _module(model_cfg, moe_cfg).apply(
-      _variables(params, moe_state, model_cfg), tokens_BxT, pos, caches)
-  return logits_BxTxV, caches
-
-
-def generate(params: Params, moe_state: MoEState, prompt_BxP: jax.Array, model_cfg: ModelConfig,
-             moe_cfg: MoEConfig, *, max_new_tokens: int, key: jax.Array, temperature=0.0,
-             top_p=1.0) -> jax.Array:
-  """Prompt plus max_new_tokens sampled tokens, [B, P + max_new_tokens] int32.
-
-  temperature 0 is greedy; otherwise nucleus sampling (top_p) at that temperature; both may
-  change between calls without recompiling. All sequences share one prompt length; the cache
-  holds P + max_new_tokens <= max_seq_len slots. Compiled once per shape and config.
-  """
-  P = prompt_BxP.shape[1]
-  if P + max_new_tokens > model_cfg.max_seq_len:
-    raise ValueError(f"prompt {P} + max_new_tokens {max_new_tokens} exceeds "
-                     f"max_seq_len={model_cfg.max_seq_len}")
-  if isinstance(temperature, (int, float)) and temperature < 0:
-    raise ValueError(f"temperature={temperature}: must be >= 0 (0 = greedy)")
-  if isinstance(top_p, (int, float)) and not 0 < top_p <= 1:
-    raise ValueError(f"top_p={top_p}: must be in (0, 1]")
-  return _generate(params, moe_state, prompt_BxP, model_cfg, moe_cfg, max_new_tokens, key,
-                   temperature, top_p)
-
-
-@functools.partial(jax.jit, static_argnums=(3, 4, 5))
-def _generate(params, moe_state, prompt_BxP, model_cfg, moe_cfg, max_new_tokens, key,
-              temperature, top_p):
-  def step(tokens_BxT, pos, caches):
-    return forward_cached(params, moe_state, tokens_BxT, pos, caches, model_cfg, moe_cfg)
-
-  caches = init_caches(model_cfg, prompt_BxP.shape[0], prompt_BxP.shape[1] + max_new_tokens)
-  return sampling.decode(step, caches, prompt_BxP, max_new_tokens=max_new_tokens, key=key,
-                         temperature=temperature, top_p=top_p)
 
 
 def count_params(model_cfg: ModelConfig, moe_cfg: MoEConfig) -> dict:

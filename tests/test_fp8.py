@@ -161,7 +161,7 @@ def test_dequantize_round_trip(dtype, block_shape, jit):
   # subnormal for values below the normal range.
   finfo = ml_dtypes.finfo(NP_DTYPES[dtype])
   s_full = np.broadcast_to(s_ref, x.shape) if block_shape is None else np.asarray(
-      fp8._expand(jnp.asarray(s_ref), block_shape, x.shape))
+      fp8.expand(jnp.asarray(s_ref), block_shape, x.shape))
   bound = finfo.eps / 2 * np.abs(x) + float(finfo.smallest_subnormal) / 2 * s_full
   assert np.all(np.abs(np.asarray(deq) - x) <= bound * (1 + 1e-6))
   bf16 = fp8.dequantize(q, s, block_shape=block_shape, out_dtype=jnp.bfloat16)

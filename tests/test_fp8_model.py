@@ -17,7 +17,7 @@ import pytest
 
 from experiments import fp8_study
 from moe_jax import checkpoint, config, data, fp8, model, train
-from moe_jax.moe import grouped_fp8
+from moe_jax.moe import grouped, padded, products
 from moe_jax.config import FP8Config, MoEConfig, ModelConfig, TrainConfig
 
 # One dense block, one MoE block, an MTP module (MoE): every kind of dense projection once.
@@ -95,14 +95,16 @@ def test_projections_and_experts_go_through_fp8(setup, monkeypatch, backend):
     shapes.append(tuple(w.shape))
     return real_dot(x, w, cfg, state)
 
-  def counting(name, real, w_arg):
-    def fn(*args):
-      experts.append((name, tuple(args[w_arg]["down"].shape)))
-      return real(*args)
+  def counting(name, real):
+    def fn(x, w, sizes_or_gates, plan_or_product, *args):
+      product = plan_or_product if name == "ragged" else args[0]
+      if isinstance(product, products.FP8):  # a kernel over FP8 expert products
+        experts.append((name, tuple(w["down"].shape)))
+      return real(x, w, sizes_or_gates, plan_or_product, *args)
     return fn
   monkeypatch.setattr(fp8, "fp8_dot", counting_dot)
-  for name, w_arg in (("swiglu_ragged", 1), ("swiglu_grouped", 1), ("swiglu_blocks", 1)):
-    monkeypatch.setattr(grouped_fp8, name, counting(name, getattr(grouped_fp8, name), w_arg))
+  monkeypatch.setattr(grouped, "swiglu_ragged", counting("ragged", grouped.swiglu_ragged))
+  monkeypatch.setattr(padded, "routed", counting("padded", padded.routed))
   # A config traced nowhere else, so that jit traces (and counts) afresh.
   moe_cfg = dataclasses.replace(MOE, grouped_backend=backend)
   model.loss(params, state, batch, MODEL, moe_cfg, fp8_cfg("tensor", amax_history_len=3))
@@ -112,10 +114,10 @@ def test_projections_and_experts_go_through_fp8(setup, monkeypatch, backend):
   shared = [(D, F), (D, F), (F, D)] * 2  # both MoE blocks' shared experts
   # Not the router [D, E], the head [D, V] nor the embedding.
   assert sorted(shapes) == sorted(dense + shared)
-  # padded: 20 tokens x 2 slots over 4 experts give buckets of 8 rows (grouped.layout), then
-  # overflow blocks, then the spill pass's blocks (traced in its cond even when not taken).
-  kernels = (["swiglu_ragged"] if backend == "ragged" else
-             ["swiglu_grouped", "swiglu_blocks", "swiglu_blocks"])
+  # padded: 20 tokens x 2 slots over 4 experts give buckets of 8 rows (grouped.layout) and
+  # overflow blocks in one kernel call, then the spill pass's (traced in its cond even when not
+  # taken).
+  kernels = ["ragged"] if backend == "ragged" else ["padded", "padded"]
   assert experts == [(k, (E, F, D)) for k in kernels] * 2  # both MoE blocks
 
 

@@ -215,3 +215,34 @@ def test_buckets_overflow_and_spill(skew):
                   grouped_backend="padded")
   aux = check_against_reference(cfg, (2, 200), bias=[skew, 0.0, 0.0, 0.0])
   assert float(aux["dropped_fraction"]) == 0.0
+
+
+def test_routed_and_shared_experts_start_at_the_intended_scale():
+  """Every matrix starts at variance 1 / its contraction dim (D for router, gate and up, F for a
+  routed expert's down): the expert axis is no fan-in, so a routed expert's output starts at a
+  shared expert's scale; the model's MoE blocks take the same initialisation."""
+  from moe_jax import model
+  from moe_jax.config import ModelConfig
+  d, e, f = 256, 64, 128
+  cfg = MoEConfig(embed_dim=d, num_experts=e, top_k=2, expert_ffn_dim=f, num_shared_experts=1)
+  params, _ = moe.init(jax.random.PRNGKey(0), cfg)
+  std = lambda w: float(np.std(np.asarray(w)))
+  for group in ("experts", "shared"):
+    np.testing.assert_allclose(std(params[group]["gate"]), d ** -0.5, rtol=0.02)
+    np.testing.assert_allclose(std(params[group]["up"]), d ** -0.5, rtol=0.02)
+    np.testing.assert_allclose(std(params[group]["down"]), f ** -0.5, rtol=0.02)
+  np.testing.assert_allclose(std(params["router"]["kernel"]), d ** -0.5, rtol=0.02)
+  x_TxD = jax.random.normal(jax.random.PRNGKey(1), (1024, d))
+  shared = std(moe.swiglu(x_TxD, params["shared"]))
+  routed = [std(moe.swiglu(x_TxD, {k: w[i] for k, w in params["experts"].items()}))
+            for i in range(8)]
+  np.testing.assert_allclose(np.mean(routed), shared, rtol=0.15)
+
+  mcfg = ModelConfig(embed_dim=64, num_layers=2, first_k_dense=1,
+                     dense_ffn_dim=64, max_seq_len=16)
+  small = MoEConfig(embed_dim=64, num_experts=8, top_k=2, expert_ffn_dim=32,
+                    num_shared_experts=1)
+  ffn = model.init(jax.random.key(0), mcfg, small)[0]["layer_1"]["ffn"]
+  for group in ("experts", "shared"):
+    np.testing.assert_allclose(std(ffn[group]["gate"]), 64 ** -0.5, rtol=0.05)
+    np.testing.assert_allclose(std(ffn[group]["down"]), 32 ** -0.5, rtol=0.05)

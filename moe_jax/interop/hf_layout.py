@@ -164,7 +164,7 @@ def specs(model: ModelConfig, moe: MoEConfig, tie_embeddings: bool = False) -> d
   blocks = [(f"layer_{i}",) for i in range(L)] + [
       (f"mtp_{k}", "block") for k in range(model.mtp_depth)]
   for i, path in enumerate(blocks):
-    # MTP blocks are MoE whenever the model has MoE blocks (see model.is_moe_layer).
+    # MTP blocks are MoE whenever the model has MoE blocks (see decoder.is_moe_layer).
     is_moe = model.first_k_dense < L and i >= model.first_k_dense
     block = _block(f"model.layers.{i}", D, model, moe if is_moe else None)
     out.update({("params",) + path + sub: spec for sub, spec in block.items()})

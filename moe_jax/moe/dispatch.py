@@ -30,7 +30,7 @@ from typing import NamedTuple, Optional
 import jax
 import jax.numpy as jnp
 
-from moe_jax.moe import manual
+from moe_jax import shard_util
 
 
 class Plan(NamedTuple):
@@ -132,7 +132,7 @@ def _gather_rows_fwd(src_NxD, idx_M, inverse_NxJ):
 def _gather_rows_bwd(res, dout_MxD):
   idx_M, inverse_NxJ, src_like = res
   dsrc_NxJxD = jnp.take(dout_MxD, inverse_NxJ, axis=0, mode="fill", fill_value=0)
-  return manual.cotangent_like(dsrc_NxJxD.sum(1), src_like), None, None
+  return shard_util.cotangent_like(dsrc_NxJxD.sum(1), src_like), None, None
 
 
 gather_rows.defvjp(_gather_rows_fwd, _gather_rows_bwd)
@@ -177,7 +177,7 @@ def _combine_bwd(res, dy_TxD):
   dy_RxD = jnp.take(dy_TxD, src_R // k, axis=0, mode="fill", fill_value=0) * gate_R[:, None]
   rows_TxKxD = jnp.take(y_RxD, row_TxK, axis=0, mode="fill", fill_value=0)
   dgates_TxK = jnp.einsum("tkd,td->tk", rows_TxKxD, dy_TxD)
-  return (manual.cotangent_like(dy_RxD, y_RxD), manual.cotangent_like(dgates_TxK, gates_TxK),
+  return (shard_util.cotangent_like(dy_RxD, y_RxD), shard_util.cotangent_like(dgates_TxK, gates_TxK),
           None, None)
 
 

@@ -1,61 +1,39 @@
-"""The DeepSeek-V3 MoE layer as two pure functions, `init` and `apply`, on plain dict pytrees.
-
-Parameters (E routed experts, D = embed_dim, F = expert_ffn_dim, S = num_shared_experts):
-
-    {"router":  {"kernel": [D, E]},                       # float32 always
-     "experts": {"gate": [E, D, F], "up": [E, D, F], "down": [E, F, D]},
-     "shared":  {"gate": [D, S*F], "up": [D, S*F], "down": [S*F, D]}}   # absent when S = 0
+"""The DeepSeek-V3 MoE layer as pure functions on plain dict pytrees: `apply`, `update_bias`
+(`init` and the parameter layout: params.py).
 
 State (not a parameter: no gradient, updated by `update_bias` after each step):
 
     {"router_bias": [E] float32}
 
 Data flow: router logits (float32) -> scores -> group-limited top-k on score + bias -> gates from
-the unbiased scores -> sort assignments by expert (dispatch.Plan) -> grouped SwiGLU -> unpermute,
-weight by gates, sum over k -> + shared experts.
+the unbiased scores (routing.py) -> sort assignments by expert (dispatch.Plan) -> grouped SwiGLU
+(grouped.py) -> unpermute, weight by gates, sum over k -> + shared experts (local.add_shared).
+`cfg.parallelism` picks one of three layers that all compute this: `local.apply_local` (one
+device), `parallel.apply_alltoall` (shard_map, explicit all-to-all over the expert axis) and
+`parallel.apply_gshard` (SPMD einsums).
 
 FP8 (`apply(..., fp8_cfg=FP8Config(recipe=...))`, fp8.py): every product of the routed experts
-(grouped_fp8.py) and of the shared experts is FP8; the router stays float32. "delayed" takes
+(products.FP8) and of the shared experts is FP8; the router stays float32. "delayed" takes
 `fp8_state` from `init_fp8_state` ({"experts": {"gate", "up", "down"}: [E, L] histories each,
 "shared": [L] each}), whose gradient is the updated state. `fp8_cfg.dispatch` sends FP8 rows
-through the expert all-to-all (parallel.fp8_all_to_all); the other layouts round the routed
-experts' input the same way, so every parallelism computes the same numbers.
+through the expert all-to-all (fp8.dispatch_rows); the other layers round the routed experts'
+input the same way, so every parallelism computes the same numbers.
 """
 from __future__ import annotations
 
 from typing import Optional
 
 import jax
-import jax.numpy as jnp
 
-from moe_jax import fp8
 from moe_jax.config import FP8Config, MoEConfig
 from moe_jax.moe import parallel, routing
-from moe_jax.moe.local import routed_experts, route, sequence_shape, statistics, swiglu
+from moe_jax.moe.local import apply_local
+from moe_jax.moe.params import check_fp8_state
 
-_fan_in = jax.nn.initializers.variance_scaling(1.0, "fan_in", "truncated_normal",
-                                               in_axis=-2, out_axis=-1)
-
-
-def init(key: jax.Array, cfg: MoEConfig) -> tuple[dict, dict]:
-  """Fresh parameters (float32 master copies) and zero router bias."""
-  d, e, f, s = cfg.embed_dim, cfg.num_experts, cfg.expert_ffn_dim, cfg.num_shared_experts
-  keys = jax.random.split(key, 7)
-  params = {
-      "router": {"kernel": _fan_in(keys[0], (d, e), jnp.float32)},
-      "experts": {
-          "gate": _fan_in(keys[1], (e, d, f), jnp.float32),
-          "up": _fan_in(keys[2], (e, d, f), jnp.float32),
-          "down": _fan_in(keys[3], (e, f, d), jnp.float32),
-      },
-  }
-  if s:
-    params["shared"] = {
-        "gate": _fan_in(keys[4], (d, s * f), jnp.float32),
-        "up": _fan_in(keys[5], (d, s * f), jnp.float32),
-        "down": _fan_in(keys[6], (s * f, d), jnp.float32),
-    }
-  return params, {"router_bias": jnp.zeros((e,), jnp.float32)}
+# cfg.parallelism -> the layer; each takes (params, state, x_TxD, cfg, seq_len, fp8_cfg,
+# fp8_state) and returns (y_TxD, aux).
+_LAYERS = {"none": apply_local, "alltoall": parallel.apply_alltoall,
+           "gshard": parallel.apply_gshard}
 
 
 def check_input(x: jax.Array, cfg: MoEConfig):
@@ -64,53 +42,18 @@ def check_input(x: jax.Array, cfg: MoEConfig):
                      f"moe.embed_dim={cfg.embed_dim}")
 
 
-def init_fp8_state(cfg: MoEConfig, fp8_cfg: FP8Config) -> Optional[dict]:
-  """Zero "delayed" amax histories of every expert matrix (None for the other recipes)."""
-  if fp8_cfg.recipe != "delayed":
-    return None
-  names = ("gate", "up", "down")
-  length = fp8_cfg.amax_history_len
-  state = {"experts": {k: fp8.init_delayed_state(length, cfg.num_experts) for k in names}}
-  if cfg.num_shared_experts:
-    state["shared"] = {k: fp8.init_delayed_state(length) for k in names}
-  return state
-
-
-def _check_fp8_state(cfg: MoEConfig, fp8_cfg: FP8Config, fp8_state: Optional[dict]):
-  want = init_fp8_state(cfg, fp8_cfg)
-  shapes = lambda tree: jax.tree.map(jnp.shape, tree)
-  if (want is None) != (fp8_state is None) or shapes(want) != shapes(fp8_state):
-    kind = "None" if want is None else "its histories"
-    raise ValueError(f"fp8 recipe={fp8_cfg.recipe!r}: fp8_state must be "
-                     f"moe.init_fp8_state(cfg, fp8_cfg) ({kind})")
-
-
 def apply(params: dict, state: dict, x: jax.Array, cfg: MoEConfig, *,
           fp8_cfg: FP8Config = FP8Config(),
           fp8_state: Optional[dict] = None) -> tuple[jax.Array, dict]:
-  """y = sum_k gate_k * expert_k(x) + shared(x), for x of shape [..., D]; aux per module doc.
+  """y = sum_k gate_k * expert_k(x) + shared(x), for x of shape [..., D]; aux: load per expert,
+  balance losses and their weighted sum, dropped fraction, MaxVio (routing.statistics).
   Expert products in FP8 per fp8_cfg (module doc)."""
   check_input(x, cfg)
-  _check_fp8_state(cfg, fp8_cfg, fp8_state)
-  x_TxD = x.reshape(-1, cfg.embed_dim)
-  seq_shape = sequence_shape(x.shape)
-  if cfg.parallelism == "alltoall":
-    y_TxD, aux = parallel.apply_alltoall(params, state, x_TxD, cfg, seq_shape[1], fp8_cfg,
-                                         fp8_state)
-  elif cfg.parallelism == "gshard":
-    y_TxD, aux = parallel.apply_gshard(params, state, x_TxD, cfg, seq_shape[1], fp8_cfg,
-                                       fp8_state)
-  else:
-    xc_TxD = x_TxD.astype(cfg.dtype)
-    logits_TxE, scores_TxE, idx_TxK, gates_TxK = route(params, state, x_TxD, cfg)
-    fp8_state = fp8_state or {}
-    xr_TxD = parallel.fp8_all_to_all(xc_TxD, fp8_cfg, None) if fp8_cfg.dispatch else xc_TxD
-    y_TxD, kept = routed_experts(xr_TxD, params["experts"], idx_TxK, gates_TxK, cfg, fp8_cfg,
-                                 fp8_state.get("experts"))
-    if "shared" in params:
-      y_TxD = y_TxD + swiglu(xc_TxD, params["shared"],
-                             fp8.Matmuls(fp8_cfg, fp8_state.get("shared")))
-    aux = statistics(logits_TxE, scores_TxE, idx_TxK, kept, seq_shape, cfg)
+  check_fp8_state(cfg, fp8_cfg, fp8_state)
+  # Statistics per sequence: x [..., S, D] holds sequences of S tokens; a 2-D x is one sequence.
+  seq_len = x.shape[-2] if x.ndim >= 2 else 1
+  y_TxD, aux = _LAYERS[cfg.parallelism](params, state, x.reshape(-1, cfg.embed_dim), cfg,
+                                         seq_len, fp8_cfg, fp8_state or {})
   return y_TxD.reshape(x.shape).astype(x.dtype), aux
 
 

@@ -13,14 +13,13 @@ each device updates the router bias identically.
   Bucket size C: with a capacity factor, `cf * T_local * K / ep` (drops counted per destination);
   dropless, `T_local * K`, the only static size that can never overflow: up to `ep` times the
   bytes actually needed. XLA:CPU has no ragged all-to-all; `ragged_all_to_all` on GPU/TPU sends
-  only the rows that exist. With `fp8.dispatch` the rows go out in FP8 (`fp8_all_to_all`).
+  only the rows that exist. With `fp8.dispatch` the rows go out in FP8 (`fp8.dispatch_rows`).
 - `gshard` (SPMD einsum): tokens in groups of one shard each, one-hot dispatch into
   [experts, groups, capacity] buckets, expert einsums on expert-sharded weights, one-hot combine;
   the sharding constraints make the SPMD partitioner insert the all-to-alls. The baseline.
 """
 from __future__ import annotations
 
-import functools
 import math
 from typing import Optional
 
@@ -29,12 +28,13 @@ import jax.numpy as jnp
 
 from moe_jax import fp8, sharding
 from moe_jax.config import FP8Config, MoEConfig
-from moe_jax.moe import dispatch, grouped
-from moe_jax.moe.local import route, statistics, swiglu
+from moe_jax.moe import dispatch, grouped, products, routing
+from moe_jax.moe.local import add_shared
+from moe_jax.moe.params import param_specs
 
-_EXPERT_SPECS = {"gate": ("experts", None, "expert_mlp"), "up": ("experts", None, "expert_mlp"),
-                 "down": ("experts", "expert_mlp", None)}
-_SHARED_SPECS = {"gate": (None, "mlp"), "up": (None, "mlp"), "down": ("mlp", None)}
+# Inside the layer weights stay split over experts and ffn width; their embed dims (fsdp) are
+# gathered at the shard_map boundary.
+_GATHERED = ("embed", "expert_embed")
 
 
 def _mesh():
@@ -65,48 +65,20 @@ def _spec(names, mesh) -> jax.sharding.PartitionSpec:
   return jax.sharding.PartitionSpec(*(keep(a) for a in sharding.logical_to_spec(names)))
 
 
-def _spec_tree(params: dict, mesh) -> dict:
-  specs = {"router": {"kernel": _spec((None, None), mesh)},
-           "experts": {k: _spec(v, mesh) for k, v in _EXPERT_SPECS.items()}}
-  if "shared" in params:
-    specs["shared"] = {k: _spec(v, mesh) for k, v in _SHARED_SPECS.items()}
-  return specs
+def _param_specs(cfg: MoEConfig, mesh) -> dict:
+  """shard_map in_specs of the parameters, from the one table (params.py)."""
+  local = lambda axes: tuple(None if a in _GATHERED else a for a in axes)
+  return {group: {name: _spec(local(spec.axes), mesh) for name, spec in table.items()}
+          for group, table in param_specs(cfg).items()}
 
 
 def _fp8_state_specs(fp8_state: Optional[dict], mesh):
   """Expert histories [E, L] split like the experts; the shared ones [L] replicated."""
   if not fp8_state:
-    return None
+    return {}
   names = {"experts": ("experts", None), "shared": (None,)}
   return {part: jax.tree.map(lambda _: _spec(names[part], mesh), tree)
           for part, tree in fp8_state.items()}
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2))
-def fp8_all_to_all(x_RxD: jax.Array, cfg: FP8Config, axis: Optional[str]) -> jax.Array:
-  """DeepSeek-V3's FP8 dispatch: rows sent as fwd_dtype with their 1 x tile float32 scales,
-  dequantized to x's dtype on arrival. The gradient goes back in x's dtype (an FP8 cast has no
-  usable VJP, fp8.py). axis=None exchanges nothing: the single-device layer's same rounding."""
-  q, s = fp8.quantize(x_RxD, dtype=fp8.FP8_DTYPES[cfg.fwd_dtype], block_shape=(1, cfg.tile),
-                      power_of_two=cfg.power_of_two_scale)
-  q, s = _exchange(q, axis), _exchange(s, axis)
-  return fp8.dequantize(q, s, block_shape=(1, cfg.tile), out_dtype=x_RxD.dtype)
-
-
-def _exchange(v, axis):
-  return v if axis is None else jax.lax.all_to_all(v, axis, 0, 0, tiled=True)
-
-
-def _fp8_all_to_all_fwd(x_RxD, cfg, axis):
-  return fp8_all_to_all(x_RxD, cfg, axis), None
-
-
-def _fp8_all_to_all_bwd(cfg, axis, _, dy_RxD):
-  # A tiled all-to-all that splits and concatenates the same dim is its own transpose.
-  return (_exchange(dy_RxD, axis),)
-
-
-fp8_all_to_all.defvjp(_fp8_all_to_all_fwd, _fp8_all_to_all_bwd)
 
 
 def _alltoall_body(params, state, x_TxD, fp8_state, cfg: MoEConfig, seq_len: int, ep: int,
@@ -119,20 +91,20 @@ def _alltoall_body(params, state, x_TxD, fp8_state, cfg: MoEConfig, seq_len: int
   token_axes = tuple(a for a in sharding.TOKEN_AXES if jax.sharding.get_abstract_mesh().shape[a] > 1)
   total = lambda v: jax.lax.psum(v, token_axes) if token_axes else v
 
-  logits_TxE, scores_TxE, idx_TxK, gates_TxK = route(params, state, x_TxD, cfg)
+  r = routing.route(params, state, x_TxD, cfg)
   k = cfg.top_k
   bucket = dispatch.capacity(t * k, ep, cfg.capacity_factor)
-  send = dispatch.make_plan(idx_TxK // e_local, ep, block=1, slots=bucket)
+  send = dispatch.make_plan(r.idx_TxK // e_local, ep, block=1, slots=bucket)
   xc_TxD = x_TxD.astype(cfg.dtype)
   x_send = dispatch.permute(xc_TxD, send, k)                            # [ep * C, D]
   # Empty slots carry the out-of-range expert id e_local, so no separate validity mask travels.
-  local_expert_A = (idx_TxK % e_local).reshape(-1)
+  local_expert_A = (r.idx_TxK % e_local).reshape(-1)
   expert_send = jnp.take(local_expert_A, send.src_R, mode="fill", fill_value=e_local)
 
   exchange = lambda v: (jax.lax.all_to_all(v, sharding.EXPERT_AXIS, 0, 0, tiled=True)
                         if ep > 1 else v)
   if fp8_cfg.dispatch:
-    x_recv = fp8_all_to_all(x_send, fp8_cfg, sharding.EXPERT_AXIS if ep > 1 else None)
+    x_recv = fp8.dispatch_rows(x_send, fp8_cfg, sharding.EXPERT_AXIS if ep > 1 else None)
   else:
     x_recv = exchange(x_send)
   expert_recv = exchange(expert_send)
@@ -141,26 +113,21 @@ def _alltoall_body(params, state, x_TxD, fp8_state, cfg: MoEConfig, seq_len: int
   block, bucket = grouped.layout(t * k, e_local, backend)
   local = dispatch.make_plan(expert_recv[:, None], e_local, block=block, bucket=bucket,
                              valid_TxK=expert_recv[:, None] < e_local)
-  fp8_state = fp8_state or {}
   # Each received row is one slot of gate 1.
   ones = jnp.ones((x_recv.shape[0], 1), x_recv.dtype)
   y_recv = grouped.routed(x_recv, params["experts"], ones, local, backend, fp8_cfg,
                           fp8_state.get("experts"))
-  y_TxD = dispatch.combine(exchange(y_recv), gates_TxK, send)
-  if "shared" in params:
-    y_TxD = y_TxD + swiglu(xc_TxD, params["shared"],
-                           fp8.Matmuls(fp8_cfg, fp8_state.get("shared")))
+  y_TxD = dispatch.combine(exchange(y_recv), r.gates_TxK, send)
+  y_TxD = add_shared(y_TxD, xc_TxD, params, fp8_cfg, fp8_state)
   # Expert and shared weights split over ffn give partial sums; one reduction adds both.
   if tensor > 1:
     y_TxD = jax.lax.psum(y_TxD, sharding.TENSOR_AXIS)
-  aux = statistics(logits_TxE, scores_TxE, idx_TxK, send.kept, (t // seq_len, seq_len), cfg,
-                   total=total)
-  return y_TxD, aux
+  return y_TxD, routing.statistics(r, send.kept, seq_len, cfg, total=total)
 
 
 def apply_alltoall(params: dict, state: dict, x_TxD: jax.Array, cfg: MoEConfig, seq_len: int,
-                   fp8_cfg: FP8Config = FP8Config(),
-                   fp8_state: Optional[dict] = None) -> tuple[jax.Array, dict]:
+                   fp8_cfg: FP8Config, fp8_state: dict) -> tuple[jax.Array, dict]:
+  """The layer in shard_map: each device routes its tokens and runs its experts (module doc)."""
   mesh = _mesh()
   _check_divisible(cfg, x_TxD.shape[0], seq_len, mesh)
   ep = sharding.shard_count(mesh, "experts")
@@ -168,15 +135,15 @@ def apply_alltoall(params: dict, state: dict, x_TxD: jax.Array, cfg: MoEConfig, 
   tokens = _spec(("batch", None), mesh)
   body = lambda p, s, x, f: _alltoall_body(p, s, x, f, cfg, seq_len, ep, tensor, fp8_cfg)
   fn = jax.shard_map(body, mesh=mesh,
-                     in_specs=(_spec_tree(params, mesh), {"router_bias": _spec((None,), mesh)},
+                     in_specs=(_param_specs(cfg, mesh), {"router_bias": _spec((None,), mesh)},
                                tokens, _fp8_state_specs(fp8_state, mesh)),
                      out_specs=(tokens, jax.sharding.PartitionSpec()))
   return fn(params, state, x_TxD, fp8_state)
 
 
 def apply_gshard(params: dict, state: dict, x_TxD: jax.Array, cfg: MoEConfig, seq_len: int,
-                 fp8_cfg: FP8Config = FP8Config(),
-                 fp8_state: Optional[dict] = None) -> tuple[jax.Array, dict]:
+                 fp8_cfg: FP8Config, fp8_state: dict) -> tuple[jax.Array, dict]:
+  """The layer as SPMD einsums over one-hot buckets; the partitioner inserts the exchanges."""
   mesh = _mesh()
   _check_divisible(cfg, x_TxD.shape[0], seq_len, mesh)
   t, d = x_TxD.shape
@@ -189,15 +156,15 @@ def apply_gshard(params: dict, state: dict, x_TxD: jax.Array, cfg: MoEConfig, se
   # Routing is per token; left to the partitioner, top_k would gather every score everywhere.
   tokens = _spec(("batch", None), mesh)
   replicated = jax.sharding.PartitionSpec()
-  logits_TxE, scores_TxE, idx_TxK, gates_TxK = jax.shard_map(
-      lambda p, s, x: route(p, s, x, cfg), mesh=mesh,
+  r = jax.shard_map(
+      lambda p, s, x: routing.route(p, s, x, cfg), mesh=mesh,
       in_specs=({"router": {"kernel": replicated}}, {"router_bias": replicated}, tokens),
-      out_specs=(tokens,) * 4)({"router": params["router"]}, state, x_TxD)
+      out_specs=routing.Route(*(tokens,) * 4))({"router": params["router"]}, state, x_TxD)
+  idx_TxK, gates_TxK = r.idx_TxK, r.gates_TxK
   x_TxD = x_TxD.astype(cfg.dtype)
-  fp8_state = fp8_state or {}
   # The partitioner's all-to-alls carry the compute dtype; fp8.dispatch only rounds as the
   # alltoall layer's FP8 dispatch does, so that both give the same numbers.
-  xr_TxD = fp8_all_to_all(x_TxD, fp8_cfg, None) if fp8_cfg.dispatch else x_TxD
+  xr_TxD = fp8.dispatch_rows(x_TxD, fp8_cfg) if fp8_cfg.dispatch else x_TxD
   # Position of each assignment in its expert's bucket, first come first served per group.
   onehot_GxSKxE = jax.nn.one_hot(idx_TxK.reshape(g, s * k), e, dtype=jnp.int32)
   position_GxSKxE = jnp.cumsum(onehot_GxSKxE, axis=1) * onehot_GxSKxE - 1
@@ -212,24 +179,13 @@ def apply_gshard(params: dict, state: dict, x_TxD: jax.Array, cfg: MoEConfig, se
   x_GxSxD = sharding.constrain(xr_TxD.reshape(g, s, d), ("batch", None, None))
   x_ExGxCxD = jnp.einsum("gsec,gsd->egcd", dispatch_GxSxExC, x_GxSxD)
   x_ExGxCxD = sharding.constrain(x_ExGxCxD, ("experts", "expert_tokens", None, None))
-  if fp8_cfg.recipe != "none":
-    # One FP8 product per expert over all its groups' slots (empty slots are zero rows).
-    ew = params["experts"]
-    x_ExMxD = x_ExGxCxD.reshape(e, g * cap, d)
-    st = lambda k: fp8_state.get("experts", {}).get(k)
-    h = jax.nn.silu(fp8.fp8_grouped_dot(x_ExMxD, ew["gate"], fp8_cfg, st("gate"))) * (
-        fp8.fp8_grouped_dot(x_ExMxD, ew["up"], fp8_cfg, st("up")))
-    y_ExGxCxD = fp8.fp8_grouped_dot(h, ew["down"], fp8_cfg, st("down")).reshape(e, g, cap, d)
-  else:
-    w = {name: v.astype(x_TxD.dtype) for name, v in params["experts"].items()}
-    h = jax.nn.silu(jnp.einsum("egcd,edf->egcf", x_ExGxCxD, w["gate"])) * jnp.einsum(
-        "egcd,edf->egcf", x_ExGxCxD, w["up"])
-    y_ExGxCxD = jnp.einsum("egcf,efd->egcd", h, w["down"])
-  y_ExGxCxD = sharding.constrain(y_ExGxCxD, ("experts", "expert_tokens", None, None))
+  # One product per expert over all its groups' slots (empty slots are zero rows), FP8 or not.
+  ew, st = params["experts"], fp8_state.get("experts", {})
+  y_ExMxD = products.swiglu(x_ExGxCxD.reshape(e, g * cap, d), lambda v, name: (
+      fp8.fp8_grouped_dot(v, ew[name], fp8_cfg, st.get(name))))
+  y_ExGxCxD = sharding.constrain(y_ExMxD.reshape(e, g, cap, d),
+                                ("experts", "expert_tokens", None, None))
   y_GxSxD = jnp.einsum("gsec,egcd->gsd", combine_GxSxExC, y_ExGxCxD)
   y_TxD = sharding.constrain(y_GxSxD.reshape(t, d), ("batch", None))
-  if "shared" in params:
-    y_TxD = y_TxD + swiglu(x_TxD, params["shared"], fp8.Matmuls(fp8_cfg, fp8_state.get("shared")))
-  aux = statistics(logits_TxE, scores_TxE, idx_TxK, kept_GxSxK.sum(), (t // seq_len, seq_len),
-                   cfg)
-  return y_TxD, aux
+  y_TxD = add_shared(y_TxD, x_TxD, params, fp8_cfg, fp8_state)
+  return y_TxD, routing.statistics(r, kept_GxSxK.sum(), seq_len, cfg)

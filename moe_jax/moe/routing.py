@@ -1,14 +1,61 @@
-"""Router maths: scores, group-limited top-k selection, gates, balance losses, load statistics.
+"""Routing and its statistics: the router's forward (`route`), scores, group-limited top-k
+selection, gates, balance losses, load statistics (`statistics`), the bias update.
 
 All functions take flat tokens (`T` = tokens, `E` = experts, `K` = experts per token) and work in
 float32 whatever the compute dtype, because routing decisions flip on tiny score differences.
 """
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import jax
 import jax.numpy as jnp
 
 from moe_jax.config import MoEConfig
+
+
+class Route(NamedTuple):
+  logits_TxE: jax.Array  # float32
+  scores_TxE: jax.Array  # float32
+  idx_TxK: jax.Array     # chosen experts
+  gates_TxK: jax.Array   # float32 combine weights
+
+
+def route(params: dict, state: dict, x_TxD: jax.Array, cfg: MoEConfig) -> Route:
+  """The router forward, in float32 whatever x's dtype."""
+  logits_TxE = x_TxD.astype(jnp.float32) @ params["router"]["kernel"].astype(jnp.float32)
+  scores_TxE = scores(logits_TxE, cfg.score_fn)
+  idx_TxK = select(scores_TxE, state["router_bias"], cfg)
+  return Route(logits_TxE, scores_TxE, idx_TxK, gates(scores_TxE, idx_TxK, cfg))
+
+
+def statistics(r: Route, kept, seq_len: int, cfg: MoEConfig, total=lambda v: v) -> dict:
+  """Load, balance losses and their weighted sum (`balance_loss`, to add to the training loss),
+  for tokens in whole sequences of seq_len; `kept` counts the assignments that got a row.
+
+  `total` sums a per-shard value over every token shard: the identity on one device, a psum in
+  the expert-parallel layer, so that every shard sees the global statistics (and so updates the
+  router bias identically).
+  """
+  e, k = cfg.num_experts, cfg.top_k
+  t = r.idx_TxK.shape[0]
+  tokens = total(jnp.float32(t))
+  load_E = total(load(r.idx_TxK, e))
+  prob_sum_E = total(probabilities(r.scores_TxE, cfg.score_fn).sum(0))
+  seq_losses = sequence_balance_losses(r.scores_TxE.reshape(t // seq_len, seq_len, e),
+                                       r.idx_TxK.reshape(t // seq_len, seq_len, k), cfg)
+  aux = {
+      "load": load_E,
+      "aux_loss": switch_loss(load_E, prob_sum_E, tokens, cfg),
+      "seq_aux_loss": total(seq_losses.sum()) / total(jnp.float32(seq_losses.shape[0])),
+      "z_loss": total(z_loss_sum(r.logits_TxE)) / tokens,
+      "dropped_fraction": (tokens * k - total(kept.astype(jnp.float32))) / (tokens * k),
+      "max_vio": max_violation(load_E),
+  }
+  aux["balance_loss"] = (cfg.aux_loss_coef * aux["aux_loss"] +
+                         cfg.seq_aux_loss_coef * aux["seq_aux_loss"] +
+                         cfg.z_loss_coef * aux["z_loss"])
+  return aux
 
 
 def scores(logits_TxE: jax.Array, score_fn: str) -> jax.Array:

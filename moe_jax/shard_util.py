@@ -1,5 +1,7 @@
 """Type plumbing for hand-written VJPs and loops that also run inside `shard_map`.
 
+Below fp8.py and moe/ in the floors: both write custom VJPs that must hold inside shard_map.
+
 Inside shard_map every value records the mesh axes over which it varies between devices. Loop
 carries must vary like the values written into them, and a custom VJP must return each cotangent
 varying exactly like its primal: where the primal was invariant over an axis (e.g. tokens are
