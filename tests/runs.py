@@ -4,6 +4,7 @@ import os
 import pathlib
 import subprocess
 import sys
+import time
 
 import numpy as np
 
@@ -77,3 +78,28 @@ def assert_same_checkpoints(a, b, step):
   assert jax.tree.structure(ta) == jax.tree.structure(tb)
   for x, y in zip(jax.tree.leaves(ta), jax.tree.leaves(tb)):
     np.testing.assert_array_equal(x, y)  # bitwise
+
+
+# A run far longer than any test: it ends only when signalled.
+ENDLESS = "train.steps=100000;train.checkpoint_every=1000;train.eval_every=100000"
+
+
+def signal_endless_run(env, config_file, workdir, signum, *, records=3, meanwhile=None):
+  """Starts an endless run, waits until it has logged `records` steps, calls meanwhile(process)
+  if given, then sends `signum`; returns (returncode, stdout, stderr)."""
+  process = subprocess.Popen(
+      [sys.executable, "-m", "experiments.run", f"--config={config_file}:{ENDLESS}",
+       f"--workdir={workdir}"], cwd=REPO, env=env, stdout=subprocess.PIPE,
+      stderr=subprocess.PIPE, text=True)
+  try:
+    deadline = time.monotonic() + 300
+    while len(train_records(workdir)) < records:
+      assert process.poll() is None and time.monotonic() < deadline, process.stderr.read()
+      time.sleep(0.2)
+    if meanwhile is not None:
+      meanwhile(process)
+    process.send_signal(signum)
+    stdout, stderr = process.communicate(timeout=120)
+  finally:
+    process.kill()
+  return process.returncode, stdout, stderr

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 
 from moe_jax import checkpoint, data, metrics
-from runs import REPO, assert_same_checkpoints, run, train_records
+from runs import ENDLESS, REPO, assert_same_checkpoints, run, signal_endless_run, train_records
 
 KEYS = ("loss", "ce", "grad_norm", "learning_rate", "load", "max_vio", "eval_loss")
 
@@ -142,26 +142,17 @@ def test_eval_reads_without_renaming(env, config_file, reference, tmp_path):
 
 def test_second_run_on_a_workdir_is_refused_while_the_first_goes_on(env, config_file, tmp_path):
   workdir = str(tmp_path / "run")
-  arg = "train.steps=100000;train.checkpoint_every=1000;train.eval_every=100000"
-  first = subprocess.Popen(
-      [sys.executable, "-m", "experiments.run", f"--config={config_file}:{arg}",
-       f"--workdir={workdir}"], cwd=REPO, env=env, stdout=subprocess.PIPE,
-      stderr=subprocess.PIPE, text=True)
-  try:
-    deadline = time.monotonic() + 300
-    while len(train_records(workdir)) < 2:
-      assert first.poll() is None and time.monotonic() < deadline, first.stderr.read()
-      time.sleep(0.2)
-    second = run(env, f"{config_file}:{arg}", workdir)
+
+  def second_run(first):
+    second = run(env, f"{config_file}:{ENDLESS}", workdir)
     assert second.returncode == 2
     line = error_line(second)
     assert "in use by another run (pid " in line and str(first.pid) in line, line
     assert first.poll() is None  # the first run goes on
-    first.send_signal(signal.SIGTERM)
-    _, stderr = first.communicate(timeout=120)
-  finally:
-    first.kill()
-  assert first.returncode == 0, stderr[-3000:]
+
+  returncode, _, stderr = signal_endless_run(env, config_file, workdir, signal.SIGTERM,
+                                             records=2, meanwhile=second_run)
+  assert returncode == 0, stderr[-3000:]
   last = train_records(workdir)[-1]["step"]
   assert checkpoint_dirs(workdir) == [str(last)]
 
@@ -312,21 +303,9 @@ def test_environment_and_config_file_problems_are_one_line(env, config_file, tmp
 
 def test_ctrl_c_saves_the_step_like_sigterm(env, config_file, tmp_path):
   workdir = str(tmp_path / "run")
-  arg = "train.steps=100000;train.checkpoint_every=1000;train.eval_every=100000"
-  command = [sys.executable, "-m", "experiments.run", f"--config={config_file}:{arg}",
-             f"--workdir={workdir}"]
-  process = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE,
-                             stderr=subprocess.PIPE, text=True)
-  try:
-    deadline = time.monotonic() + 300
-    while len(train_records(workdir)) < 2:
-      assert process.poll() is None and time.monotonic() < deadline, process.stderr.read()
-      time.sleep(0.2)
-    process.send_signal(signal.SIGINT)
-    stdout, stderr = process.communicate(timeout=120)
-  finally:
-    process.kill()
-  assert process.returncode == 130
+  returncode, stdout, stderr = signal_endless_run(env, config_file, workdir, signal.SIGINT,
+                                                  records=2)
+  assert returncode == 130
   last = train_records(workdir)[-1]["step"]
   assert error_line(stderr).startswith(f"error: SIGINT: stopped after saving step {last} in ")
   assert f"SIGINT: saved step {last}" in stdout

@@ -372,36 +372,32 @@ def test_hf_eval_with_tokenizer_on_an_expert_parallel_mesh(hf_dirs, tmp_path):
   assert all(t in vocab for t in result["sample"].split())
 
 
-def test_hf_eval_command(exported, tmp_path):
+def _hf_eval_command(tmp_path, nan_weights=False):
+  """experiments.run on an exported random byte model in tmp_path/ckpt, on 8 devices."""
   import subprocess  # pylint: disable=import-outside-toplevel
   import sys  # pylint: disable=import-outside-toplevel
-  del exported
   byte_model = dataclasses.replace(MODEL, vocab_size=259, pad_id=258, mtp_depth=0)
   params, state = model.init(jax.random.key(0), byte_model, MOE)
+  if nan_weights:
+    params = jax.tree.map(lambda p: p * np.nan, params)
   hf.export(str(tmp_path / "ckpt"), params, state, byte_model, MOE)
-  out = subprocess.run(
+  return subprocess.run(
       [sys.executable, "-m", "experiments.run", "--config=configs/hf_eval.py:runlocal",
        f"--config.hf_path={tmp_path / 'ckpt'}", "--config.data.source=synthetic",
        "--config.mesh.data=8", "--config.train.batch_size=8", "--config.train.seq_len=16",
        f"--workdir={tmp_path / 'work'}"], capture_output=True, text=True, timeout=600,
       env=dict(os.environ, JAX_PLATFORMS="cpu"))  # conftest.py's 8 devices
+
+
+def test_hf_eval_command(exported, tmp_path):
+  del exported
+  out = _hf_eval_command(tmp_path)
   assert out.returncode == 0, out.stderr[-2000:]
   assert json.loads(out.stdout.strip().splitlines()[-1])["eval_ce"] > 0
 
 
 def test_hf_eval_of_nan_weights_fails_in_one_line_and_writes_nothing(tmp_path):
-  import subprocess  # pylint: disable=import-outside-toplevel
-  import sys  # pylint: disable=import-outside-toplevel
-  byte_model = dataclasses.replace(MODEL, vocab_size=259, pad_id=258, mtp_depth=0)
-  params, state = model.init(jax.random.key(0), byte_model, MOE)
-  params = jax.tree.map(lambda p: p * np.nan, params)
-  hf.export(str(tmp_path / "ckpt"), params, state, byte_model, MOE)
-  out = subprocess.run(
-      [sys.executable, "-m", "experiments.run", "--config=configs/hf_eval.py:runlocal",
-       f"--config.hf_path={tmp_path / 'ckpt'}", "--config.data.source=synthetic",
-       "--config.mesh.data=8", "--config.train.batch_size=8", "--config.train.seq_len=16",
-       f"--workdir={tmp_path / 'work'}"], capture_output=True, text=True, timeout=600,
-      env=dict(os.environ, JAX_PLATFORMS="cpu"))  # conftest.py's 8 devices
+  out = _hf_eval_command(tmp_path, nan_weights=True)
   lines = [l for l in out.stderr.splitlines() if l.strip()]
   assert out.returncode == 3, out.stderr[-2000:]
   assert len(lines) == 1 and "held-out loss is nan" in lines[0], lines

@@ -7,9 +7,6 @@ configuration compiles.
 import os
 import shutil
 import signal
-import subprocess
-import sys
-import time
 
 import numpy as np
 import pytest
@@ -17,7 +14,8 @@ import pytest
 import multihost
 from moe_jax import checkpoint, metrics
 
-from runs import KILLER, REPO, assert_same_checkpoints, run, train_records
+from runs import (KILLER, REPO, assert_same_checkpoints, run, signal_endless_run,
+                  train_records)
 
 
 def test_reference_run_outputs(reference):
@@ -74,21 +72,8 @@ def test_damaged_newest_checkpoint_falls_back_to_the_previous(env, config_file, 
 
 def test_sigterm_saves_the_current_step_and_exits_cleanly(env, config_file, tmp_path):
   workdir = str(tmp_path / "run")
-  arg = "train.steps=100000;train.checkpoint_every=1000;train.eval_every=100000"
-  process = subprocess.Popen(
-      [sys.executable, "-m", "experiments.run", f"--config={config_file}:{arg}",
-       f"--workdir={workdir}"], cwd=REPO, env=env, stdout=subprocess.PIPE,
-      stderr=subprocess.PIPE, text=True)
-  try:
-    deadline = time.monotonic() + 300
-    while len(train_records(workdir)) < 3:
-      assert process.poll() is None and time.monotonic() < deadline, process.stderr.read()
-      time.sleep(0.2)
-    process.send_signal(signal.SIGTERM)
-    stdout, stderr = process.communicate(timeout=120)
-  finally:
-    process.kill()
-  assert process.returncode == 0, stderr[-3000:]
+  returncode, stdout, stderr = signal_endless_run(env, config_file, workdir, signal.SIGTERM)
+  assert returncode == 0, stderr[-3000:]
   last = train_records(workdir)[-1]["step"]
   assert f"SIGTERM: saved step {last}" in stdout
   assert os.listdir(os.path.join(workdir, "checkpoints")) == [str(last)]
