@@ -113,11 +113,13 @@ class MoE(nn.Module):
   shared experts Dense groups); the router bias is a "moe_state" variable, the "delayed" FP8
   histories "fp8" variables under the parameters' paths ("experts", "shared")."""
   cfg: MoEConfig
+  std: float  # the model's init_std, the scale of all its matrices
   fp8_cfg: FP8Config = FP8Config()
 
   @nn.compact
   def __call__(self, x_BxSxD: jax.Array) -> tuple[jax.Array, dict]:
-    table = {group: tuple(specs.items()) for group, specs in moe.param_specs(self.cfg).items()}
+    table = {group: tuple(specs.items())
+             for group, specs in moe.param_specs(self.cfg, self.std).items()}
     params, states = {"router": Weights(table.pop("router"), name="router")()}, {}
     for group, specs in table.items():
       groups = self.cfg.num_experts if group == "experts" else None
@@ -147,7 +149,7 @@ class Block(nn.Module):
       w, matmuls = Dense(_dense_ffn_specs(cfg), self.fp8_cfg, name="ffn")()
       h_BxTxD, aux = moe.swiglu(h_BxTxD, w, matmuls), None
     else:
-      h_BxTxD, aux = MoE(self.moe_cfg, self.fp8_cfg, name="ffn")(h_BxTxD)
+      h_BxTxD, aux = MoE(self.moe_cfg, cfg.init_std, self.fp8_cfg, name="ffn")(h_BxTxD)
     return sharding.constrain(x_BxTxD + h_BxTxD, ACTIVATION_AXES), aux, cache
 
 

@@ -220,7 +220,7 @@ def test_buckets_overflow_and_spill(skew):
 def test_routed_and_shared_experts_start_at_the_intended_scale():
   """Every matrix starts at variance 1 / its contraction dim (D for router, gate and up, F for a
   routed expert's down): the expert axis is no fan-in, so a routed expert's output starts at a
-  shared expert's scale; the model's MoE blocks take the same initialisation."""
+  shared expert's scale. The model's MoE blocks start at its init_std, routed and shared alike."""
   from moe_jax import model
   from moe_jax.config import ModelConfig
   d, e, f = 256, 64, 128
@@ -244,5 +244,6 @@ def test_routed_and_shared_experts_start_at_the_intended_scale():
                     num_shared_experts=1)
   ffn = model.init(jax.random.key(0), mcfg, small)[0]["layer_1"]["ffn"]
   for group in ("experts", "shared"):
-    np.testing.assert_allclose(std(ffn[group]["gate"]), 64 ** -0.5, rtol=0.05)
-    np.testing.assert_allclose(std(ffn[group]["down"]), 32 ** -0.5, rtol=0.05)
+    for name in ("gate", "up", "down"):
+      np.testing.assert_allclose(std(ffn[group][name]), mcfg.init_std, rtol=0.05)
+  np.testing.assert_allclose(std(ffn["router"]["kernel"]), mcfg.init_std, rtol=0.05)
