@@ -54,7 +54,11 @@ def get_config(arg=None):
   e.aux_loss_coef = 0.0                 # Switch/GShard balance loss weight
   e.seq_aux_loss_coef = 1e-4            # V3 sequence-wise balance loss weight
   e.z_loss_coef = 0.0                   # router z-loss weight
-  e.bias_update_rate = 1e-3             # aux-loss-free bias step (gamma); 0 disables
+  # Aux-loss-free bias step (gamma); 0 disables. Choose it against the router's learning rate:
+  # about 5-7x the peak (V3: 1e-3 at 2.2e-4). At 1e-3 here (lr 3e-3) the bias cannot keep up and
+  # two MoE blocks collapse onto one expert for ~250 of 400 steps; 2e-2 keeps MaxVio under 0.45
+  # from step 100 on, 5e-2 jitters around 0.5 (BUILD_NOTES.md, "Load balancing").
+  e.bias_update_rate = 2e-2
   e.dtype = "float32"                   # compute dtype of the experts
   e.parallelism = "none"                # "none", "alltoall" or "gshard"
 
