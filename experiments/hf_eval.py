@@ -93,7 +93,7 @@ def _on_mesh(mesh, fn: Callable) -> Callable:
 def evaluate(cfg: ExperimentConfig, workdir: str, hf_path: str) -> dict:
   """Loads hf_path onto cfg's mesh; mean held-out cross-entropy and a greedy continuation."""
   cfg.check_devices(jax.device_count(), jax.process_count())
-  if jax.process_index() == 0:
+  if jax.process_index() == 0 and os.path.lexists(workdir):
     workdirs.prepare(workdir)  # hf_eval.json goes there: a bad workdir is found before the work
   model_cfg, moe_cfg = hf.read_config(hf_path)
   model_cfg = dataclasses.replace(model_cfg, dtype=cfg.model.dtype)
@@ -137,6 +137,7 @@ def evaluate(cfg: ExperimentConfig, workdir: str, hf_path: str) -> dict:
                 sample=text.decode(sample))
   if jax.process_index() == 0:
     print(json.dumps(result))
+    workdirs.prepare(workdir)
     workdirs.write_json(os.path.join(workdir, "hf_eval.json"), result)
   return result
 
