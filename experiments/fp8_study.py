@@ -39,7 +39,6 @@ quantization error).
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import time
 from typing import Optional
@@ -88,16 +87,14 @@ def run_dir(workdir: str, seed: int, name: str) -> str:
 
 
 def _check_run_dir(cfg: ExperimentConfig, workdir: str):
-  path = os.path.join(workdir, train.CONFIG_FILE)
-  if os.path.exists(path):
-    with open(path) as f:
-      # Parsed, not compared as JSON: a run written before a config field existed has it at
-      # its default.
-      if from_config_dict(json.load(f)) != cfg:
-        runs, seed_dir = os.path.split(os.path.dirname(workdir))
-        raise ConfigError(f"workdir={os.path.dirname(runs)!r}: its run "
-                          f"{seed_dir}/{os.path.basename(workdir)} used another config; use "
-                          "another --workdir for a new study")
+  stored = workdirs.read_json(os.path.join(workdir, train.CONFIG_FILE))  # None: torn or absent
+  # Parsed, not compared as JSON: a run written before a config field existed has it at its
+  # default.
+  if stored is not None and from_config_dict(stored) != cfg:
+    runs, seed_dir = os.path.split(os.path.dirname(workdir))
+    raise ConfigError(f"workdir={os.path.dirname(runs)!r}: its run "
+                      f"{seed_dir}/{os.path.basename(workdir)} used another config; use "
+                      "another --workdir for a new study")
 
 
 def _add_wall_s(wall_path: str, records: list[dict], done_before: int, wall_s: float) -> float:

@@ -433,8 +433,7 @@ def load_state(cfg: ExperimentConfig, workdir: str) -> tuple[Setup, dict, int]:
   """(setup, state, step) of the latest readable checkpoint in workdir; ConfigError if none.
   Reads only: nothing in the workdir is renamed, moved or written."""
   setup = Setup(cfg)
-  if os.path.exists(workdir) and not os.path.isdir(workdir):
-    raise ConfigError(f"workdir={workdir!r}: is a file, not a directory")
+  workdirs.check_not_a_file(workdir)
   workdirs.check_config(cfg, workdir, reading=True)
   ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"),
                                  keep=cfg.train.keep_checkpoints, read_only=True)

@@ -6,8 +6,8 @@
            writes strict JSON (non-finite floats become null); `read_json` treats a torn or
            missing file as absent and says so.
   claim    `claim(workdir)`: prepare + lock for a writing run, agreed by every process.
-  changes  `check_config` and `config_changes` sort the differences between the config a workdir's checkpoints
-           were written with and the one resuming them: keys that change what the checkpoint
+  changes  `check_config` and `config_changes` sort the differences between the config a
+           workdir's checkpoints were written with and the one resuming them: keys that change what the checkpoint
            means are refused, the rest (how the same computation runs, what is logged, how long
            the run is) are accepted and appended to config_history.jsonl.
 """
@@ -43,10 +43,15 @@ RESUMABLE = ("experiment", "hf_path", "seeds", "mesh.", "model.dtype", "moe.dtyp
 _MODEL_KEYS = ("model.", "moe.", "fp8.")
 
 
-def prepare(workdir: str):
-  """Creates workdir if needed; ConfigError (one line) if it is a file or cannot be written."""
+def check_not_a_file(workdir: str):
+  """ConfigError (one line) if workdir names something other than a directory."""
   if os.path.exists(workdir) and not os.path.isdir(workdir):
     raise ConfigError(f"workdir={workdir!r}: is a file, not a directory")
+
+
+def prepare(workdir: str):
+  """Creates workdir if needed; ConfigError (one line) if it is a file or cannot be written."""
+  check_not_a_file(workdir)
   try:
     os.makedirs(workdir, exist_ok=True)
     with tempfile.TemporaryFile(dir=workdir):  # a read-only mount or an immutable folder
