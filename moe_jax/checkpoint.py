@@ -78,6 +78,20 @@ class _NoOrbaxLogs(logging.Filter):
     return f"{os.sep}orbax{os.sep}" not in record.pathname
 
 
+class _NoOrbaxOrphanTasks(logging.Filter):
+  """Drops asyncio's "Task exception was never retrieved" for orbax's write tasks: when one
+  write of a save fails (a full disk), its sibling writes fail too and are garbage-collected
+  unread, at a moment that depends on the collector (during the save, or at exit). The save's
+  first error is the one-line SaveFailed; these repeat it with a traceback each."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    return not (record.name == "asyncio" and f"{os.sep}orbax{os.sep}" in record.getMessage())
+
+
+# On the asyncio logger for good, not per Checkpointer: the orphaned tasks may be collected after
+# the run's Checkpointer is closed.
+logging.getLogger("asyncio").addFilter(_NoOrbaxOrphanTasks())
+
 _EXCEPTION_LINE = re.compile(r"^[A-Z][\w.]*(: |$)")  # a traceback's last line: "ValueError: ..."
 
 
