@@ -27,8 +27,9 @@ KV cache: a fixed-size dict per layer, written at `pos` with `dynamic_update_sli
   "mla": {"ckv": [B,S,C] normalised latent, "k_rope": [B,S,R] rotated key}: C + R per token.
   "mha": {"k": [B,S,G,K], "v": [B,S,G,K]}.
 Slots beyond the last written position are masked by the causal mask over absolute positions,
-so prefill (T tokens at pos) and decode (T=1) are the same call. All sequences of a batch share
-`pos`.
+so prefill (T tokens at pos) and decode (T=1) are the same call. `pos` is one start shared by the
+batch (an int or scalar) or one per sequence ([B] int32: the serving engine's batches mix
+sequences of different lengths).
 """
 from __future__ import annotations
 
@@ -120,17 +121,17 @@ def cache_logical_axes(cfg: ModelConfig) -> dict[str, tuple[str, ...]]:
 # ----------------------------------------------------------------------------- shared pieces
 
 
-def _rope(cfg: ModelConfig, x_BxTxHxK: jax.Array, pos_1xT: jax.Array, layout: str) -> jax.Array:
+def _rope(cfg: ModelConfig, x_BxTxHxK: jax.Array, pos_BxT: jax.Array, layout: str) -> jax.Array:
   """RoPE of cfg: plain, or YaRN when cfg.rope_factor > 1 (frequencies and cos/sin scale as in
   Hugging Face's DeepSeek-V3, so that published checkpoints compute the same)."""
   f = cfg.rope_factor
   if f == 1:
-    return apply_rope(x_BxTxHxK, pos_1xT, cfg.rope_theta, layout)
+    return apply_rope(x_BxTxHxK, pos_BxT, cfg.rope_theta, layout)
   inv_freq_F = yarn_inv_freq(x_BxTxHxK.shape[-1], cfg.rope_theta, f, cfg.rope_original_max_len,
                              cfg.rope_beta_fast, cfg.rope_beta_slow)
   m, m_all = cfg.rope_mscale, cfg.rope_mscale_all_dim
   scale = yarn_mscale(f, m) / yarn_mscale(f, m_all) if m and m_all else yarn_mscale(f)
-  return apply_rope(x_BxTxHxK, pos_1xT, cfg.rope_theta, layout, inv_freq_F=inv_freq_F,
+  return apply_rope(x_BxTxHxK, pos_BxT, cfg.rope_theta, layout, inv_freq_F=inv_freq_F,
                     scale=scale)
 
 
@@ -144,14 +145,21 @@ def softmax_scale(cfg: ModelConfig, head_dim: int) -> float:
 
 
 def _positions(pos, T: int) -> jax.Array:
-  return (jnp.asarray(pos, jnp.int32) + jnp.arange(T, dtype=jnp.int32))[None, :]
+  """Absolute positions of the T new tokens: [1, T] for a shared start, [B, T] per sequence."""
+  pos = jnp.asarray(pos, jnp.int32)
+  return pos.reshape(-1, 1) + jnp.arange(T, dtype=jnp.int32)[None, :]
 
 
 def _write(cache_BxSxF: jax.Array, new_BxTxF: jax.Array, pos) -> jax.Array:
-  """Writes T new rows at slot `pos` of the length axis (axis 1)."""
-  zero = jnp.zeros((), jnp.int32)
-  start = (zero, jnp.asarray(pos, jnp.int32)) + (zero,) * (cache_BxSxF.ndim - 2)
-  return jax.lax.dynamic_update_slice(cache_BxSxF, new_BxTxF.astype(cache_BxSxF.dtype), start)
+  """Writes T new rows at slot `pos` (shared, or [B] per sequence) of the length axis."""
+  def write(cache, new, start):
+    zero = jnp.zeros((), jnp.int32)
+    index = (start,) + (zero,) * (cache.ndim - 1)
+    return jax.lax.dynamic_update_slice(cache, new.astype(cache.dtype), index)
+  pos = jnp.asarray(pos, jnp.int32)
+  if pos.ndim == 0:
+    return jax.vmap(write, (0, 0, None))(cache_BxSxF, new_BxTxF, pos)
+  return jax.vmap(write)(cache_BxSxF, new_BxTxF, pos)
 
 
 def _check_fits(pos, T: int, cache: Cache):
@@ -168,9 +176,9 @@ def _masked_probs(scores: jax.Array, mask: jax.Array, dtype: jnp.dtype) -> jax.A
   return jax.nn.softmax(scores, axis=-1).astype(dtype)
 
 
-def _causal_mask(q_pos_1xT: jax.Array, k_pos_S: jax.Array) -> jax.Array:
-  """[T, S]: key slot s is visible to query t iff its absolute position is <= the query's."""
-  return k_pos_S[None, :] <= q_pos_1xT[0][:, None]
+def _causal_mask(q_pos_BxT: jax.Array, k_pos_BxS: jax.Array) -> jax.Array:
+  """[B or 1, T, S]: key slot s is visible to query t iff its position is <= the query's."""
+  return k_pos_BxS[:, None, :] <= q_pos_BxT[:, :, None]
 
 
 # ----------------------------------------------------------------------------- MHA / GQA
@@ -184,19 +192,19 @@ def mha_apply(cfg: ModelConfig, params: Params, x_BxTxD: jax.Array, pos=0,
   B, T, _ = x_BxTxD.shape
   H, G, K = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
   x_BxTxD = x_BxTxD.astype(dtype)
-  q_pos_1xT = _positions(pos, T)
+  q_pos_BxT = _positions(pos, T)
   # Projections take the float32 masters: FP8 quantizes them directly, no bfloat16 detour.
   proj = lambda spec, x, name: matmuls.einsum(spec, x, name, params[name])
-  q_BxTxHxK = _rope(cfg, proj("btd,dhk->bthk", x_BxTxD, "wq"), q_pos_1xT, rope_layout)
-  k_BxTxGxK = _rope(cfg, proj("btd,dgk->btgk", x_BxTxD, "wk"), q_pos_1xT, rope_layout)
+  q_BxTxHxK = _rope(cfg, proj("btd,dhk->bthk", x_BxTxD, "wq"), q_pos_BxT, rope_layout)
+  k_BxTxGxK = _rope(cfg, proj("btd,dgk->btgk", x_BxTxD, "wk"), q_pos_BxT, rope_layout)
   v_BxTxGxK = proj("btd,dgk->btgk", x_BxTxD, "wv")
   if cache is None:
-    k_BxSxGxK, v_BxSxGxK, k_pos_S = k_BxTxGxK, v_BxTxGxK, q_pos_1xT[0]
+    k_BxSxGxK, v_BxSxGxK, k_pos_BxS = k_BxTxGxK, v_BxTxGxK, q_pos_BxT
   else:
     _check_fits(pos, T, cache)
     cache = {"k": _write(cache["k"], k_BxTxGxK, pos), "v": _write(cache["v"], v_BxTxGxK, pos)}
     k_BxSxGxK, v_BxSxGxK = cache["k"].astype(dtype), cache["v"].astype(dtype)
-    k_pos_S = jnp.arange(k_BxSxGxK.shape[1], dtype=jnp.int32)
+    k_pos_BxS = jnp.arange(k_BxSxGxK.shape[1], dtype=jnp.int32)[None]
 
   # Query heads g*H/G .. (g+1)*H/G - 1 share kv head g (HF's repeat_kv order).
   q_BxTxGxMxK = q_BxTxHxK.reshape(B, T, G, H // G, K)
@@ -204,8 +212,8 @@ def mha_apply(cfg: ModelConfig, params: Params, x_BxTxD: jax.Array, pos=0,
                                 preferred_element_type=jnp.float32) / math.sqrt(K)
   if cfg.rope_factor > 1 and cfg.rope_mscale_all_dim:  # YaRN's temperature
     scores_BxGxMxTxS = scores_BxGxMxTxS * yarn_mscale(cfg.rope_factor, cfg.rope_mscale_all_dim)**2
-  mask_1x1x1xTxS = _causal_mask(q_pos_1xT, k_pos_S)[None, None, None]
-  probs_BxGxMxTxS = _masked_probs(scores_BxGxMxTxS, mask_1x1x1xTxS, dtype)
+  mask_Bx1x1xTxS = _causal_mask(q_pos_BxT, k_pos_BxS)[:, None, None]
+  probs_BxGxMxTxS = _masked_probs(scores_BxGxMxTxS, mask_Bx1x1xTxS, dtype)
   out_BxTxGxMxK = jnp.einsum("bgmts,bsgk->btgmk", probs_BxGxMxTxS, v_BxSxGxK)
   y_BxTxD = proj("bthk,hkd->btd", out_BxTxGxMxK.reshape(B, T, H, K), "wo")
   return y_BxTxD, cache
@@ -214,7 +222,7 @@ def mha_apply(cfg: ModelConfig, params: Params, x_BxTxD: jax.Array, pos=0,
 # ----------------------------------------------------------------------------- MLA
 
 
-def mla_query(cfg: ModelConfig, params: Params, x_BxTxD: jax.Array, pos_1xT: jax.Array,
+def mla_query(cfg: ModelConfig, params: Params, x_BxTxD: jax.Array, pos_BxT: jax.Array,
               rope_layout: str = ROPE_HALF, matmuls: Matmuls = NO_FP8
               ) -> tuple[jax.Array, jax.Array]:
   """(q_nope_BxTxHxN, q_rope_BxTxHxR) in the compute dtype; q_rope is rotated."""
@@ -225,23 +233,23 @@ def mla_query(cfg: ModelConfig, params: Params, x_BxTxD: jax.Array, pos_1xT: jax
   else:
     q_BxTxHxE = matmuls.einsum("btd,dhe->bthe", x_BxTxD, "wq", params["wq"])
   N = cfg.qk_nope_head_dim
-  q_rope_BxTxHxR = _rope(cfg, q_BxTxHxE[..., N:], pos_1xT, rope_layout)
+  q_rope_BxTxHxR = _rope(cfg, q_BxTxHxE[..., N:], pos_BxT, rope_layout)
   return q_BxTxHxE[..., :N], q_rope_BxTxHxR
 
 
-def mla_latent(cfg: ModelConfig, params: Params, x_BxTxD: jax.Array, pos_1xT: jax.Array,
+def mla_latent(cfg: ModelConfig, params: Params, x_BxTxD: jax.Array, pos_BxT: jax.Array,
                rope_layout: str = ROPE_HALF, matmuls: Matmuls = NO_FP8
                ) -> tuple[jax.Array, jax.Array]:
   """(ckv_BxTxC normalised latent, k_rope_BxTxR rotated shared key): what the cache holds."""
   kv_BxTxE = matmuls.einsum("btd,de->bte", x_BxTxD, "wkv_a", params["wkv_a"])
   C = cfg.kv_lora_rank
   ckv_BxTxC = rms_norm(kv_BxTxE[..., :C], params["kv_norm"], cfg.norm_eps)
-  k_rope_BxTxR = _rope(cfg, kv_BxTxE[..., C:][:, :, None, :], pos_1xT, rope_layout)[:, :, 0, :]
+  k_rope_BxTxR = _rope(cfg, kv_BxTxE[..., C:][:, :, None, :], pos_BxT, rope_layout)[:, :, 0, :]
   return ckv_BxTxC, k_rope_BxTxR
 
 
 def mla_attend_naive(cfg: ModelConfig, params: Params, q_nope_BxTxHxN, q_rope_BxTxHxR,
-                     ckv_BxSxC, k_rope_BxSxR, mask_TxS, matmuls: Matmuls = NO_FP8) -> jax.Array:
+                     ckv_BxSxC, k_rope_BxSxR, mask_BxTxS, matmuls: Matmuls = NO_FP8) -> jax.Array:
   """Expands the latent into per-head keys and values. Returns out_BxTxHxV."""
   dtype = q_nope_BxTxHxN.dtype
   N = cfg.qk_nope_head_dim
@@ -253,12 +261,12 @@ def mla_attend_naive(cfg: ModelConfig, params: Params, q_nope_BxTxHxN, q_rope_Bx
       jnp.einsum("bthr,bsr->bhts", q_rope_BxTxHxR, k_rope_BxSxR,
                  preferred_element_type=jnp.float32))
   scale = softmax_scale(cfg, N + cfg.qk_rope_head_dim)
-  probs_BxHxTxS = _masked_probs(scores_BxHxTxS * scale, mask_TxS[None, None], dtype)
+  probs_BxHxTxS = _masked_probs(scores_BxHxTxS * scale, mask_BxTxS[:, None], dtype)
   return jnp.einsum("bhts,bshv->bthv", probs_BxHxTxS, v_BxSxHxV)
 
 
 def mla_attend_absorbed(cfg: ModelConfig, params: Params, q_nope_BxTxHxN, q_rope_BxTxHxR,
-                        ckv_BxSxC, k_rope_BxSxR, mask_TxS, matmuls: Matmuls = NO_FP8
+                        ckv_BxSxC, k_rope_BxSxR, mask_BxTxS, matmuls: Matmuls = NO_FP8
                         ) -> jax.Array:
   """Attention in the latent space: W_UK folded into q, W_UV applied after. out_BxTxHxV.
   `matmuls` is unused: the split wkv_b products are per head, not one dense projection."""
@@ -274,7 +282,7 @@ def mla_attend_absorbed(cfg: ModelConfig, params: Params, q_nope_BxTxHxN, q_rope
       jnp.einsum("bthr,bsr->bhts", q_rope_BxTxHxR, k_rope_BxSxR,
                  preferred_element_type=jnp.float32))
   scale = softmax_scale(cfg, N + cfg.qk_rope_head_dim)
-  probs_BxHxTxS = _masked_probs(scores_BxHxTxS * scale, mask_TxS[None, None], dtype)
+  probs_BxHxTxS = _masked_probs(scores_BxHxTxS * scale, mask_BxTxS[:, None], dtype)
   out_lat_BxTxHxC = jnp.einsum("bhts,bsc->bthc", probs_BxHxTxS, ckv_BxSxC)
   return jnp.einsum("bthc,chv->bthv", out_lat_BxTxHxC, w_uv_CxHxV)
 
@@ -290,22 +298,22 @@ def mla_apply(cfg: ModelConfig, params: Params, x_BxTxD: jax.Array, pos=0,
   dtype = jnp.dtype(cfg.dtype)
   T = x_BxTxD.shape[1]
   x_BxTxD = x_BxTxD.astype(dtype)
-  q_pos_1xT = _positions(pos, T)
-  q_nope_BxTxHxN, q_rope_BxTxHxR = mla_query(cfg, params, x_BxTxD, q_pos_1xT, rope_layout,
+  q_pos_BxT = _positions(pos, T)
+  q_nope_BxTxHxN, q_rope_BxTxHxR = mla_query(cfg, params, x_BxTxD, q_pos_BxT, rope_layout,
                                              matmuls)
-  ckv_BxSxC, k_rope_BxSxR = mla_latent(cfg, params, x_BxTxD, q_pos_1xT, rope_layout, matmuls)
-  k_pos_S = q_pos_1xT[0]
+  ckv_BxSxC, k_rope_BxSxR = mla_latent(cfg, params, x_BxTxD, q_pos_BxT, rope_layout, matmuls)
+  k_pos_BxS = q_pos_BxT
   if cache is not None:
     _check_fits(pos, T, cache)
     cache = {"ckv": _write(cache["ckv"], ckv_BxSxC, pos),
              "k_rope": _write(cache["k_rope"], k_rope_BxSxR, pos)}
     ckv_BxSxC, k_rope_BxSxR = cache["ckv"].astype(dtype), cache["k_rope"].astype(dtype)
-    k_pos_S = jnp.arange(ckv_BxSxC.shape[1], dtype=jnp.int32)
+    k_pos_BxS = jnp.arange(ckv_BxSxC.shape[1], dtype=jnp.int32)[None]
   if absorb is None:
     absorb = cache is not None
   attend = mla_attend_absorbed if absorb else mla_attend_naive
   out_BxTxHxV = attend(cfg, params, q_nope_BxTxHxN, q_rope_BxTxHxR, ckv_BxSxC, k_rope_BxSxR,
-                       _causal_mask(q_pos_1xT, k_pos_S), matmuls)
+                       _causal_mask(q_pos_BxT, k_pos_BxS), matmuls)
   y_BxTxD = matmuls.einsum("bthv,hvd->btd", out_BxTxHxV, "wo", params["wo"])
   return y_BxTxD, cache
 

@@ -1,0 +1,43 @@
+"""Per-sequence sampling in one compiled call: each row has its own temperature, top-p, top-k and
+random stream, so sequences of different requests share a decode step.
+
+A row's key is fold_in(fold_in(PRNGKey(seed), choice), index of the token): a completion's tokens
+depend on its request alone, never on which other sequences were in the batch or on whether its
+prompt came from the cache.
+
+The log-probability returned is the model's own, log_softmax of the raw logits (temperature 1,
+no top-p/top-k), the quantity an RL learner recomputes and compares with.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from moe_jax.generate import top_p_filter
+
+
+def _top_k_filter(logits_BxV: jax.Array, top_k_B: jax.Array) -> jax.Array:
+  """Keeps each row's top_k largest logits (ties at the edge kept); top_k 0 keeps all."""
+  V = logits_BxV.shape[-1]
+  sorted_BxV = jnp.sort(logits_BxV, axis=-1)[:, ::-1]
+  k_B = jnp.where(top_k_B > 0, jnp.minimum(top_k_B, V), V)
+  kth_Bx1 = jnp.take_along_axis(sorted_BxV, (k_B - 1)[:, None], axis=-1)
+  return jnp.where(logits_BxV >= kth_Bx1, logits_BxV, -jnp.inf)
+
+
+@jax.jit
+def sample(logits_BxV, temperature_B, top_p_B, top_k_B, seed_B, choice_B, index_B):
+  """-> (tokens [B] int32, their log-probabilities [B] float32). temperature 0 is greedy."""
+  logits_BxV = logits_BxV.astype(jnp.float32)
+  logprobs_BxV = jax.nn.log_softmax(logits_BxV, axis=-1)
+  hot_B = temperature_B > 0
+  scaled_BxV = logits_BxV / jnp.where(hot_B, temperature_B, 1.0)[:, None]
+  scaled_BxV = top_p_filter(_top_k_filter(scaled_BxV, top_k_B), top_p_B[:, None])
+
+  def draw(seed, choice, index, row_V):
+    key = jax.random.fold_in(jax.random.fold_in(jax.random.PRNGKey(seed), choice), index)
+    return jax.random.categorical(key, row_V)
+
+  sampled_B = jax.vmap(draw)(seed_B, choice_B, index_B, scaled_BxV).astype(jnp.int32)
+  tokens_B = jnp.where(hot_B, sampled_B, jnp.argmax(logits_BxV, axis=-1).astype(jnp.int32))
+  return tokens_B, jnp.take_along_axis(logprobs_BxV, tokens_B[:, None], axis=-1)[:, 0]
