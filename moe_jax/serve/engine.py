@@ -153,11 +153,10 @@ class Engine:
 
   def step(self) -> dict[int, Completion]:
     """One round of admission, prefill and decode; returns the requests that finished."""
-    admitted = []
+    # Admitted and prefilled one at a time: a prompt finds the blocks the one before it cached.
     while self.waiting and self._admit(self.waiting[0]):
-      admitted.append(self.waiting.popleft())
-      self.running[admitted[-1]] = self.jobs[admitted[-1]]
-    for job_id in admitted:
+      job_id = self.waiting.popleft()
+      self.running[job_id] = self.jobs[job_id]
       self._prefill(self.jobs[job_id])
     live = [s for job in self.running.values() for s in job.seqs if s.finish is None]
     if live:
