@@ -20,12 +20,12 @@ from typing import Callable, Optional
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.experimental import multihost_utils
 
-from moe_jax import data, metrics, model, sharding, train, workdir as workdirs
+from moe_jax import data, metrics, sharding, train, workdir as workdirs
 from moe_jax.config import ConfigError, DataConfig, ExperimentConfig
 from moe_jax.interop import hf
 from moe_jax.interop.hf_config import read_json
+from moe_jax.serve import Engine, Request
 
 PROMPT_TOKENS = 16
 NEW_TOKENS = 32
@@ -123,16 +123,12 @@ def evaluate(cfg: ExperimentConfig, workdir: str, hf_path: str) -> dict:
                           "checkpoint's weights are not finite (NaN or inf); nothing written")
   result["eval_perplexity"] = metrics.perplexity(result["eval_ce"])
 
-  # One prompt, repeated so that every token shard of the mesh holds whole sequences.
   new_tokens = min(NEW_TOKENS, model_cfg.max_seq_len // 2)
-  prompt = np.asarray(tokens[:min(PROMPT_TOKENS, model_cfg.max_seq_len - new_tokens)], np.int32)
-  prompts = np.tile(prompt, (sharding.shard_count(mesh, "batch"), 1))
-  rows = sharding.process_rows(mesh, ("batch", None), prompts.shape)
-  with jax.set_mesh(mesh):
-    out = model.generate(ckpt.params, ckpt.moe_state,
-                         sharding.global_array(prompts[rows], mesh, ("batch", None)), model_cfg,
-                         moe_cfg, max_new_tokens=new_tokens, key=jax.random.key(0))
-  sample = np.asarray(multihost_utils.process_allgather(out, tiled=True))[0, len(prompt):]
+  prompt = [int(t) for t in tokens[:min(PROMPT_TOKENS, model_cfg.max_seq_len - new_tokens)]]
+  engine = Engine(ckpt.params, ckpt.moe_state, model_cfg, moe_cfg, mesh=mesh, tokenizer=text,
+                  num_blocks=2 + -(-(len(prompt) + new_tokens) // 16))
+  sample = engine.generate([Request(prompt, max_tokens=new_tokens, ignore_eos=True)])[0]
+  sample = sample.choices[0].token_ids
   result.update(hf_path=hf_path, heldout_tokens=int(len(tokens)), prompt=text.decode(prompt),
                 sample=text.decode(sample))
   if jax.process_index() == 0:

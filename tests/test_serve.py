@@ -8,6 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import runs
 from moe_jax import model, sharding
 from moe_jax.config import MeshConfig, MoEConfig, ModelConfig, from_config_dict
 from moe_jax.serve import BadRequest, Engine, Request, kv
@@ -210,3 +211,14 @@ def test_fp8_latent_storage_is_close_to_the_float_cache(setup):
   print("fp8 cache: tokens in common", common, "largest log-prob difference", worst)
   # (e4m3 keeps 3 mantissa bits; this random model at init_std 0.2 is sharper than a trained one)
   assert np.mean(common) >= 3 and 0 < worst < 0.25, (common, worst)
+
+
+def test_sample_experiment_runs_through_the_engine(env, config_file, reference):
+  result = runs.run(env, config_file, reference, "--config.experiment=sample")
+  assert result.returncode == 0, result.stderr[-3000:]
+  out = result.stdout
+  assert "greedy samples from step 12:" in out
+  texts = out.split("-" * 60 + "\n")[1:]
+  assert [t[:len(p)] for t, p in zip(texts, ("def ", "import ", "class "))] == [
+      "def ", "import ", "class "]
+  assert all(len(t.rstrip("\n")) > len("import ") for t in texts)

@@ -34,6 +34,7 @@ from typing import Callable, Optional, Sequence
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 
 from moe_jax import data, sharding
 from moe_jax.config import ModelConfig, MoEConfig
@@ -269,7 +270,7 @@ class Engine:
     with self._on_mesh():
       logits, self.pool = kv.step(self.params, self.moe_state, self.pool, tokens, pos, n, tables,
                                   self.model_cfg, self.moe_cfg)
-    return logits[:len(rows)]
+    return _host(logits)[:len(rows)]
 
   def _sample(self, job_seqs: list[tuple[_Job, _Seq]], logits) -> None:
     B = _pow2(len(job_seqs), self.min_batch)
@@ -287,7 +288,7 @@ class Engine:
           pad((r.top_k for r in reqs), np.int32), pad((r.seed for r in reqs), np.int32),
           pad((s.choice for _, s in job_seqs), np.int32),
           pad((len(s.tokens) - len(job.prompt) for job, s in job_seqs), np.int32))
-    for (job, seq), token, logprob in zip(job_seqs, np.asarray(tokens), np.asarray(logprobs)):
+    for (job, seq), token, logprob in zip(job_seqs, _host(tokens), _host(logprobs)):
       self._append(job, seq, int(token), float(logprob))
 
   # ------------------------------------------------------------------------- prefill / decode
@@ -342,7 +343,8 @@ class Engine:
 
   def _append(self, job: _Job, seq: _Seq, token: int, logprob: float):
     r = job.request
-    if token in r.stop_token_ids or (token == self.tokenizer.eos_id and not r.ignore_eos):
+    eos = getattr(self.tokenizer, "eos_id", None)
+    if token in r.stop_token_ids or (token == eos and not r.ignore_eos):
       seq.finish = "stop"
       return
     seq.tokens.append(token)
@@ -376,6 +378,14 @@ class Engine:
     self.reserved -= job.left
     job.left = 0
     return Completion(job.prompt, choices, job.usage)
+
+
+def _host(x) -> np.ndarray:
+  """A step's output on this host; with several processes, gathered from all of them (every
+  process runs the same loop on the same requests, so all take the same decisions)."""
+  if jax.process_count() > 1:
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+  return np.asarray(x)
 
 
 def _tokens_before(tokenizer, generated: list[int], text: str) -> int:
