@@ -1,0 +1,151 @@
+"""Tests for the foundations of moe_jax.rl: tasks, rewards, the objective and evaluation, each
+against hand-computed values."""
+import re
+
+import numpy as np
+import pytest
+
+from moe_jax import data
+from moe_jax.config import DataConfig
+from moe_jax.rl import tasks
+
+ADD = tasks.TaskSpec("add", digits=2, count=2)
+MUL = tasks.TaskSpec("mul", digits=2, count=2)
+COUNTDOWN = tasks.TaskSpec("countdown", digits=1, count=3)
+
+
+def _countdown(numbers, target):
+  return tasks.Problem("countdown", tuple(numbers), target, "q", "")
+
+
+def _answer(doc):
+  return re.findall(r"<answer>(.*?)</answer>", doc)[-1]  # the prompt names the tags too
+
+
+# ---- Tasks --------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(kind="div"), "kind='div': must be one of 'add', 'mul', 'countdown'"),
+    (dict(digits=0), "digits=0: must be an integer in [1, 9]"),
+    (dict(kind="mul", count=4), "count=4: must be an integer in [2, 3] for kind='mul'"),
+    (dict(heldout_fraction=1.0), "heldout_fraction=1.0: must be a number in (0, 1)"),
+])
+def test_task_spec_rejects_bad_values(kwargs, message):
+  with pytest.raises(ValueError, match=re.escape(message)):
+    tasks.TaskSpec(**kwargs)
+
+
+def test_problems_are_a_pure_function_of_seed_and_index():
+  for spec in (ADD, MUL, COUNTDOWN):
+    a = tasks.problems(spec, "train", 6, seed=3)
+    assert a == tasks.problems(spec, "train", 6, seed=3)
+    assert a[2:] == tasks.problems(spec, "train", 4, seed=3, start=2)
+    assert a != tasks.problems(spec, "train", 6, seed=4)
+    assert all(p.kind == spec.kind and len(p.numbers) == spec.count for p in a)
+    assert all(tasks.check_answer(p, p.answer) for p in a)
+
+
+def test_splits_share_no_problem_under_any_seeds():
+  # One-digit addition has 55 problems up to operand order: a small space shows overlaps if any.
+  spec = tasks.TaskSpec("add", digits=1, count=2, heldout_fraction=0.3)
+  train = {tasks.canonical(p) for s in range(3) for p in tasks.problems(spec, "train", 100, s)}
+  held = {tasks.canonical(p) for s in range(3) for p in tasks.problems(spec, "heldout", 100, s)}
+  assert train and held and not train & held
+  swapped = tasks.Problem("add", (7, 3), 10, "", "10")
+  assert tasks.canonical(swapped) == tasks.canonical(tasks.Problem("add", (3, 7), 10, "", "10"))
+  unique = tasks.problems(spec, "heldout", len(held), 0, unique=True)
+  assert len({tasks.canonical(p) for p in unique}) == len(held)
+  with pytest.raises(ValueError, match="count=.*exceeds the distinct heldout problems"):
+    tasks.problems(spec, "heldout", 56, 0, unique=True)
+
+
+def test_problem_text_and_prompt():
+  p = tasks.Problem("add", (47, 85), 132, "What is 47+85?", "132")
+  assert tasks.prompt(p) == ("What is 47+85? Think in <think></think>, answer in "
+                             "<answer></answer>.\n")
+  assert tasks.completion("47+85", "132") == "<think>47+85</think> <answer>132</answer>"
+  (q,) = tasks.problems(MUL, "heldout", 1, 0)
+  assert q.question == f"What is {q.numbers[0]}*{q.numbers[1]}?"
+  assert q.target == q.numbers[0] * q.numbers[1] and q.answer == str(q.target)
+  (c,) = tasks.problems(COUNTDOWN, "train", 1, 0)
+  assert c.question.startswith(f"Make {c.target} from {' '.join(map(str, c.numbers))} with")
+
+
+@pytest.mark.parametrize("text, value, used", [
+    ("(1+2)*6", 18, [1, 2, 6]),
+    ("2*3+4*5", 26, [2, 3, 4, 5]),
+    ("10-2-3", 5, [10, 2, 3]),        # left-associative
+    ("2-(3-4)*5", 7, [2, 3, 4, 5]),
+    (" 7 ", 7, [7]),
+    ("((0))", 0, [0]),
+])
+def test_parse_expression(text, value, used):
+  assert tasks.parse_expression(text) == (value, used)
+
+
+@pytest.mark.parametrize("text", ["2**3", "07", "-3", "(1+2", "1+", "", "1/2", "2 3", "()",
+                                  "__import__('os')", "1+2)", "1" * 201])
+def test_parse_expression_rejects_other_text(text):
+  with pytest.raises(ValueError, match="expression="):
+    tasks.parse_expression(text)
+
+
+def test_check_answer():
+  add = tasks.Problem("add", (86, 81), 167, "What is 86+81?", "167")
+  assert tasks.check_answer(add, "167") and tasks.check_answer(add, " 167\n")
+  for wrong in ("0167", "+167", "167.0", "1 67", "166", "", "86+81"):
+    assert not tasks.check_answer(add, wrong), wrong
+  p = _countdown((2, 4, 6), 22)
+  for right in ("6*4-2", "4*6-2", "(6*4)-2", " 6 * 4 - 2 "):
+    assert tasks.check_answer(p, right), right
+  for wrong in ("6*4-2+0", "6*6-14", "22", "6*4-2*1", "6*4", "6*4-2-2", "6 4 2", "import os"):
+    assert not tasks.check_answer(p, wrong), wrong
+  twice = _countdown((3, 3, 5), 14)
+  assert tasks.check_answer(twice, "3*3+5") and not tasks.check_answer(twice, "3*3*3-13")
+  assert tasks.answer_key(p, "4*6-2") == tasks.answer_key(p, "(6*4)-2") == "22"
+  assert tasks.answer_key(p, "6*4") == "24"
+  assert tasks.answer_key(p, "6*4+1") == "invalid:6*4+1"   # 1 is not given
+  assert tasks.answer_key(add, " 0167 ") == "invalid:0167"
+
+
+def test_wrong_answers_are_wrong_and_near():
+  rng = np.random.default_rng(0)
+  for spec in (ADD, MUL, COUNTDOWN):
+    for p in tasks.problems(spec, "train", 50, 1):
+      wrong = tasks.wrong_answer(rng, p)
+      assert not tasks.check_answer(p, wrong), (p, wrong)
+      if spec.kind != "countdown":
+        assert abs(len(wrong) - len(p.answer)) <= 1
+      else:
+        tasks.parse_expression(wrong)  # still an expression
+
+
+def test_noisy_documents():
+  docs = list(tasks.noisy_documents([ADD, MUL], 200, seed=5, error_rate=0.5))
+  assert docs == list(tasks.noisy_documents([ADD, MUL], 200, seed=5, error_rate=0.5))
+  adds = tasks.problems(ADD, "train", 100, 5)
+  assert [d.split("\n")[0] for d in docs[::2]] == [tasks.prompt(p)[:-1] for p in adds]
+  assert docs[0] == tasks.prompt(adds[0]) + tasks.completion(
+      adds[0].question[8:-1], _answer(docs[0]))
+  right = [tasks.check_answer(p, _answer(d)) for p, d in zip(adds, docs[::2])]
+  assert 0.35 < np.mean(right) < 0.65
+  assert max(len(d.encode()) for d in docs) <= 128  # the small levels fit a short context
+  assert all(tasks.check_answer(p, _answer(d)) for p, d in zip(
+      adds, tasks.noisy_documents(ADD, 100, 5, error_rate=0.0)))
+  assert not any(tasks.check_answer(p, _answer(d)) for p, d in zip(
+      adds, tasks.noisy_documents(ADD, 100, 5, error_rate=1.0)))
+  with pytest.raises(ValueError, match=re.escape("error_rate=1.5: must be a number in [0, 1]")):
+    next(tasks.noisy_documents(ADD, 1, 0, error_rate=1.5))
+
+
+def test_noisy_corpus_is_a_token_source(tmp_path):
+  path = str(tmp_path / "noisy.tok")
+  docs = list(tasks.noisy_documents(COUNTDOWN, 20, seed=2))
+  count = tasks.write_noisy_corpus(path, COUNTDOWN, 20, seed=2)
+  tokens = np.asarray(data.read_tokens(path))
+  assert count == len(tokens) == sum(len(d.encode()) + 2 for d in docs)
+  starts = np.flatnonzero(tokens == data.BOS)
+  assert len(starts) == 20 and (tokens[starts[1:] - 1] == data.EOS).all()
+  assert [data.decode(tokens[a:b]) for a, b in zip(starts, list(starts[1:]) + [count])] == docs
+  dataset = data.load_dataset(DataConfig(source="tokens", path=path, heldout_fraction=0.1))
+  assert len(dataset.train) + len(dataset.heldout) == count
