@@ -7,7 +7,7 @@ import pytest
 
 from moe_jax import data
 from moe_jax.config import DataConfig
-from moe_jax.rl import tasks
+from moe_jax.rl import rewards, tasks
 
 ADD = tasks.TaskSpec("add", digits=2, count=2)
 MUL = tasks.TaskSpec("mul", digits=2, count=2)
@@ -149,3 +149,54 @@ def test_noisy_corpus_is_a_token_source(tmp_path):
   assert [data.decode(tokens[a:b]) for a, b in zip(starts, list(starts[1:]) + [count])] == docs
   dataset = data.load_dataset(DataConfig(source="tokens", path=path, heldout_fraction=0.1))
   assert len(dataset.train) + len(dataset.heldout) == count
+
+
+# ---- Rewards ------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("text, answer", [
+    ("<think>47+85</think> <answer>132</answer>", "132"),
+    ("  <think></think><answer> 132 </answer>\n\n", "132"),
+    ("<think>a\nb < c</think>\n<answer>6*4-2</answer>", "6*4-2"),
+    ("<think>x</think><answer>1</answer>", "1"),
+])
+def test_well_formed_responses(text, answer):
+  assert rewards.format_ok(text) and rewards.extract_answer(text) == answer
+
+
+@pytest.mark.parametrize("text", [
+    "",
+    "132",
+    "<answer>132</answer>",                                  # no thinking
+    "<think>47+85</think>",                                  # no answer
+    "<think>47+85</think> <answer>132",                      # cut at the stop string
+    "<think>x</think> <answer> </answer>",                   # empty answer
+    "so <think>x</think> <answer>1</answer>",                # text before
+    "<think>x</think> <answer>1</answer> done",              # text after
+    "<think>x</think> so <answer>1</answer>",                # text between
+    "<think>x</think> <answer>1</answer><answer>2</answer>",  # two answers
+    "<think>x<think>y</think> <answer>1</answer>",           # a tag inside the thinking
+    "<think>x</think></think> <answer>1</answer>",
+    "<think>x</think> <answer>1<think></answer>",            # a tag inside the answer
+    "<answer>1</answer> <think>x</think>",                   # wrong order
+    "<Think>x</Think> <answer>1</answer>",                   # tags are case-sensitive
+])
+def test_malformed_responses(text):
+  assert not rewards.format_ok(text) and rewards.extract_answer(text) is None
+
+
+def test_rewards():
+  add = tasks.Problem("add", (86, 81), 167, "What is 86+81?", "167")
+  right, wrong, bad = ("<think>t</think> <answer>167</answer>",
+                       "<think>t</think> <answer>168</answer>", "<answer>167</answer>")
+  assert rewards.is_correct(add, right) and not rewards.is_correct(add, wrong)
+  assert not rewards.is_correct(add, bad)  # right, but outside the format
+  assert [rewards.reward(add, t) for t in (right, wrong, bad)] == [1.1, 0.1, 0.0]
+  got = rewards.rewards([add] * 3, [right, wrong, bad], accuracy=2.0, format_bonus=0.0,
+                        format_penalty=0.5)
+  assert got.dtype == np.float64 and got.tolist() == [2.0, 0.0, -0.5]
+  p = _countdown((2, 4, 6), 22)
+  assert rewards.reward(p, "<think>6*4=24</think><answer>(6*4)-2</answer>") == 1.1
+  with pytest.raises(ValueError, match=re.escape("format_bonus=nan: must be a finite number")):
+    rewards.reward(add, right, format_bonus=float("nan"))
+  with pytest.raises(ValueError, match=re.escape("texts=1 completions: must match problems=2")):
+    rewards.rewards([add, add], [right])
