@@ -1,13 +1,17 @@
 """Tests for the foundations of moe_jax.rl: tasks, rewards, the objective and evaluation, each
 against hand-computed values."""
+import functools
+import math
 import re
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from moe_jax import data
 from moe_jax.config import DataConfig
-from moe_jax.rl import rewards, tasks
+from moe_jax.rl import objective, rewards, tasks
 
 ADD = tasks.TaskSpec("add", digits=2, count=2)
 MUL = tasks.TaskSpec("mul", digits=2, count=2)
@@ -200,3 +204,132 @@ def test_rewards():
     rewards.reward(add, right, format_bonus=float("nan"))
   with pytest.raises(ValueError, match=re.escape("texts=1 completions: must match problems=2")):
     rewards.rewards([add, add], [right])
+
+
+# ---- Objective ----------------------------------------------------------------------------------
+# Two sequences of three positions: row 0's last position is padding (NaN there must not leak),
+# row 1 is all completion. Behaviour log-probs are 0, so each ratio is exp(logp).
+RATIO = [[1.5, 0.5, 1.0], [1.1, 0.7, 2.0]]
+LOGP = np.log(RATIO).astype(np.float32)
+LOGP[0, 2] = np.nan
+OLD = np.zeros((2, 3), np.float32)
+ADV = np.array([1.0, -2.0], np.float32)
+MASK = np.array([[1, 1, 0], [1, 1, 1]], np.float32)
+# clip_low=0.2, clip_high=0.3, so clip(ratio) lies in [0.8, 1.3]; per-token -min(rA, clip(r)A):
+#   row 0 (A=1):  -min(1.5, 1.3) = -1.3 (clipped high), -min(0.5, 0.8) = -0.5
+#   row 1 (A=-2): -min(-2.2, -2.2) = 2.2, -min(-1.4, -1.6) = 1.6 (clipped low), -min(-4, -2.6) = 4
+ROW_SUMS, ROW_COUNTS = (-1.8, 7.8), (2, 3)
+CLIPS = dict(clip_low=0.2, clip_high=0.3)
+
+
+def test_group_advantages():
+  r = np.array([[1.0, 0.0, 0.0, 0.0], [2.0, 4.0, 4.0, 2.0], [0.1, 0.1, 0.1, 0.1]], np.float32)
+  # Row 0: mean 0.25, population std sqrt(0.25 * 0.75); row 1: mean 3, std 1.
+  std0 = math.sqrt(0.1875) + 1e-6
+  want = [[0.75 / std0, -0.25 / std0, -0.25 / std0, -0.25 / std0],
+          [-1 / (1 + 1e-6), 1 / (1 + 1e-6), 1 / (1 + 1e-6), -1 / (1 + 1e-6)], [0, 0, 0, 0]]
+  np.testing.assert_allclose(objective.group_advantages(r), want, rtol=0, atol=1e-6)
+  got = objective.group_advantages(r, scale=False)
+  np.testing.assert_allclose(got, [[0.75, -0.25, -0.25, -0.25], [-1, 1, 1, -1], [0, 0, 0, 0]],
+                             rtol=0, atol=1e-6)
+  assert (np.asarray(got)[2] == 0).all()  # exactly, though 0.1 * 4 / 4 is not 0.1 in floats
+  assert objective.uniform_groups(r).tolist() == [False, False, True]
+  with pytest.raises(ValueError, match=re.escape("rewards_NxG.shape=(4,): must be [groups")):
+    objective.group_advantages(r[0])
+
+
+def test_k3_kl():
+  logp = np.array([[0.0, 0.0, 1.0, -3.0]], np.float32)
+  ref = np.array([[0.0, math.log(2), 0.0, -3.0]], np.float32)
+  np.testing.assert_allclose(objective.k3_kl(logp, ref),
+                             [[0.0, 2 - math.log(2) - 1, math.exp(-1), 0.0]], rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("loss_agg, max_len, want", [
+    ("seq_mean_token_mean", None, (-1.8 / 2 + 7.8 / 3) / 2),
+    ("token_mean", None, (-1.8 + 7.8) / 5),
+    ("seq_mean_token_sum_norm", 4, (-1.8 / 4 + 7.8 / 4) / 2),
+    ("seq_mean_token_sum_norm", None, (-1.8 / 3 + 7.8 / 3) / 2),
+])
+@pytest.mark.parametrize("jit", [False, True])
+def test_policy_loss_aggregations(loss_agg, max_len, want, jit):
+  fn = functools.partial(objective.policy_loss, loss_agg=loss_agg, max_len=max_len, **CLIPS)
+  loss, metrics = (jax.jit(fn) if jit else fn)(LOGP, OLD, ADV, MASK)
+  np.testing.assert_allclose(loss, want, rtol=0, atol=1e-6)
+  np.testing.assert_allclose(metrics["pg_loss"], want, rtol=0, atol=1e-6)
+  np.testing.assert_allclose(metrics["ratio_mean"], (1.5 + 0.5 + 1.1 + 0.7 + 2.0) / 5, atol=1e-6)
+  np.testing.assert_allclose(metrics["clip_high_fraction"], 1 / 5, rtol=0, atol=1e-6)
+  np.testing.assert_allclose(metrics["clip_low_fraction"], 1 / 5, rtol=0, atol=1e-6)
+  np.testing.assert_allclose(metrics["clip_fraction"], 2 / 5, rtol=0, atol=1e-6)
+  assert metrics["kl"] == 0 and metrics["tokens"] == 5
+
+
+def test_policy_loss_kl_penalty():
+  d = np.array([[0.0, math.log(2), 5.0], [-1.0, 0.0, math.log(2)]], np.float32)
+  k3 = [[0.0, 1 - math.log(2)], [math.exp(-1), 0.0, 1 - math.log(2)]]  # by hand, masked-in only
+  loss, metrics = objective.policy_loss(LOGP, OLD, ADV, MASK, kl_coef=0.1, ref_logp_BxT=LOGP + d,
+                                        loss_agg="token_mean", **CLIPS)
+  mean_k3 = (sum(k3[0]) + sum(k3[1])) / 5
+  np.testing.assert_allclose(metrics["kl"], mean_k3, rtol=0, atol=1e-6)
+  np.testing.assert_allclose(loss, 6.0 / 5 + 0.1 * mean_k3, rtol=0, atol=1e-6)
+  loss, _ = objective.policy_loss(LOGP, OLD, ADV, MASK, kl_coef=0.1, ref_logp_BxT=LOGP + d,
+                                  **CLIPS)
+  want = ((-1.8 + 0.1 * sum(k3[0])) / 2 + (7.8 + 0.1 * sum(k3[1])) / 3) / 2
+  np.testing.assert_allclose(loss, want, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("loss_agg", objective.LOSS_AGGS)
+def test_uniform_group_has_zero_gradient(loss_agg):
+  rewards_NxG = np.array([[0.1, 0.1, 0.1], [0.0, 1.1, 0.1]], np.float32)
+  adv_B = objective.group_advantages(rewards_NxG).reshape(-1)
+  rng = np.random.default_rng(0)
+  logp = jnp.asarray(rng.normal(size=(6, 4)) - 2, jnp.float32)
+  old = logp + jnp.asarray(rng.normal(size=(6, 4)) * 0.3, jnp.float32)
+  ref = logp + jnp.asarray(rng.normal(size=(6, 4)) * 0.3, jnp.float32)
+  mask = np.ones((6, 4), np.float32)
+  grad = jax.grad(lambda lp: objective.policy_loss(
+      lp, old, adv_B, mask, ref_logp_BxT=ref, kl_coef=0.0, loss_agg=loss_agg)[0])(logp)
+  assert (np.asarray(grad)[:3] == 0).all()      # exactly: the uniform group
+  assert (np.abs(np.asarray(grad)[3:]) > 0).any()
+
+
+@pytest.mark.parametrize("loss_agg", objective.LOSS_AGGS)
+def test_masked_tokens_carry_no_loss_or_gradient(loss_agg):
+  fn = lambda lp, old, ref: objective.policy_loss(lp, old, ADV, MASK, kl_coef=0.5,
+                                                  ref_logp_BxT=ref, loss_agg=loss_agg)[0]
+  ref = np.full((2, 3), -1.0, np.float32)
+  loss, grads = jax.value_and_grad(fn, argnums=(0, 1, 2))(LOGP, OLD, ref)
+  assert np.isfinite(loss) and all(np.isfinite(g).all() for g in grads)
+  assert all(g[0, 2] == 0 for g in grads)
+  # Anything at the masked position (here -inf and huge values) changes nothing.
+  junk = lambda x: np.where(MASK > 0, x, np.float32(-np.inf)).astype(np.float32)
+  assert fn(junk(LOGP), junk(OLD), junk(ref)) == loss
+  assert fn(LOGP, OLD + 1e9 * (1 - MASK), ref) == loss
+
+
+def test_policy_loss_rejects_bad_arguments():
+  cases = [
+      (dict(loss_agg="mean"), "loss_agg='mean': must be one of 'seq_mean_token_mean', "),
+      (dict(clip_low=1.0), "clip_low=1.0: must be a number in [0.0, 1.0)"),
+      (dict(clip_high=-0.1), "clip_high=-0.1: must be a number in [0.0, inf]"),
+      (dict(kl_coef=-1), "kl_coef=-1: must be a number in [0.0, inf]"),
+      (dict(loss_agg="seq_mean_token_sum_norm", max_len=0), "max_len=0: must be an integer >= 1"),
+      (dict(ref_logp_BxT=OLD[:, :2]), "ref_logp_BxT.shape=(2, 2): must equal logp_BxT.shape="),
+  ]
+  for kwargs, message in cases:
+    with pytest.raises(ValueError, match=re.escape(message)):
+      objective.policy_loss(LOGP, OLD, ADV, MASK, **kwargs)
+  with pytest.raises(ValueError, match=re.escape("advantages_B.shape=(3,): must be (2,)")):
+    objective.policy_loss(LOGP, OLD, np.zeros(3, np.float32), MASK)
+
+
+def test_masks_log_probs_and_entropy():
+  mask = objective.completion_mask(np.array([2, 0]), np.array([4, 3]), 5)
+  assert np.asarray(mask).tolist() == [[0, 0, 1, 1, 0], [1, 1, 1, 0, 0]]
+  logits = np.array([[[0.0, math.log(3)], [0.0, 0.0], [7.0, 1.0]]], np.float32)
+  np.testing.assert_allclose(objective.token_logprobs(logits, np.array([[1, 0, 1]])),
+                             [[math.log(0.75), math.log(0.5), -6 - math.log1p(math.exp(-6))]],
+                             rtol=0, atol=1e-6)
+  h = -(0.25 * math.log(0.25) + 0.75 * math.log(0.75))
+  np.testing.assert_allclose(objective.entropy(logits, np.array([[1, 1, 0]])),
+                             (h + math.log(2)) / 2, rtol=0, atol=1e-6)
