@@ -11,7 +11,7 @@ import pytest
 
 from moe_jax import data
 from moe_jax.config import DataConfig
-from moe_jax.rl import objective, rewards, tasks
+from moe_jax.rl import evaluate, objective, rewards, tasks
 
 ADD = tasks.TaskSpec("add", digits=2, count=2)
 MUL = tasks.TaskSpec("mul", digits=2, count=2)
@@ -333,3 +333,49 @@ def test_masks_log_probs_and_entropy():
   h = -(0.25 * math.log(0.25) + 0.75 * math.log(0.75))
   np.testing.assert_allclose(objective.entropy(logits, np.array([[1, 1, 0]])),
                              (h + math.log(2)) / 2, rtol=0, atol=1e-6)
+
+
+# ---- Evaluation ---------------------------------------------------------------------------------
+
+def test_unbiased_pass_at_k():
+  # 1 - C(3,2) / C(5,2) = 1 - 3/10
+  assert evaluate.unbiased_pass_at_k(5, 2, 2) == pytest.approx(1 - 3 / 10, abs=1e-12)
+  assert evaluate.unbiased_pass_at_k(5, 2, 1) == pytest.approx(2 / 5, abs=1e-12)
+  assert evaluate.unbiased_pass_at_k(16, 0, 8) == 0.0
+  assert evaluate.unbiased_pass_at_k(4, 1, 4) == 1.0     # any 4 of 4 include the correct one
+  assert evaluate.unbiased_pass_at_k(4, 4, 1) == 1.0
+  # n in the hundreds: the binomials overflow a float, the product does not.
+  want = 1 - math.comb(997, 300) / math.comb(1000, 300)
+  assert evaluate.unbiased_pass_at_k(1000, 3, 300) == pytest.approx(want, abs=1e-12)
+  with pytest.raises(ValueError, match=re.escape("k=5: must be an integer in [1, 4]")):
+    evaluate.unbiased_pass_at_k(4, 1, 5)
+
+
+def test_pass_and_majority_vote():
+  correct = [[1, 0, 0, 0], [0, 0, 0, 0], [1, 1, 0, 1]]
+  assert evaluate.pass_at_1(correct) == pytest.approx((0.25 + 0 + 0.75) / 3, abs=1e-12)
+  # pass@2 per problem: 1 - C(3,2)/C(4,2) = 0.5, 0, 1 - C(1,2)/C(4,2) = 1.
+  assert evaluate.pass_at_k(correct, 2) == pytest.approx(0.5, abs=1e-12)
+  assert evaluate.majority(["7", "9", "9", "7"]) == 0           # tie: "7" was voted first
+  assert evaluate.majority([None, "9", "7", "7", None]) == 2
+  assert evaluate.majority([None, None]) is None
+  keys = [["5", "4", "4", None], [None, None, None, None], ["8", "8", "3", "8"]]
+  assert evaluate.cons_at_k(keys, correct, 4) == pytest.approx(1 / 3, abs=1e-12)  # only the 3rd
+  assert evaluate.cons_at_k(keys, correct, 1) == pytest.approx(2 / 3, abs=1e-12)
+  assert evaluate.cons_at_k(keys, correct, 2) == pytest.approx(2 / 3, abs=1e-12)  # tie -> "5"
+  assert evaluate.format_rate([[1, 1, 1, 0], [0, 0, 0, 0]]) == 3 / 8
+  assert evaluate.mean_length([[3, 5], [10, 2]]) == 5.0
+  with pytest.raises(ValueError, match=re.escape("correct_PxN.shape=(4,): must be [problems")):
+    evaluate.pass_at_1([1, 0, 0, 1])
+
+
+def test_summarize():
+  add = tasks.Problem("add", (86, 81), 167, "What is 86+81?", "167")
+  cd = _countdown((2, 4, 6), 22)
+  r = lambda a: tasks.completion("t", a)
+  texts = [[r("168"), r("168"), r("167"), "167"],                  # majority wrong
+           [r("6*4-2"), r("4*6-2"), r("24-2"), r("(6*4)-2 ")]]     # two ways to 22 vote together
+  out = evaluate.summarize([add, cd], texts, [[4, 4, 4, 1], [9, 9, 8, 10]], ks=(1, 4))
+  assert out == pytest.approx({
+      "pass@1": (1 / 4 + 3 / 4) / 2, "pass@4": 1.0, "cons@1": 0.5, "cons@4": 0.5,
+      "format_rate": 7 / 8, "mean_length": 49 / 8}, abs=1e-12)
