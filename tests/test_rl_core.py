@@ -134,6 +134,10 @@ def test_noisy_documents():
   right = [tasks.check_answer(p, _answer(d)) for p, d in zip(adds, docs[::2])]
   assert 0.35 < np.mean(right) < 0.65
   assert max(len(d.encode()) for d in docs) <= 128  # the small levels fit a short context
+  with pytest.raises(ValueError, match=re.escape("seed=-1: must be an integer >= 0")):
+    tasks.problem(ADD, "train", -1, 0)
+  with pytest.raises(ValueError, match=re.escape("split='test': must be one of 'train', ")):
+    tasks.problem(ADD, "test", 0, 0)
   assert all(tasks.check_answer(p, _answer(d)) for p, d in zip(
       adds, tasks.noisy_documents(ADD, 100, 5, error_rate=0.0)))
   assert not any(tasks.check_answer(p, _answer(d)) for p, d in zip(

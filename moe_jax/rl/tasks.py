@@ -134,6 +134,9 @@ def problem(spec: TaskSpec, split: str, seed: int, index: int) -> Problem:
   drawn problem's hash puts it in `split`."""
   if split not in SPLITS:
     _bad("split", split, f"must be one of {', '.join(map(repr, SPLITS))}")
+  for name, value in (("seed", seed), ("index", index)):
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
+      _bad(name, value, "must be an integer >= 0")
   rng = np.random.default_rng([seed, index, SPLITS.index(split), KINDS.index(spec.kind)])
   for _ in range(_MAX_ATTEMPTS):
     p = _draw(rng, spec)
@@ -313,7 +316,7 @@ def _think(p: Problem) -> str:
   # A restatement only: the base model must learn the format, never a worked method.
   if p.kind == "countdown":
     return f"{' '.join(map(str, p.numbers))} to {p.target}"
-  return p.question[len("What is "):-1]
+  return ("+" if p.kind == "add" else "*").join(map(str, p.numbers))
 
 
 def noisy_documents(specs: Union[TaskSpec, Sequence[TaskSpec]], count: int, seed: int, *,
@@ -323,6 +326,8 @@ def noisy_documents(specs: Union[TaskSpec, Sequence[TaskSpec]], count: int, seed
   specs = [specs] if isinstance(specs, TaskSpec) else list(specs)
   if not specs or not all(isinstance(s, TaskSpec) for s in specs):
     _bad("specs", specs, "must be a TaskSpec or a non-empty sequence of them")
+  if isinstance(count, bool) or not isinstance(count, int) or count < 0:
+    _bad("count", count, "must be an integer >= 0")
   if not isinstance(error_rate, (int, float)) or not 0 <= error_rate <= 1:
     _bad("error_rate", error_rate, "must be a number in [0, 1]")
   for i in range(count):
