@@ -18,6 +18,9 @@ EXPERIMENTS = {
     "sharding_study": "experiments.sharding_study:run",
     "fp8_study": "experiments.fp8_study:run",
     "hf_eval": "experiments.hf_eval:run",
+    "balance_study": "experiments.design_study:run",
+    "granularity_study": "experiments.design_study:run",
+    "mtp_study": "experiments.design_study:run",
 }
 
 

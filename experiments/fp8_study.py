@@ -48,8 +48,12 @@ import jax.numpy as jnp
 import numpy as np
 
 from experiments import report
-from moe_jax import fp8, metrics, train, workdir as workdirs
-from moe_jax.config import ConfigError, ExperimentConfig, FP8Config, from_config_dict
+# The runs' machinery is shared with the other studies; these names stay the study's API.
+from experiments.study_runs import WALL_FILE, train_run  # noqa: F401
+from experiments.study_runs import check_run_dir as _check_run_dir  # noqa: F401
+from experiments.study_runs import mean_se as _mean_se
+from moe_jax import fp8, train
+from moe_jax.config import ExperimentConfig, FP8Config
 
 RUNS = {"float32": ("float32", "none"), "bfloat16": ("bfloat16", "none"),
         "tensor": ("bfloat16", "tensor"), "delayed": ("bfloat16", "delayed"),
@@ -64,7 +68,6 @@ RUN_COLUMNS = ("seed", "run", "compute", "recipe", "steps", "final_train_loss",
 MEAN_COLUMNS = ("run", "compute", "recipe", "seeds", "final_train_loss", "train_rel_diff",
                 "train_rel_diff_se", "abs_train_rel_diff", "final_eval_loss", "eval_rel_diff",
                 "eval_rel_diff_se", "abs_eval_rel_diff", "s_per_step", "wall_s")
-WALL_FILE = "study_wall_s.json"  # per run: seconds its training took, summed over resumptions
 SAME_COLUMNS = ("seed", "run", "recipe", "step", "eval_loss", "rel_diff")
 QUANT_COLUMNS = ("outliers", "magnitude", "recipe", "err_ordinary", "err_outliers")
 
@@ -86,55 +89,6 @@ def run_dir(workdir: str, seed: int, name: str) -> str:
   return os.path.join(workdir, "runs", f"seed{seed}", name)
 
 
-def _check_run_dir(cfg: ExperimentConfig, workdir: str):
-  stored = workdirs.read_json(os.path.join(workdir, train.CONFIG_FILE))  # None: torn or absent
-  # Parsed, not compared as JSON: a run written before a config field existed has it at its
-  # default.
-  if stored is not None and from_config_dict(stored) != cfg:
-    runs, seed_dir = os.path.split(os.path.dirname(workdir))
-    raise ConfigError(f"workdir={os.path.dirname(runs)!r}: its run "
-                      f"{seed_dir}/{os.path.basename(workdir)} used another config; use "
-                      "another --workdir for a new study")
-
-
-def _add_wall_s(wall_path: str, records: list[dict], done_before: int, wall_s: float) -> float:
-  """This run's training seconds summed over its resumptions, kept in wall_path."""
-  trained = max((r["step"] for r in records), default=0) > done_before
-  if os.path.exists(wall_path):
-    stored = workdirs.read_json(wall_path)  # null: unknown (NaN is not JSON)
-    wall_s = (float("nan") if stored is None else stored) + (wall_s if trained else 0.0)
-  elif not trained:  # finished by an earlier version that kept no time: unknown
-    wall_s = float("nan")
-  if jax.process_index() == 0:
-    workdirs.write_json(wall_path, wall_s)
-  return wall_s
-
-
-def train_run(cfg: ExperimentConfig, workdir: str) -> dict:
-  """Trains (or finishes) one run; its curves and final figures from its metrics.jsonl."""
-  _check_run_dir(cfg, workdir)
-  log, wall_path = os.path.join(workdir, metrics.METRICS_FILE), os.path.join(workdir, WALL_FILE)
-  done_before = max((r["step"] for r in metrics.read_jsonl(log)), default=0)
-  start = time.perf_counter()
-  try:
-    train.train(cfg, workdir)
-  except train.Preempted:  # saved; the study stops with it, keeping the time spent
-    _add_wall_s(wall_path, metrics.read_jsonl(log), done_before, time.perf_counter() - start)
-    raise
-  records = metrics.read_jsonl(log)
-  wall_s = _add_wall_s(wall_path, records, done_before, time.perf_counter() - start)
-  steps, t = cfg.train.steps, cfg.train
-  curve = [(r["step"], r["loss"]) for r in records if "loss" in r and r["loss"] is not None]
-  evals = [(r["step"], r["eval_loss"]) for r in records if "eval_loss" in r]
-  last = [loss for step, loss in curve if step > steps - max(steps // 10, 1)]
-  rates = [r["tokens_per_s"] for r in records if r.get("tokens_per_s")]
-  return {"curve": curve, "evals": evals, "wall_s": wall_s,
-          "final_train_loss": float(np.mean(last)) if last else float("nan"),
-          "final_eval_loss": evals[-1][1] if evals and evals[-1][0] == steps else float("nan"),
-          "s_per_step": (t.batch_size * t.seq_len / float(np.median(rates)) if rates
-                         else float("nan"))}
-
-
 def _rel(value: float, base: float) -> float:
   return (value - base) / base
 
@@ -152,13 +106,6 @@ def summarize(results: dict[str, dict], steps: int, seed: int) -> list[dict]:
                  "eval_rel_diff": _rel(r["final_eval_loss"], base["final_eval_loss"]),
                  "s_per_step": r["s_per_step"], "wall_s": r["wall_s"]})
   return rows
-
-
-def _mean_se(values: list[float]) -> tuple[float, float]:
-  """Mean and its standard error (sample std / sqrt(n); nan for one value)."""
-  v = np.asarray(values, np.float64)
-  se = float(np.std(v, ddof=1) / np.sqrt(len(v))) if len(v) > 1 else float("nan")
-  return float(np.mean(v)), se
 
 
 def aggregate(rows: list[dict]) -> list[dict]:

@@ -203,6 +203,10 @@ class ModelConfig:
   max_seq_len: int = 256
   mtp_depth: int = 0                 # multi-token prediction modules (V3: 1)
   mtp_loss_weight: float = 0.3
+  # V3's schedule: mtp_loss_weight (0.3) for the first 10T of 14.8T tokens, then 0.1. The late
+  # weight applies from this fraction of train.steps on; 1.0 keeps mtp_loss_weight throughout.
+  mtp_late_from: float = 1.0
+  mtp_loss_weight_late: float = 0.1
   norm_eps: float = 1e-6
   init_std: float = 0.02
   pad_id: int = 258                  # targets equal to it are left out of the loss; -1: none
@@ -214,6 +218,7 @@ class ModelConfig:
               "num_kv_heads", "head_dim", "kv_lora_rank", "qk_nope_head_dim",
               "qk_rope_head_dim", "v_head_dim", "max_seq_len")
     _non_negative(self, "first_k_dense", "q_lora_rank", "mtp_depth", "mtp_loss_weight",
+                  "mtp_loss_weight_late",
                   "norm_eps", "init_std", "rope_beta_fast", "rope_beta_slow",
                   "rope_mscale", "rope_mscale_all_dim")
     _positive(self, "rope_original_max_len")
@@ -225,6 +230,8 @@ class ModelConfig:
       _fail("rope_factor", self.rope_factor, "must be a number >= 1 (1: plain RoPE, no YaRN)")
     _one_of(self, "attention", ("mla", "mha"))
     _one_of(self, "dtype", DTYPES)
+    if not 0 <= self.mtp_late_from <= 1:
+      _fail("mtp_late_from", self.mtp_late_from, "must be a fraction of train.steps in [0, 1]")
     if (isinstance(self.pad_id, bool) or not isinstance(self.pad_id, int) or
         not -1 <= self.pad_id < self.vocab_size):
       _fail("pad_id", self.pad_id, f"must be an integer in [-1, vocab_size={self.vocab_size})")

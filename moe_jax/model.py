@@ -153,8 +153,9 @@ def cross_entropy(logits_BxSxV: jax.Array, targets_BxS: jax.Array,
 @functools.partial(jax.jit, static_argnums=(3, 4, 5))
 def loss(params: Params, moe_state: MoEState, batch: dict[str, jax.Array],
          model_cfg: ModelConfig, moe_cfg: MoEConfig, fp8_cfg: FP8Config = FP8Config(),
-         fp8_state: Optional[dict] = None) -> tuple[jax.Array, dict]:
-  """ce + mtp_loss_weight * mtp_ce + balance_loss; targets equal to pad_id are ignored.
+         fp8_state: Optional[dict] = None, mtp_weight=None) -> tuple[jax.Array, dict]:
+  """ce + mtp_weight * mtp_ce + balance_loss; targets equal to pad_id are ignored. mtp_weight
+  (traced or not) defaults to model_cfg.mtp_loss_weight; a trainer passes its schedule's value.
   For "delayed", the gradient w.r.t. fp8_state is the updated state (see the module docstring)."""
   logits_BxSxV, aux = apply(params, moe_state, batch["inputs"], model_cfg, moe_cfg, fp8_cfg,
                             fp8_state)
@@ -169,7 +170,9 @@ def loss(params: Params, moe_state: MoEState, batch: dict[str, jax.Array],
     mtp_ce += cross_entropy(aux["mtp_logits"][k], jnp.roll(targets_BxS, -(k + 1), axis=1),
                             jnp.roll(valid_BxS, -(k + 1), axis=1) & has_target_1xS)
   mtp_ce = mtp_ce / max(model_cfg.mtp_depth, 1)
-  total = ce + model_cfg.mtp_loss_weight * mtp_ce + aux["balance_loss"]
+  if mtp_weight is None:
+    mtp_weight = model_cfg.mtp_loss_weight
+  total = ce + mtp_weight * mtp_ce + aux["balance_loss"]
   metrics = {"loss": total, "ce": ce, "mtp_ce": mtp_ce}
   metrics.update({k: v for k, v in aux.items() if k != "mtp_logits"})
   return total, metrics

@@ -136,10 +136,19 @@ def check_divisible(cfg: ExperimentConfig, mesh):
                           f"divisible by mesh {'*'.join(mesh_axes)}={n} (logical {axes[dim]!r})")
 
 
+def mtp_weight(step, cfg: ExperimentConfig) -> jax.Array:
+  """The MTP loss weight at `step`: model.mtp_loss_weight, then mtp_loss_weight_late from
+  mtp_late_from * train.steps on (V3's schedule)."""
+  m = cfg.model
+  late = step >= int(round(m.mtp_late_from * cfg.train.steps)) if m.mtp_late_from < 1 else False
+  return jnp.where(late, m.mtp_loss_weight_late, m.mtp_loss_weight).astype(jnp.float32)
+
+
 def train_step(state: dict, batch: dict, cfg: ExperimentConfig) -> tuple[dict, dict]:
   """One AdamW step on the global batch; not applied when the loss or gradient is not finite."""
   step = state["step"]
-  loss_fn = lambda p, f: model.loss(p, state["moe_state"], batch, cfg.model, cfg.moe, cfg.fp8, f)
+  loss_fn = lambda p, f: model.loss(p, state["moe_state"], batch, cfg.model, cfg.moe, cfg.fp8, f,
+                                    mtp_weight=mtp_weight(step, cfg))
   # The FP8 state's gradient is its update (delayed scaling); it never meets the optimizer.
   (loss, aux), (grads, fp8_state) = jax.value_and_grad(loss_fn, argnums=(0, 1), has_aux=True)(
       state["params"], state.get("fp8"))
