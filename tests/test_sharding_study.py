@@ -91,13 +91,25 @@ def test_extrapolation_is_linear_in_dense_and_moe_blocks():
   assert study.slice_blocks(_tiny(num_layers=8, first_k_dense=0)) == [(0, 1), (0, 2)]
 
 
+@pytest.mark.parametrize("arg", ["v3_671b", "v3_671b_fsdp", "v3_671b_fsdp_tp"])
+def test_v3_layouts_are_2048_gpus_with_expert_parallelism_64(arg):
+  cfg = config.from_config_dict(_config_file(arg))
+  assert cfg.mesh.size == 2048 and cfg.mesh.expert == 64
+  # One 4096-token sequence per token shard: the micro-batch every layout is measured at.
+  assert cfg.train.batch_size == 2048 // cfg.mesh.tensor and cfg.train.seq_len == 4096
+  assert cfg.model.remat == (cfg.mesh.fsdp > 1)
+
+
 def test_compile_mesh_shrinks_only_the_data_axis():
   assert study.compile_mesh(config.MeshConfig(data=32, expert=64)) == config.MeshConfig(
       data=2, expert=64)
   assert study.compile_mesh(config.MeshConfig(data=2, expert=4)) == config.MeshConfig(
       data=2, expert=4)
+  # fsdp, expert and tensor set each device's shards: compiled whole, the data axis gives way.
+  assert study.compile_mesh(config.MeshConfig(data=2, fsdp=32, expert=64)) == config.MeshConfig(
+      fsdp=32, expert=64)
   with pytest.raises(config.ConfigError, match="at most"):
-    study.compile_mesh(config.MeshConfig(expert=256))
+    study.compile_mesh(config.MeshConfig(expert=4096))
 
 
 @pytest.mark.slow
