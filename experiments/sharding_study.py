@@ -339,7 +339,7 @@ def notes(cfg: ExperimentConfig, rows: Sequence[dict]) -> list[str]:
                    f"MoE layer forward per device; step {_size(r['a2a_min_step_bytes'])}; "
                    f"{r['source'].split(' ')[0].rstrip(',')} {_size(r['all-to-all'])} "
                    f"(ratio {_ratio_text(r)}).")
-    if r["source"] != "measured, slice":
+    if r["source"] != "measured, slice" and r["devices"] > GRID_DEVICES:  # a simulation
       total = r["peak_bytes"] + r["accum_bytes"]
       fits = "fits" if total <= GPU_BYTES else "does not fit"
       lines.append(f"{r['mesh']}: {_size(total)} per device with the accumulator "
