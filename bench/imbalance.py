@@ -16,7 +16,7 @@ each round; a ratio is the median over rounds of that round's time / its uniform
 
 Prints one JSON object per line, then a Markdown table on stderr.
 
-    python bench/imbalance.py                       # ~4 minutes on the 2-core CPU
+    python bench/imbalance.py                       # ~1.5 minutes on the 2-core CPU
     python bench/imbalance.py --tokens=4096 --embed=256 --rounds=5
 """
 import argparse

@@ -100,6 +100,20 @@ def test_v3_layouts_are_2048_gpus_with_expert_parallelism_64(arg):
   assert cfg.model.remat == (cfg.mesh.fsdp > 1)
 
 
+def test_notes_say_whether_a_simulated_layout_fits_80_gb():
+  cfg = _tiny()
+  row = dict.fromkeys(study.COLUMNS, 0)
+  row.update(mesh="1x4x64x8", devices=2048, source="extrapolated", a2a_ratio=None,
+             accum_bytes=5 * 10**9)
+  fits = lambda peak: [line for line in study.notes(cfg, [dict(row, peak_bytes=peak)])
+                       if "GPU" in line]
+  assert fits(70 * 10**9) == ["1x4x64x8: 69.8 GiB per device with the accumulator (75.0 GB): "
+                              "fits a GPU of 80 GB."]
+  assert "does not fit" in fits(80 * 10**9)[0]
+  grid = study.notes(cfg, [dict(row, devices=8, peak_bytes=1)])  # a grid row: no such line
+  assert not [line for line in grid if "GPU" in line]
+
+
 def test_compile_mesh_shrinks_only_the_data_axis():
   assert study.compile_mesh(config.MeshConfig(data=32, expert=64)) == config.MeshConfig(
       data=2, expert=64)
