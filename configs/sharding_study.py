@@ -7,8 +7,15 @@ Default: tiny_moe's model with the expert-parallel (all-to-all) MoE layer, compi
 8-device meshes (experiments/sharding_study.py GRID; fake CPU devices on a CPU machine). The mesh
 section is left at 1 x 1 x 1 x 1, which tells the study to run its grid.
 
-"v3_671b": DeepSeek-V3's full shape simulated on 2048 GPUs (mesh below): slices of the model are
-compiled on a 2 x 64 fake mesh and scaled to 61 layers (see the study's docstring).
+"v3_671b*": DeepSeek-V3's full shape simulated on 2048 GPUs: slices of the model are compiled on
+fake CPU devices and scaled to 61 layers (see the study's docstring). Three layouts, all with
+expert parallelism 64 and one 4096-token sequence per token shard as the micro-batch (V3's
+final batch, 15360 sequences, is then 7.5 micro-batches per GPU, or 60 with tensor 8):
+  v3_671b          data 32 x expert 64: only experts split; compiled on 2 x 64
+  v3_671b_fsdp     fsdp 32 x expert 64 (ZeRO-3/FSDP: every weight's embed dim split over fsdp),
+                   blocks rematerialised; compiled on all 2048
+  v3_671b_fsdp_tp  fsdp 4 x expert 64 x tensor 8 (heads, ffn widths and vocab over tensor; the 8
+                   tensor ranks share a sequence), blocks rematerialised; compiled on all 2048
 """
 import importlib.util
 import pathlib
@@ -23,20 +30,28 @@ def _load(name: str):
   return module
 
 
+# variant -> (data, fsdp, tensor, model.remat) of a 2048-GPU mesh with expert 64.
+V3_LAYOUTS = {"v3_671b": (32, 1, 1, False), "v3_671b_fsdp": (1, 32, 1, True),
+              "v3_671b_fsdp_tp": (1, 4, 8, True)}
+
+
 def get_config(arg=None):
-  """arg: None (the 8-device grid) or "v3_671b" (the 2048-GPU simulation)."""
-  if arg == "v3_671b":
+  """arg: None (the 8-device grid) or a V3_LAYOUTS key (a 2048-GPU simulation)."""
+  if arg in V3_LAYOUTS:
     config = _load("deepseek_v3_671b.py").get_config()
-    config.mesh.data = 32                 # target: 32 x 64 = 2048 GPUs,
+    data, fsdp, tensor, remat = V3_LAYOUTS[arg]
+    config.mesh.data, config.mesh.fsdp, config.mesh.tensor = data, fsdp, tensor
     config.mesh.expert = 64               # expert parallelism 64 (4 routed experts per GPU)
-    config.train.batch_size = 2048        # one sequence per GPU per step (no accumulation)
+    config.model.remat = remat            # keep only each block's input for the backward
+    # The micro-batch: one sequence per token shard (tensor ranks share theirs).
+    config.train.batch_size = data * fsdp * 64
     config.train.seq_len = 4096           # V3's pre-training length
-    config.train.optimizer_state_dtype = "bfloat16"  # V3's BF16 moments (optax: first only)
+    config.train.optimizer_state_dtype = "bfloat16"  # V3's BF16 moments (both)
     # The padded exchange sends capacity_factor * tokens * top_k / ep rows to each expert shard;
     # dropless (None) would be tokens * top_k per shard: 64x the rows, 60 GB per layer per GPU.
     config.moe.capacity_factor = 1.25
   elif arg:
-    raise ValueError(f"config arg {arg!r}: expected nothing or 'v3_671b'")
+    raise ValueError(f"config arg {arg!r}: expected nothing or one of {', '.join(V3_LAYOUTS)}")
   else:
     config = _load("tiny_moe.py").get_config()
     config.model.vocab_size = 264         # 259 byte tokens padded to split over tensor=2

@@ -6,12 +6,15 @@ and reads per device:
   param+opt    parameter + optimizer-state + router-bias bytes, from the shard shapes of the
                abstract state (jax.eval_shape: nothing is allocated, any model size works);
   peak         argument + output - aliased + temp bytes of `compiled.memory_analysis()` (XLA:CPU's
-               own `peak_memory_in_bytes` counts little more than the arguments, so it is unused);
+               own `peak_memory_in_bytes` counts little more than the arguments, so it is unused),
+               compiled on CPU with the memory-optimized scheduler (CPU_COMPILER_OPTIONS);
   flops        `compiled.cost_analysis()["flops"]` (the program of one device). XLA counts a loop
                body once, and the `padded` grouped experts (the CPU default) loop over blocks, so
                their matmuls are all but missing there; hence also
   expert_flops the routed experts' useful training FLOPs per device, computed: 6 x 3 matrices x
                embed x expert_ffn / tensor x tokens per token shard x top_k x MoE blocks;
+  grad acc     an f32 copy of the device's parameter shards, from shapes: the gradient accumulator
+               a batch of several micro-batches needs (train_step has none; not in peak);
   collectives  `hlo_stats.collective_bytes` of the optimized HLO: result bytes per device per kind;
   a2a min      the MoE exchange's floor: 2 directions x tokens x top_k x embed x bytes per element
                per MoE layer forward, spread over the devices; the step needs it twice (the
@@ -28,7 +31,9 @@ Simulation, where the target does not fit this machine:
   - A mesh of more than MAX_FAKE_DEVICES is compiled with its data axis shrunk (32 -> 2) and the
     batch cut in proportion: parameters are not split over data, so every device holds the same
     shards and tokens as on the target, and the data-parallel all-reduce stays in the program
-    (its result bytes per device do not depend on the group size).
+    (its result bytes per device do not depend on the group size). The other axes (fsdp,
+    expert, tensor) set each device's shards, so they are compiled at full size, up to
+    MAX_SPLIT_DEVICES fake devices.
   - A model deeper than MAX_COMPILED_LAYERS is compiled as slices with the same widths (1 dense
     + 1 MoE block, 2 + 1, 1 + 2; each with the MTP modules, embeddings and head). Peak, FLOPs and
     collective bytes are fitted as c + a * dense + b * moe and evaluated at the full depth;
@@ -56,14 +61,24 @@ from moe_jax.config import MESH_AXES, ConfigError, ExperimentConfig, MeshConfig
 # (data, expert, tensor) shapes of the default study, over GRID_DEVICES devices.
 GRID = ((1, 8, 1), (2, 4, 1), (4, 2, 1), (8, 1, 1), (1, 4, 2), (2, 2, 2), (4, 1, 2))
 GRID_DEVICES = 8
-# XLA:CPU compiles a V3-width slice on 128 fake devices in under a minute on 2 cores.
+# XLA:CPU compiles a V3-width slice on 128 fake devices in under a minute on 2 cores, and on 2048
+# in ~25 s more (1.5 GB resident): the data axis shrinks to the first, the others may reach the
+# second.
 MAX_FAKE_DEVICES = 128
+MAX_SPLIT_DEVICES = 2048
 # Deeper models are compiled as slices: the blocks are unrolled, so compile time grows with depth.
 MAX_COMPILED_LAYERS = 4
 KINDS = ("all-to-all", "all-gather", "reduce-scatter", "all-reduce", "collective-permute")
 COLUMNS = ("mesh", "devices", "compiled_on", "layers", "source", "param_opt_bytes", "peak_bytes",
-           "flops", "expert_flops", *KINDS, "a2a_lowered_bytes", "a2a_min_layer_fwd_bytes",
-           "a2a_min_step_bytes", "a2a_ratio", "a2a_ratio_lowered", "compile_s")
+           "accum_bytes", "flops", "expert_flops", *KINDS, "a2a_lowered_bytes",
+           "a2a_min_layer_fwd_bytes", "a2a_min_step_bytes", "a2a_ratio", "a2a_ratio_lowered",
+           "compile_s")
+# A GPU of "80 GB" (H800/A100/H100), in bytes; the study says which layouts fit under it.
+GPU_BYTES = 80e9
+# XLA:CPU's default scheduler orders for concurrency and ignores memory: it runs each
+# rematerialised block's recompute early, so remat saved nothing (BUILD_NOTES). GPU compilers
+# schedule under a memory limit; the memory-optimized CPU scheduler is the closer stand-in.
+CPU_COMPILER_OPTIONS = {"xla_cpu_scheduler_type": "CPU_SCHEDULER_TYPE_MEMORY_OPTIMIZED"}
 # Figures read from a compiled slice, fitted linearly in the number of dense and MoE blocks.
 FITTED = ("peak_bytes", "flops", *KINDS, "a2a_lowered_bytes")
 
@@ -91,13 +106,14 @@ def study_devices(n: int) -> list:
 
 
 def compile_mesh(target: MeshConfig) -> MeshConfig:
-  """The mesh to compile on: the target, its data axis shrunk until it fits MAX_FAKE_DEVICES."""
+  """The mesh to compile on: the target, its data axis shrunk until it fits MAX_FAKE_DEVICES
+  (to 1 when the other axes alone have more)."""
   rest = target.size // target.data
-  if rest > MAX_FAKE_DEVICES:
-    raise ConfigError(f"mesh: fsdp*expert*tensor={rest} devices; at most {MAX_FAKE_DEVICES} can "
+  if rest > MAX_SPLIT_DEVICES:
+    raise ConfigError(f"mesh: fsdp*expert*tensor={rest} devices; at most {MAX_SPLIT_DEVICES} can "
                       "be compiled here (only the data axis is simulated)")
   data = max(d for d in range(1, target.data + 1)
-             if target.data % d == 0 and d * rest <= MAX_FAKE_DEVICES)
+             if target.data % d == 0 and d * rest <= max(MAX_FAKE_DEVICES, rest))
   return dataclasses.replace(target, data=data)
 
 
@@ -111,13 +127,15 @@ def _abstract_mesh(m: MeshConfig) -> AbstractMesh:
   return AbstractMesh(tuple(m.shape.values()), MESH_AXES, axis_types=(AxisType.Auto,) * 4)
 
 
-def state_bytes(cfg: ExperimentConfig, mesh: Optional[MeshConfig] = None) -> int:
-  """Per-device bytes of params, optimizer state and router biases on `mesh` (any size)."""
+def state_bytes(cfg: ExperimentConfig, mesh: Optional[MeshConfig] = None,
+                keys: Sequence[str] = ("params", "opt_state", "moe_state")) -> int:
+  """Per-device bytes of these parts of the train state (by default params, optimizer state and
+  router biases) on `mesh` (any size)."""
   plain = _plain(cfg)
   shardings = train.state_shardings(plain, _abstract_mesh(mesh or cfg.mesh))
   shapes = jax.eval_shape(functools.partial(train.init_state, cfg=plain), jax.random.key(0))
   total = 0
-  for key in ("params", "opt_state", "moe_state"):
+  for key in keys:
     for a, s in zip(jax.tree.leaves(shapes[key]), jax.tree.leaves(shardings[key])):
       total += math.prod(s.shard_shape(a.shape)) * a.dtype.itemsize
   return total
@@ -164,7 +182,8 @@ def compile_step(cfg: ExperimentConfig, devices: Sequence) -> tuple[Any, Any, fl
   with jax.set_mesh(mesh):  # the expert-parallel layer reads the mesh from here
     lowered = step.lower(state, batch)
     start = time.perf_counter()
-    compiled = lowered.compile()
+    cpu = devices[0].platform == "cpu"
+    compiled = lowered.compile(compiler_options=CPU_COMPILER_OPTIONS if cpu else None)
   return lowered, compiled, time.perf_counter() - start
 
 
@@ -193,7 +212,9 @@ def measure(cfg: ExperimentConfig, devices: Sequence, source: str = "measured") 
 def _with_minimum(row: dict, cfg: ExperimentConfig) -> dict:
   layer, step = a2a_minimum(cfg)
   ratio = lambda measured: measured / step if step else None
+  # Parameters are float32 (the master copy), so their bytes are an f32 accumulator's.
   return dict(row, expert_flops=routed_expert_flops(cfg), a2a_min_layer_fwd_bytes=layer,
+              accum_bytes=state_bytes(cfg, keys=("params",)),
               a2a_min_step_bytes=step, a2a_ratio=ratio(row["all-to-all"]),
               a2a_ratio_lowered=ratio(row["a2a_lowered_bytes"]))
 
@@ -283,14 +304,15 @@ def _ratio_text(row: dict) -> str:
 
 
 def markdown_table(rows: Sequence[dict]) -> str:
-  head = ("mesh (d x f x e x t)", "layers", "source", "param+opt", "peak", "GFLOP (XLA)",
-          "GFLOP experts", *KINDS[:4], "a2a min", "a2a / min")
+  head = ("mesh (d x f x e x t)", "layers", "source", "param+opt", "peak", "+ grad acc",
+          "GFLOP (XLA)", "GFLOP experts", *KINDS[:4], "a2a min", "a2a / min")
   cells = []
   for r in rows:
     mesh = r["mesh"] if r["compiled_on"] == r["mesh"] else f"{r['mesh']} (on {r['compiled_on']})"
     gflop = (f"{r[k] / 1e9:,.1f}" for k in ("flops", "expert_flops"))
     cells.append((r["compiled_on"] if r["source"] == "measured, slice" else mesh, r["layers"],
-                  r["source"], _size(r["param_opt_bytes"]), _size(r["peak_bytes"]), *gflop,
+                  r["source"], _size(r["param_opt_bytes"]), _size(r["peak_bytes"]),
+                  _size(r["peak_bytes"] + r["accum_bytes"]), *gflop,
                   *(_size(r[k]) for k in KINDS[:4]), _size(r["a2a_min_step_bytes"]),
                   _ratio_text(r)))
   return "\n".join(report.table(head, cells))
@@ -308,13 +330,20 @@ def notes(cfg: ExperimentConfig, rows: Sequence[dict]) -> list[str]:
            "a2a min: 2 directions x tokens x top_k x embed x bytes per element per MoE layer "
            "forward / devices, x2 for the step (backward) x MoE blocks; 0 when expert=1.",
            "'as sent': the lowered HLO's all-to-all bytes, in the dtype the layer sends (XLA:CPU "
-           "runs 16-bit collectives in f32)."]
+           "runs 16-bit collectives in f32).",
+           "+ grad acc: peak plus an f32 gradient accumulator of the device's parameter shards "
+           "(from shapes), what a batch of several micro-batches needs; train_step has none."]
   for r in rows:
     if r["a2a_min_layer_fwd_bytes"] and r["source"] != "measured, slice":
       lines.append(f"{r['mesh']}: all-to-all minimum {_size(r['a2a_min_layer_fwd_bytes'])} per "
                    f"MoE layer forward per device; step {_size(r['a2a_min_step_bytes'])}; "
                    f"{r['source'].split(' ')[0].rstrip(',')} {_size(r['all-to-all'])} "
                    f"(ratio {_ratio_text(r)}).")
+    if r["source"] != "measured, slice" and r["devices"] > GRID_DEVICES:  # a simulation
+      total = r["peak_bytes"] + r["accum_bytes"]
+      fits = "fits" if total <= GPU_BYTES else "does not fit"
+      lines.append(f"{r['mesh']}: {_size(total)} per device with the accumulator "
+                   f"({total / 1e9:.1f} GB): {fits} a GPU of {GPU_BYTES / 1e9:.0f} GB.")
     if r["source"].startswith("extrapolated"):
       per_step = ", ".join(f"{k} {_size(r[k] * r['devices'])}" for k in KINDS[:4])
       lines.append(f"{r['mesh']} ({r['devices']} devices), whole cluster per step: {per_step}. "

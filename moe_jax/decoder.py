@@ -153,6 +153,12 @@ class Block(nn.Module):
     return sharding.constrain(x_BxTxD + h_BxTxD, ACTIVATION_AXES), aux, cache
 
 
+def block_class(cfg: ModelConfig, training: bool = True) -> type:
+  """Block, or under cfg.remat (training only) a Block whose backward recomputes its insides:
+  the same parameters, only its input is kept. pos (argument 2, self counted) is static."""
+  return nn.remat(Block, static_argnums=(2,)) if cfg.remat and training else Block
+
+
 class MTPModule(nn.Module):
   """One V3 multi-token prediction depth: proj[norm(emb); norm(h)] -> block -> norm -> head."""
   cfg: ModelConfig
@@ -166,8 +172,8 @@ class MTPModule(nn.Module):
                                  RMSNorm(cfg.norm_eps, name="hidden_norm")(h_BxSxD)], axis=-1)
     w, matmuls = Dense(_normal_specs(cfg.init_std, (("kernel", (2 * d, d), (None, "embed")),)),
                        self.fp8_cfg, name="proj")()
-    h_BxSxD, aux, _ = Block(cfg, self.moe_cfg, self.fp8_cfg, name="block")(
-        matmuls.dot(he_BxSx2D, "kernel", w["kernel"]))
+    h_BxSxD, aux, _ = block_class(cfg)(cfg, self.moe_cfg, self.fp8_cfg, name="block")(
+        matmuls.dot(he_BxSx2D, "kernel", w["kernel"]), 0)
     logits_BxSxV = project(RMSNorm(cfg.norm_eps, name="final_norm")(h_BxSxD), head_DxV,
                            jnp.float32)
     return h_BxSxD, logits_BxSxV, aux
@@ -201,7 +207,8 @@ class Transformer(nn.Module):
     x_BxTxD, auxes, new_caches = embed(tokens_BxT), [], {}
     for i in range(cfg.num_layers):
       name = f"layer_{i}"
-      x_BxTxD, aux, cache = Block(cfg, ffn_cfg(i), self.fp8_cfg, name=name)(
+      x_BxTxD, aux, cache = block_class(cfg, caches is None)(cfg, ffn_cfg(i), self.fp8_cfg,
+                                                             name=name)(
           x_BxTxD, pos, None if caches is None else caches[name])
       new_caches[name] = cache
       auxes += [aux] if aux is not None else []

@@ -88,6 +88,23 @@ def test_mtp_gradient_reaches_mtp_module_and_shared_embedding(setup):
   assert norms["['final_norm']['scale']"] == 0
 
 
+def test_remat_keeps_parameters_loss_and_gradients(setup):
+  params, state, tokens = setup
+  remat = dataclasses.replace(MODEL, remat=True)
+  remat_params, _ = model.init(jax.random.key(0), remat, MOE)
+  assert jax.tree.structure(remat_params) == jax.tree.structure(params)
+  grad = lambda cfg: jax.jit(jax.value_and_grad(
+      lambda p: model.loss(p, state, _batch(tokens), cfg, MOE)[0]))(params)
+  (loss, grads), (loss_r, grads_r) = grad(MODEL), grad(remat)
+  np.testing.assert_allclose(loss_r, loss, rtol=1e-6)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), grads_r,
+               grads)
+  # The backward recomputes each block: its program holds the blocks' forward twice.
+  hlo = lambda cfg: jax.jit(jax.grad(lambda p: model.loss(p, state, _batch(tokens), cfg,
+                                                          MOE)[0])).lower(params).as_text()
+  assert hlo(remat).count("rsqrt") > hlo(MODEL).count("rsqrt")
+
+
 def test_param_axes_match_params_and_sharding_rules(setup):
   params, state, _ = setup
   rule_names = {name for name, _ in sharding.RULES}

@@ -91,13 +91,39 @@ def test_extrapolation_is_linear_in_dense_and_moe_blocks():
   assert study.slice_blocks(_tiny(num_layers=8, first_k_dense=0)) == [(0, 1), (0, 2)]
 
 
+@pytest.mark.parametrize("arg", ["v3_671b", "v3_671b_fsdp", "v3_671b_fsdp_tp"])
+def test_v3_layouts_are_2048_gpus_with_expert_parallelism_64(arg):
+  cfg = config.from_config_dict(_config_file(arg))
+  assert cfg.mesh.size == 2048 and cfg.mesh.expert == 64
+  # One 4096-token sequence per token shard: the micro-batch every layout is measured at.
+  assert cfg.train.batch_size == 2048 // cfg.mesh.tensor and cfg.train.seq_len == 4096
+  assert cfg.model.remat == (cfg.mesh.fsdp > 1)
+
+
+def test_notes_say_whether_a_simulated_layout_fits_80_gb():
+  cfg = _tiny()
+  row = dict.fromkeys(study.COLUMNS, 0)
+  row.update(mesh="1x4x64x8", devices=2048, source="extrapolated", a2a_ratio=None,
+             accum_bytes=5 * 10**9)
+  fits = lambda peak: [line for line in study.notes(cfg, [dict(row, peak_bytes=peak)])
+                       if "GPU" in line]
+  assert fits(70 * 10**9) == ["1x4x64x8: 69.8 GiB per device with the accumulator (75.0 GB): "
+                              "fits a GPU of 80 GB."]
+  assert "does not fit" in fits(80 * 10**9)[0]
+  grid = study.notes(cfg, [dict(row, devices=8, peak_bytes=1)])  # a grid row: no such line
+  assert not [line for line in grid if "GPU" in line]
+
+
 def test_compile_mesh_shrinks_only_the_data_axis():
   assert study.compile_mesh(config.MeshConfig(data=32, expert=64)) == config.MeshConfig(
       data=2, expert=64)
   assert study.compile_mesh(config.MeshConfig(data=2, expert=4)) == config.MeshConfig(
       data=2, expert=4)
+  # fsdp, expert and tensor set each device's shards: compiled whole, the data axis gives way.
+  assert study.compile_mesh(config.MeshConfig(data=2, fsdp=32, expert=64)) == config.MeshConfig(
+      fsdp=32, expert=64)
   with pytest.raises(config.ConfigError, match="at most"):
-    study.compile_mesh(config.MeshConfig(expert=256))
+    study.compile_mesh(config.MeshConfig(expert=4096))
 
 
 @pytest.mark.slow

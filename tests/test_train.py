@@ -2,6 +2,7 @@
 
 The whole runner (resume, SIGTERM, bad configs, two processes) is tested in test_run.py.
 """
+import dataclasses
 import io
 import json
 import os
@@ -101,6 +102,35 @@ def test_non_finite_update_from_finite_gradients_is_not_applied(setup):
   after = _host(state)
   for key in ("params", "opt_state", "moe_state"):
     _assert_trees_equal(after[key], before[key])
+
+
+def _max_vio_after_skew(rate: float, steps: int = 40) -> list[float]:
+  """MaxVio of each train step from a router bias that sends every token to expert 0.
+
+  1024 tokens a batch keep the loads' sampling noise (~0.1 of MaxVio) below what is tested. The
+  bias step is a tenth of the spread of the sigmoid scores across tokens at init (~0.03: logit
+  std 0.02 * sqrt(32), times the sigmoid's slope 1/4): a step near the spread flips every
+  token's ranking together and oscillates (BUILD_NOTES "Load balancing"). The learning rate is
+  low enough that the router's own drift (collapse) stays slower than the bias.
+  """
+  cfg = tiny(steps=steps, batch_size=64, learning_rate=3e-4)
+  cfg = dataclasses.replace(cfg, moe=dataclasses.replace(cfg.moe, bias_update_rate=rate))
+  setup = train.Setup(cfg)
+  state = setup.init(jax.random.key(0))
+  skewed = jax.tree.map(lambda b: b.at[0].add(0.1), state["moe_state"])
+  state = dict(state, moe_state=jax.device_put(skewed, setup.shardings["moe_state"]))
+  vio = []
+  for s in range(steps):
+    state, out = setup.step(state, setup.batches.train(s))
+    vio.append(float(np.max(out["max_vio"])))
+  return vio
+
+
+def test_bias_balancing_undoes_a_skewed_router():
+  balanced, control = _max_vio_after_skew(3e-3), _max_vio_after_skew(0.0)
+  assert balanced[0] > 2.5 and control[0] > 2.5  # expert 0 takes nearly all of 2 per token
+  assert np.mean(balanced[-10:]) < 0.5, balanced
+  assert np.mean(control[-10:]) > 2.0, control  # without the bias step it stays skewed
 
 
 def test_batches_are_the_global_batch_on_the_mesh(setup):
