@@ -1,0 +1,54 @@
+"""Rollouts and evaluation through the inference engine: G completions per prompt share the
+prompt's cached blocks (one prefill per prompt), each token's behaviour log-probability is kept.
+
+A completion ends at EOS (the noisy base corpus ends every document with it) or at max_tokens;
+no stop string, since the engine cuts a stop string off the text and `</answer>` must stay for
+the format check.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Sequence
+
+import numpy as np
+
+from moe_jax.rl import evaluate, rewards, tasks
+from moe_jax.serve import Engine, Request
+
+
+@dataclasses.dataclass
+class Group:
+  """One prompt's G completions and their rewards."""
+  problem: tasks.Problem
+  prompt_ids: list[int]
+  token_ids: list[list[int]]   # per completion (the EOS that ended it is not included)
+  logprobs: list[list[float]]  # behaviour log-probs of token_ids
+  texts: list[str]
+  rewards: np.ndarray          # [G] float64
+
+
+def sample_groups(engine: Engine, problems: Sequence[tasks.Problem], group_size: int, *,
+                  max_tokens: int, temperature: float = 1.0, top_p: float = 1.0,
+                  seed: int = 0, **reward_weights) -> list[Group]:
+  """G = group_size completions of each problem's prompt; request i draws with seed + i."""
+  requests = [Request(tasks.prompt(p), max_tokens=max_tokens, temperature=temperature,
+                      top_p=top_p, n=group_size, seed=seed + i)
+              for i, p in enumerate(problems)]
+  groups = []
+  for p, done in zip(problems, engine.generate(requests)):
+    texts = [c.text for c in done.choices]
+    groups.append(Group(p, done.prompt_token_ids, [c.token_ids for c in done.choices],
+                        [c.logprobs for c in done.choices], texts,
+                        rewards.rewards([p] * len(texts), texts, **reward_weights)))
+  return groups
+
+
+def evaluate_problems(engine: Engine, problems: Sequence[tasks.Problem], k: int, *,
+                      max_tokens: int, temperature: float = 0.6, top_p: float = 0.95,
+                      seed: int = 0) -> dict:
+  """pass@1 (mean correctness over k samples), pass@k, cons@k, format rate and mean response
+  length on `problems`, sampled as R1 is evaluated (temperature 0.6, top-p 0.95)."""
+  groups = sample_groups(engine, problems, k, max_tokens=max_tokens, temperature=temperature,
+                         top_p=top_p, seed=seed)
+  return evaluate.summarize(problems, [g.texts for g in groups],
+                            [[len(t) for t in g.token_ids] for g in groups], ks=(k,))
