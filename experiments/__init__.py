@@ -21,6 +21,7 @@ EXPERIMENTS = {
     "balance_study": "experiments.design_study:run",
     "granularity_study": "experiments.design_study:run",
     "mtp_study": "experiments.design_study:run",
+    "serve": "experiments.serve:run",
 }
 
 

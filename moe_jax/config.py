@@ -305,11 +305,42 @@ class TrainConfig:
         _fail("inject_nan_at_steps", self.inject_nan_at_steps, "must be integers >= 0")
 
 
+@dataclasses.dataclass(frozen=True)
+class ServeConfig:
+  """experiment=serve: the inference engine (moe_jax/serve) and its front door."""
+  input: str = ""                    # requests, one JSON object per line (batch mode)
+  output: str = ""                   # completions JSONL; "" = <workdir>/completions.jsonl
+  port: int = 0                      # > 0: an OpenAI-compatible HTTP server on 127.0.0.1:port
+  model_name: str = ""               # the name /v1/models reports; "" = the checkpoint's folder
+  num_blocks: int = 256              # KV pool blocks (block 0 is reserved)
+  block_size: int = 16               # token slots per block; also the prefix cache's unit
+  max_batch: int = 16                # sequences decoded together
+  prefill_chunk: int = 512           # prompt tokens per prefill call
+  prefix_cache: bool = True          # reuse cached blocks of earlier prompts
+  disk_dir: str = ""                 # the prefix cache's disk tier; "" = <workdir>/prefix_cache
+  fp8_cache: bool = False            # store the cache as float8_e4m3fn with per-token scales
+  price_hit: float = 0.5             # cost report, per million tokens (V3's list prices)
+  price_miss: float = 2.0
+  price_output: float = 8.0
+
+  def __post_init__(self):
+    _finite(self)
+    _positive(self, "block_size", "max_batch", "prefill_chunk")
+    _non_negative(self, "price_hit", "price_miss", "price_output")
+    _is_bool(self, "prefix_cache", "fp8_cache")
+    if isinstance(self.num_blocks, bool) or not isinstance(self.num_blocks, int) or \
+        self.num_blocks < 2:
+      _fail("num_blocks", self.num_blocks, "must be an integer >= 2 (block 0 is reserved)")
+    if isinstance(self.port, bool) or not isinstance(self.port, int) or \
+        not 0 <= self.port < 65536:
+      _fail("port", self.port, "must be an integer in [0, 65535] (0: batch mode, no server)")
+
+
 # ----------------------------------------------------------------------------- the whole config
 
 TOP_LEVEL = ("experiment", "hf_path", "seeds")
 SECTIONS = {"model": ModelConfig, "moe": MoEConfig, "fp8": FP8Config, "mesh": MeshConfig,
-            "train": TrainConfig, "data": DataConfig}
+            "train": TrainConfig, "data": DataConfig, "serve": ServeConfig}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -324,6 +355,7 @@ class ExperimentConfig:
   mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
   train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
   data: DataConfig = dataclasses.field(default_factory=DataConfig)
+  serve: ServeConfig = dataclasses.field(default_factory=ServeConfig)
 
   def __post_init__(self):
     _finite(self)

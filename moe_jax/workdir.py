@@ -38,7 +38,8 @@ HISTORY_FILE = "config_history.jsonl"
 RESUMABLE = ("experiment", "hf_path", "seeds", "mesh.", "model.dtype", "model.remat", "moe.dtype",
              "moe.grouped_backend", "moe.parallelism", "train.steps", "train.log_every",
              "train.eval_every", "train.eval_batches", "train.checkpoint_every",
-             "train.keep_checkpoints", "train.max_bad_steps", "train.inject_nan_at_steps")
+             "train.keep_checkpoints", "train.max_bad_steps", "train.inject_nan_at_steps",
+             "serve.")
 # What a reading experiment (eval, sample) needs to match: the model the checkpoint holds.
 _MODEL_KEYS = ("model.", "moe.", "fp8.")
 

@@ -1,0 +1,200 @@
+"""`experiment=serve`: the inference engine behind one of its front doors.
+
+  python -m experiments.run --config=configs/serve.py --workdir=RUN --config.serve.input=R.jsonl
+  python -m experiments.run --config=configs/serve.py --config.hf_path=DIR --config.serve.port=N
+
+The model: the latest checkpoint of the training run in the workdir (with the model its
+config.json names) or the Hugging Face checkpoint at hf_path (with its tokenizer.json if it has
+one). Batch mode reads one OpenAI completion request per line (moe_jax/serve/openai_api.py says
+which fields), checks every line before any work, writes one response per line to
+completions.jsonl (line i answers line i, log-probs included) and prints two JSON lines:
+throughput and cache hit rate, then the cost report. serve.port > 0 serves the same requests
+over HTTP instead (moe_jax/serve/server.py). Either way the engine's cached prefix blocks are
+flushed to the disk tier at the end, so the next run starts warm.
+"""
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import json
+import os
+import tempfile
+import time
+
+import jax
+
+from moe_jax import data, sharding, train, workdir as workdirs
+from moe_jax.config import ConfigError, ExperimentConfig, from_config_dict
+from moe_jax.interop import hf
+from moe_jax.interop.hf_config import read_json as read_hf_config
+from moe_jax.serve import BadRequest, ByteTokenizer, Engine, Prices, Usage, cost_report
+from moe_jax.serve import openai_api
+
+
+def read_requests(path: str) -> list[tuple[int, object, openai_api.Options]]:
+  """(line number, Request, Options) of each non-blank line; ConfigError names the line."""
+  if not os.path.isfile(path):
+    raise ConfigError(f"serve.input={path!r}: no such file")
+  out = []
+  with open(path, encoding="utf-8") as f:
+    for number, line in enumerate(f, 1):
+      if not line.strip():
+        continue
+      try:
+        request, options = openai_api.parse(json.loads(line))
+      except json.JSONDecodeError as e:
+        raise ConfigError(f"{path}:{number}: not a JSON object ({e.msg})") from None
+      except BadRequest as e:
+        raise ConfigError(f"{path}:{number}: {e}") from None
+      if options.stream:
+        raise ConfigError(f"{path}:{number}: stream=True: only the HTTP server streams")
+      out.append((number, request, options))
+  if not out:
+    raise ConfigError(f"serve.input={path!r}: holds no request")
+  return out
+
+
+class HFTokenizer:
+  """A checkpoint's tokenizer.json, as the engine uses a tokenizer (prompts start with BOS)."""
+
+  def __init__(self, path: str):
+    import tokenizers  # pylint: disable=import-outside-toplevel  (the interop extra)
+    self._tok = tokenizers.Tokenizer.from_file(os.path.join(path, "tokenizer.json"))
+    config = read_hf_config(path)
+    self._bos = config.get("bos_token_id")
+    eos = config.get("eos_token_id")
+    self.eos_id = eos[0] if isinstance(eos, list) and eos else eos
+
+  def encode(self, text: str) -> list[int]:
+    bos = [self._bos] if isinstance(self._bos, int) else []
+    return bos + self._tok.encode(text, add_special_tokens=False).ids
+
+  def decode(self, ids) -> str:
+    return self._tok.decode([int(t) for t in ids])
+
+
+def _from_hf(cfg: ExperimentConfig, path: str):
+  model_cfg, moe_cfg = hf.read_config(path)
+  model_cfg = dataclasses.replace(model_cfg, dtype=cfg.model.dtype)
+  moe_cfg = dataclasses.replace(moe_cfg, dtype=cfg.moe.dtype, parallelism=cfg.moe.parallelism,
+                                grouped_backend=cfg.moe.grouped_backend)
+  if os.path.isfile(os.path.join(path, "tokenizer.json")):
+    if importlib.util.find_spec("tokenizers") is None:
+      raise ConfigError(f"hf_path={path!r}: its tokenizer.json needs the `tokenizers` package "
+                        "(pip install -e '.[interop]')")
+    tokenizer = HFTokenizer(path)
+  elif model_cfg.vocab_size < data.VOCAB_SIZE:
+    raise ConfigError(f"hf_path={path!r}: has no tokenizer.json and vocab_size="
+                      f"{model_cfg.vocab_size} is too small for the byte tokenizer")
+  else:
+    tokenizer = ByteTokenizer()
+  cfg.check_devices(jax.device_count(), jax.process_count())
+  mesh = sharding.make_mesh(cfg.mesh)
+  ckpt = hf.load(path, model_cfg, moe_cfg, mesh=mesh)
+  return ckpt.params, ckpt.moe_state, model_cfg, moe_cfg, mesh, tokenizer
+
+
+def _from_workdir(cfg: ExperimentConfig, workdir: str):
+  stored = workdirs.read_json(os.path.join(workdir, workdirs.CONFIG_FILE))
+  if not isinstance(stored, dict):
+    raise ConfigError(f"workdir={workdir!r}: holds no config.json of a training run (it names "
+                      "the model); give the run's workdir, or --config.hf_path")
+  run = from_config_dict(stored)
+  # The run's model, served the way this config asks (compute dtypes, mesh, parallelism).
+  run = dataclasses.replace(
+      run, experiment=cfg.experiment, mesh=cfg.mesh, serve=cfg.serve,
+      model=dataclasses.replace(run.model, dtype=cfg.model.dtype),
+      moe=dataclasses.replace(run.moe, dtype=cfg.moe.dtype, parallelism=cfg.moe.parallelism,
+                              grouped_backend=cfg.moe.grouped_backend))
+  setup, state, _ = train.load_state(run, workdir)
+  return (state["params"], state["moe_state"], run.model, run.moe, setup.mesh, ByteTokenizer())
+
+
+def load_engine(cfg: ExperimentConfig, workdir: str) -> Engine:
+  s = cfg.serve
+  if cfg.hf_path:
+    try:
+      params, moe_state, model_cfg, moe_cfg, mesh, tokenizer = _from_hf(cfg, cfg.hf_path)
+    except hf.CheckpointError as e:
+      raise ConfigError(f"hf_path: {e}") from None
+  else:
+    params, moe_state, model_cfg, moe_cfg, mesh, tokenizer = _from_workdir(cfg, workdir)
+  return Engine(params, moe_state, model_cfg, moe_cfg, num_blocks=s.num_blocks,
+                block_size=s.block_size, max_batch=s.max_batch, prefill_chunk=s.prefill_chunk,
+                prefix_cache=s.prefix_cache,
+                disk_dir=s.disk_dir or os.path.join(workdir, "prefix_cache"),
+                fp8_cache=s.fp8_cache, mesh=mesh, tokenizer=tokenizer)
+
+
+def _write_lines(path: str, lines: list[dict]):
+  """Whole or not at all: a temporary file renamed over the output."""
+  fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), suffix=".tmp")
+  try:
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+      for line in lines:
+        f.write(json.dumps(line) + "\n")
+    os.chmod(tmp, 0o644)
+    os.replace(tmp, path)
+  except BaseException:
+    os.remove(tmp)
+    raise
+
+
+def batch(engine: Engine, requests, source: str, output: str, model_name: str,
+          prices: Prices) -> dict:
+  """Runs every request (all queued at once: the engine batches them) and writes the answers."""
+  ids = []
+  for number, request, _ in requests:
+    try:
+      ids.append(engine.submit(request))
+    except BadRequest as e:  # nothing has run yet: each line is checked before the first step
+      raise ConfigError(f"{source}:{number}: {e}") from None
+  start = time.perf_counter()
+  done = {}
+  while len(done) < len(ids):
+    done.update(engine.step())
+  seconds = time.perf_counter() - start
+  created = int(time.time())
+  lines = [openai_api.completion_json(done[i], id=f"cmpl-{number}", model=model_name,
+                                      created=created, tokenizer=engine.tokenizer, logprobs=True)
+           for i, (number, _, _) in zip(ids, requests)]
+  _write_lines(output, lines)
+  usage = sum((done[i].usage for i in ids), Usage())
+  summary = {"requests": len(ids), "prompt_tokens": usage.prompt_tokens,
+             "completion_tokens": usage.completion_tokens, "seconds": round(seconds, 3),
+             "tokens_per_second": usage.completion_tokens / max(seconds, 1e-9),
+             "prompt_tokens_per_second": usage.prompt_tokens / max(seconds, 1e-9),
+             "cache_hit_rate": usage.prompt_cache_hit_tokens / max(usage.prompt_tokens, 1),
+             "output": output}
+  return {"summary": summary, "cost": cost_report(usage, prices)}
+
+
+def run(cfg: ExperimentConfig, workdir: str) -> dict:
+  s = cfg.serve
+  if not s.port and not s.input:
+    raise ConfigError("serve.input='': give a requests file (--config.serve.input=FILE) or "
+                      "a port to serve on (--config.serve.port=N)")
+  if s.port and not all(importlib.util.find_spec(m) for m in ("fastapi", "uvicorn")):
+    raise ConfigError(f"serve.port={s.port}: the HTTP server needs fastapi and uvicorn "
+                      "(pip install -e '.[serve]')")
+  requests = read_requests(s.input) if not s.port else []
+  output = s.output or os.path.join(workdir, "completions.jsonl")
+  if requests:
+    workdirs.prepare(os.path.dirname(os.path.abspath(output)))
+    if os.path.isdir(output):
+      raise ConfigError(f"serve.output={output!r}: is a directory; it must name a file")
+  engine = load_engine(cfg, workdir)
+  name = s.model_name or os.path.basename(os.path.normpath(cfg.hf_path or workdir))
+  try:
+    if s.port:
+      from moe_jax.serve import server  # pylint: disable=import-outside-toplevel  (serve extra)
+      server.serve(engine, s.port, name)
+      return {}
+    result = batch(engine, requests, s.input, output, name,
+                   Prices(s.price_hit, s.price_miss, s.price_output))
+  finally:
+    engine.close()
+  if jax.process_index() == 0:
+    print(json.dumps(result["summary"]))
+    print(json.dumps(result["cost"]))
+  return result

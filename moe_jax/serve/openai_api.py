@@ -1,0 +1,196 @@
+"""OpenAI's completions format, shared by both front doors (batch JSONL and the HTTP server): a
+request's JSON fields -> `Request`, a `Completion` -> the response's JSON. No web dependencies.
+
+Fields and defaults are OpenAI's /v1/completions (temperature 1, top_p 1, max_tokens 16, n 1),
+plus vLLM's top_k, stop_token_ids and ignore_eos. seed defaults to 0: a request without one gives
+the same completion every time. logprobs (0..5) returns each sampled token's log-probability;
+top_logprobs is null, because the engine keeps only the sampled token's. Fields that OpenAI
+defines but the engine cannot honour (echo, suffix, best_of, penalties, logit_bias) are refused by
+name rather than silently ignored.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Optional
+
+from moe_jax.serve.requests import BadRequest, Choice, Completion, Request, Usage
+
+_INT, _NUMBER, _STR, _BOOL = ((int,), "an integer"), ((int, float), "a number"), \
+    ((str,), "a string"), ((bool,), "true or false")
+# field -> ((types, their name), default); None (JSON null) always means the default.
+_FIELDS = {"prompt": (None, None), "model": (_STR, None), "max_tokens": (_INT, 16),
+           "temperature": (_NUMBER, 1.0), "top_p": (_NUMBER, 1.0), "top_k": (_INT, 0),
+           "n": (_INT, 1), "seed": (_INT, 0), "stop": (None, ()),
+           "stop_token_ids": (((list,), "a list"), ()), "ignore_eos": (_BOOL, False),
+           "logprobs": (_INT, None), "stream": (_BOOL, False),
+           "stream_options": (((dict,), "an object"), None), "user": (_STR, None)}
+# Fields the engine cannot honour, and the one value each may take (besides null).
+_REFUSED = {"echo": False, "suffix": "", "best_of": 1, "presence_penalty": 0,
+            "frequency_penalty": 0, "logit_bias": {}}
+MAX_LOGPROBS = 5
+
+
+class FieldError(BadRequest):
+  """A bad field: `param` names it (the OpenAI error's `param`)."""
+
+  def __init__(self, param: str, value: Any, allowed: str):
+    super().__init__(f"{param}={value!r}: {allowed}")
+    self.param = param
+
+
+def error_param(error: BadRequest) -> Optional[str]:
+  """The field a BadRequest names (the engine's say `field=value: ...`)."""
+  if isinstance(error, FieldError):
+    return error.param
+  head = str(error).split("=", 1)[0]
+  return head if head.isidentifier() else None
+
+
+@dataclasses.dataclass
+class Options:
+  """What shapes the response rather than the completion."""
+  model: Optional[str] = None
+  logprobs: bool = False
+  stream: bool = False
+  include_usage: bool = False
+
+
+def _prompt(value):
+  if isinstance(value, str):
+    return value
+  if isinstance(value, list) and len(value) == 1 and isinstance(value[0], str):
+    return value[0]
+  if isinstance(value, list) and value and all(
+      isinstance(t, int) and not isinstance(t, bool) for t in value):
+    return value  # token ids
+  if isinstance(value, list) and len(value) > 1 and all(isinstance(p, str) for p in value):
+    raise FieldError("prompt", f"<{len(value)} prompts>", "one prompt per request (a string, a "
+                     "list of one string, or a list of token ids); use n for several completions")
+  raise FieldError("prompt", value, "must be a string, a list of one string, or a non-empty list "
+                   "of token ids")
+
+
+def parse(body: Any) -> tuple[Request, Options]:
+  """A completion request's JSON object -> (Request, Options); FieldError names a bad field.
+  Ranges that depend on the model (max_tokens, token ids) are the engine's to check."""
+  if not isinstance(body, dict):
+    raise FieldError("body", type(body).__name__, "must be a JSON object")
+  for key, value in body.items():
+    if key in _REFUSED:
+      if value is not None and value != _REFUSED[key]:
+        raise FieldError(key, value, f"not supported by this server (only {_REFUSED[key]!r})")
+    elif key not in _FIELDS:
+      raise FieldError(key, value, f"unknown field; a completion request takes "
+                       f"{', '.join(_FIELDS)}")
+  if body.get("prompt") is None:
+    raise FieldError("prompt", None, "required")
+  get = {}
+  for key, (kind, default) in _FIELDS.items():
+    value = body.get(key)
+    if value is None:
+      get[key] = default
+      continue
+    if kind is not None and (not isinstance(value, kind[0]) or
+                             (isinstance(value, bool) and bool not in kind[0])):
+      raise FieldError(key, value, f"must be {kind[1]}")
+    get[key] = value
+  stop = get["stop"]
+  stop = [stop] if isinstance(stop, str) else stop
+  if not isinstance(stop, (list, tuple)) or not all(isinstance(s, str) and s for s in stop):
+    raise FieldError("stop", get["stop"], "must be a non-empty string or a list of them")
+  ids = get["stop_token_ids"]
+  if not all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in ids):
+    raise FieldError("stop_token_ids", ids, "must be a list of token ids (integers >= 0)")
+  logprobs = get["logprobs"]
+  if logprobs is not None and not 0 <= logprobs <= MAX_LOGPROBS:
+    raise FieldError("logprobs", logprobs, f"must be an integer in [0, {MAX_LOGPROBS}] or null")
+  stream_options = get["stream_options"] or {}
+  if stream_options and not get["stream"]:
+    raise FieldError("stream_options", stream_options, "only allowed with stream=true")
+  if set(stream_options) - {"include_usage"} or not isinstance(
+      stream_options.get("include_usage", False), bool):
+    raise FieldError("stream_options", stream_options, 'takes only {"include_usage": bool}')
+  request = Request(_prompt(body["prompt"]), max_tokens=get["max_tokens"],
+                    temperature=get["temperature"], top_p=get["top_p"], top_k=get["top_k"],
+                    n=get["n"], seed=get["seed"], stop=tuple(stop),
+                    stop_token_ids=tuple(ids), ignore_eos=get["ignore_eos"])
+  return request, Options(get["model"], logprobs is not None, get["stream"],
+                          stream_options.get("include_usage", False))
+
+
+def error_json(error: BadRequest, kind: str = "invalid_request_error") -> dict:
+  return {"error": {"message": str(error), "type": kind, "param": error_param(error),
+                    "code": None}}
+
+
+def usage_json(usage: Usage) -> dict:
+  """OpenAI's usage with its cached-token detail, and DeepSeek's two cache fields."""
+  return {"prompt_tokens": usage.prompt_tokens, "completion_tokens": usage.completion_tokens,
+          "total_tokens": usage.prompt_tokens + usage.completion_tokens,
+          "prompt_tokens_details": {"cached_tokens": usage.prompt_cache_hit_tokens},
+          "prompt_cache_hit_tokens": usage.prompt_cache_hit_tokens,
+          "prompt_cache_miss_tokens": usage.prompt_cache_miss_tokens}
+
+
+def logprobs_json(tokenizer, token_ids, logprobs, context=()) -> dict:
+  """OpenAI's logprobs object for `token_ids`, which follow the tokens `context` of the same
+  choice (text offsets count from the choice's start)."""
+  context = list(context)
+  offsets = [len(tokenizer.decode(context + list(token_ids[:i]))) for i in range(len(token_ids))]
+  return {"tokens": [tokenizer.decode([t]) for t in token_ids],
+          "token_logprobs": [float(x) for x in logprobs], "text_offset": offsets,
+          "top_logprobs": None}
+
+
+def choice_json(choice: Choice, tokenizer, logprobs: bool) -> dict:
+  return {"index": choice.index, "text": choice.text, "token_ids": list(choice.token_ids),
+          "logprobs": (logprobs_json(tokenizer, choice.token_ids, choice.logprobs)
+                       if logprobs else None), "finish_reason": choice.finish_reason}
+
+
+def completion_json(completion: Completion, *, id: str, model: str, created: int, tokenizer,
+                    logprobs: bool) -> dict:  # pylint: disable=redefined-builtin
+  return {"id": id, "object": "text_completion", "created": created, "model": model,
+          "choices": [choice_json(c, tokenizer, logprobs) for c in completion.choices],
+          "usage": usage_json(completion.usage)}
+
+
+class TextStream:
+  """One choice's text as it is sampled, for streaming. Text is held back while a stop string
+  may still begin in it or its last character is incomplete, so what is sent is always a
+  prefix of the final text; each token's log-prob goes with the chunk that completes its text."""
+
+  def __init__(self, tokenizer, stop=()):
+    self.tokenizer = tokenizer
+    self.hold = max((len(s) for s in stop), default=1) - 1
+    self.ids: list[int] = []
+    self.logprobs: list[float] = []
+    self.text = ""   # sent so far
+    self.sent = 0    # tokens sent so far
+
+  def push(self, token: int, logprob: float) -> Optional[dict]:
+    """The delta this token makes sendable, or None."""
+    self.ids.append(token)
+    self.logprobs.append(logprob)
+    text = self.tokenizer.decode(self.ids)
+    safe = text[:len(text) - self.hold].rstrip("\ufffd")
+    if len(safe) <= len(self.text) or not safe.startswith(self.text):
+      return None
+    return self._delta(safe, final=False)
+
+  def finish(self, choice: Choice) -> dict:
+    """The rest of the choice's final text and tokens."""
+    self.ids, self.logprobs = list(choice.token_ids), list(choice.logprobs)
+    return self._delta(choice.text, final=True)
+
+  def _delta(self, text: str, final: bool) -> dict:
+    end = len(self.ids) if final else self.sent
+    while not final and end < len(self.ids) and \
+        len(self.tokenizer.decode(self.ids[:end + 1])) <= len(text):
+      end += 1
+    delta = {"text": text[len(self.text):],
+             "token_ids": self.ids[self.sent:end],
+             "logprobs": logprobs_json(self.tokenizer, self.ids[self.sent:end],
+                                       self.logprobs[self.sent:end], self.ids[:self.sent])}
+    self.text, self.sent = text, end
+    return delta

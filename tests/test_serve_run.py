@@ -1,0 +1,115 @@
+"""`experiment=serve` in batch mode as a user runs it (`python -m experiments.run
+--config=configs/serve.py`), on the reference run's checkpoint and on its Hugging Face export."""
+import json
+import os
+import shutil
+
+from moe_jax import checkpoint, config
+from moe_jax.interop import hf
+
+from runs import run
+
+SERVE = "configs/serve.py:runlocal"
+PROMPT = "def add(a, b):"  # 15 tokens with BOS: 3 full blocks of 4
+REQUESTS = [
+    {"prompt": PROMPT, "max_tokens": 6, "temperature": 0, "ignore_eos": True},
+    {"prompt": [PROMPT], "max_tokens": 5, "temperature": 0.8, "n": 2, "seed": 3,
+     "ignore_eos": True, "logprobs": 1},
+    {"prompt": [256, 10, 20, 30], "max_tokens": 4, "temperature": 0, "ignore_eos": True},
+]
+
+
+def _write(path, lines):
+  path.write_text("".join((json.dumps(l) if not isinstance(l, str) else l) + "\n"
+                          for l in lines))
+  return str(path)
+
+
+def _serve(env, workdir, requests, *flags):
+  result = run(env, SERVE, workdir, f"--config.serve.input={requests}",
+               "--config.serve.block_size=4", *flags)
+  return result, [json.loads(l) for l in result.stdout.splitlines() if l.startswith("{")]
+
+
+def _read(path):
+  with open(path) as f:
+    return [json.loads(line) for line in f]
+
+
+def _tokens(lines):
+  return [[c["token_ids"] for c in line["choices"]] for line in lines]
+
+
+def test_batch_serve_writes_completions_and_a_restart_reads_the_disk_tier(env, reference,
+                                                                         tmp_path):
+  workdir = str(tmp_path / "run")
+  shutil.copytree(reference, workdir)
+  requests = _write(tmp_path / "requests.jsonl", REQUESTS[:1] + [""] + REQUESTS[1:])
+  result, printed = _serve(env, workdir, requests)
+  assert result.returncode == 0, result.stderr[-3000:]
+  summary, cost = printed
+  assert summary["requests"] == 3 and summary["tokens_per_second"] > 0
+  assert summary["completion_tokens"] == 6 + 2 * 5 + 4 == cost["completion_tokens"]
+  assert cost["prompt_cache_hit_tokens"] <= 12  # cold: at most request 2 reuses request 1's
+  cold = _read(os.path.join(workdir, "completions.jsonl"))
+  assert [len(line["choices"]) for line in cold] == [1, 2, 1]
+  for line, request in zip(cold, REQUESTS):
+    usage = line["usage"]
+    assert usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"]
+    assert usage["prompt_tokens"] == (15 if request["prompt"] != REQUESTS[2]["prompt"] else 4)
+    for choice in line["choices"]:
+      assert len(choice["token_ids"]) == request["max_tokens"]
+      assert choice["finish_reason"] == "length"
+      logprobs = choice["logprobs"]
+      assert len(logprobs["token_logprobs"]) == len(choice["token_ids"])
+      assert all(lp <= 0 for lp in logprobs["token_logprobs"])
+      assert logprobs["text_offset"][0] == 0 and logprobs["top_logprobs"] is None
+  a, b = cold[1]["choices"]
+  assert a["token_ids"] != b["token_ids"]  # two samples of one prompt
+
+  # A new process: the prompt's 3 full blocks come back from the disk tier, same tokens.
+  result, (summary, cost) = _serve(env, workdir, requests)
+  assert result.returncode == 0, result.stderr[-3000:]
+  warm = _read(os.path.join(workdir, "completions.jsonl"))
+  assert _tokens(warm) == _tokens(cold)
+  assert [line["usage"]["prompt_cache_hit_tokens"] for line in warm] == [12, 12, 0]
+  assert warm[0]["usage"]["prompt_tokens_details"]["cached_tokens"] == 12
+  assert cost["cache_hit_rate"] == 24 / 34 and cost["cost"] < cost["cost_without_cache"]
+
+
+def test_bad_request_lines_are_named_before_any_work(env, reference, tmp_path):
+  out = tmp_path / "out.jsonl"
+  for bad, message in [('{"prompt": "x", "temperature": "hot"}', ":2: temperature='hot': "),
+                       ('{"prompt": "x", "max_tokens": 40}', ":2: max_tokens=40: "),
+                       ('{"prompt": "x", "best_of": 3}', ":2: best_of=3: "),
+                       ('{"prompt": "x"', ":2: not a JSON object")]:
+    requests = _write(tmp_path / "requests.jsonl", [REQUESTS[0], bad])
+    result, _ = _serve(env, reference, requests, f"--config.serve.output={out}",
+                       f"--config.serve.disk_dir={tmp_path / 'cache'}")
+    assert result.returncode == 2, result.stderr[-3000:]
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0], lines
+    assert not out.exists()
+  result = run(env, SERVE, reference)
+  assert result.returncode == 2 and "serve.input=''" in result.stderr
+  result = run(env, SERVE, reference, "--config.serve.port=-1")
+  assert result.returncode == 2 and "serve.port=-1: must be an integer in [0, 65535]" in \
+      result.stderr
+
+
+def test_batch_serve_of_a_hugging_face_export_matches_the_workdir(env, reference, tmp_path):
+  with open(os.path.join(reference, "config.json")) as f:
+    cfg = config.from_config_dict(json.load(f))
+  state = checkpoint.read_numpy(os.path.join(reference, "checkpoints"), 12)
+  hf.export(str(tmp_path / "hf"), state["params"], state["moe_state"], cfg.model, cfg.moe)
+  requests = _write(tmp_path / "requests.jsonl", [REQUESTS[0]])
+  outputs = []
+  for workdir, flags in [(reference, []), (str(tmp_path / "work"),
+                                           [f"--config.hf_path={tmp_path / 'hf'}"])]:
+    output = tmp_path / f"{len(outputs)}.jsonl"
+    result, _ = _serve(env, workdir, requests, f"--config.serve.output={output}",
+                       "--config.serve.prefix_cache=False", *flags)
+    assert result.returncode == 0, result.stderr[-3000:]
+    outputs.append(_read(output))
+  assert _tokens(outputs[0]) == _tokens(outputs[1])
+  assert outputs[1][0]["model"] == "hf"
