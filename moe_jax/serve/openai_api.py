@@ -134,9 +134,11 @@ def usage_json(usage: Usage) -> dict:
 
 def logprobs_json(tokenizer, token_ids, logprobs, context=()) -> dict:
   """OpenAI's logprobs object for `token_ids`, which follow the tokens `context` of the same
-  choice (text offsets count from the choice's start)."""
+  choice. A token's text offset counts from the choice's start; the bytes of one character all
+  start where it does."""
   context = list(context)
-  offsets = [len(tokenizer.decode(context + list(token_ids[:i]))) for i in range(len(token_ids))]
+  offsets = [len(tokenizer.decode(context + list(token_ids[:i])).rstrip("\ufffd"))
+             for i in range(len(token_ids))]
   return {"tokens": [tokenizer.decode([t]) for t in token_ids],
           "token_logprobs": [float(x) for x in logprobs], "text_offset": offsets,
           "top_logprobs": None}
@@ -162,6 +164,7 @@ class TextStream:
 
   def __init__(self, tokenizer, stop=()):
     self.tokenizer = tokenizer
+    self.stop = tuple(stop)
     self.hold = max((len(s) for s in stop), default=1) - 1
     self.ids: list[int] = []
     self.logprobs: list[float] = []
@@ -173,7 +176,9 @@ class TextStream:
     self.ids.append(token)
     self.logprobs.append(logprob)
     text = self.tokenizer.decode(self.ids)
-    safe = text[:len(text) - self.hold].rstrip("\ufffd")
+    # The engine reports a token before it looks for stop strings: look here too.
+    cut = min((i for i in (text.find(s) for s in self.stop) if i >= 0), default=-1)
+    safe = (text[:cut] if cut >= 0 else text[:len(text) - self.hold]).rstrip("\ufffd")
     if len(safe) <= len(self.text) or not safe.startswith(self.text):
       return None
     return self._delta(safe, final=False)
