@@ -6,14 +6,15 @@
   decode_batch  decode tokens/s at batch 16 against batch 1
   cost          many requests sharing a system prompt, with and without the prefix cache
   fp8_cache     float8 latent storage against the float cache: bytes per token, the largest logit
-                difference and greedy agreement over --fp8_steps teacher-forced decode steps
+                difference and greedy agreement over --fp8_steps teacher-forced decode steps (also
+                on an all-dense copy of the shape, which has no expert choices to flip)
 
 The model is configs/tiny_moe.py's shape with max_seq_len 2,304 and RANDOM weights (no training
 run needed): timings do not depend on the weights, but the FP8 agreement of a random model (near-
 uniform logits) is a pessimistic stand-in for a trained one. Ratios are medians over --rounds
 rounds, each timing both sides back to back; absolute times count only on a GPU.
 
-    python bench/serve.py                      # all of it, about 10 minutes on 2 CPU cores
+    python bench/serve.py                      # all of it, about 5 minutes on 2 CPU cores
     python bench/serve.py --only=ttft,fp8_cache --rounds=3
 """
 import argparse
@@ -186,10 +187,20 @@ def _teacher_forced(m, pool, prompt: list[int], tokens: list[int], block_size: i
 
 
 def fp8_cache(m, args, rng):
-  model_cfg = m[2]
+  """Also on the same shape with every block dense: a random router's near-ties flip expert
+  choices under small perturbations, and those flips, not the latents' rounding, give the MoE
+  model's largest logit differences."""
+  params, moe_state, model_cfg, moe_cfg = m
+  dense_cfg = dataclasses.replace(model_cfg, first_k_dense=model_cfg.num_layers)
+  dense = (*model.init(jax.random.key(0), dense_cfg, moe_cfg), dense_cfg, moe_cfg)
   prompt = _prompt(rng, 64)
-  steps = args.fp8_steps
-  bs, blocks = 16, -(-(64 + steps) // 16) + 1
+  for variant, weights in (("moe", m), ("all_dense", dense)):
+    _fp8_compare(variant, weights, prompt, args.fp8_steps)
+
+
+def _fp8_compare(variant, m, prompt, steps):
+  model_cfg = m[2]
+  bs, blocks = 16, -(-(len(prompt) + steps) // 16) + 1
   engines = {fp8: Engine(*m, num_blocks=blocks + 2, block_size=bs, max_batch=1,
                          prefix_cache=False, fp8_cache=fp8) for fp8 in (False, True)}
   # Free-running greedy decode with each cache: how long the two agree token for token.
@@ -202,13 +213,16 @@ def fp8_cache(m, args, rng):
                                  greedy[False], bs) for fp8 in (False, True)}
   diff = np.abs(logits[True] - logits[False])
   same = np.argmax(logits[True], -1) == np.argmax(logits[False], -1)
-  _line("fp8_cache", attention=model_cfg.attention, layers=model_cfg.num_layers,
+  _line("fp8_cache", variant=variant, attention=model_cfg.attention,
+        layers=model_cfg.num_layers, moe_layers=model_cfg.num_layers - model_cfg.first_k_dense,
         values_per_token_per_layer=kv.values_per_token(model_cfg),
         float_bytes_per_token=kv.bytes_per_token(engines[False].pool),
         fp8_bytes_per_token=kv.bytes_per_token(engines[True].pool),
-        decode_steps=steps, max_abs_logit_diff=float(diff.max()),
-        mean_abs_logit_diff=float(diff.mean()), logit_std=float(logits[False].std()),
-        teacher_forced_greedy_agreement=float(same.mean()),
+        decode_steps=steps, max_abs_logit_diff=round(float(diff.max()), 5),
+        median_step_max_abs_logit_diff=round(float(np.median(diff.max(-1))), 5),
+        mean_abs_logit_diff=round(float(diff.mean()), 6),
+        logit_std=round(float(logits[False].std()), 4),
+        teacher_forced_greedy_agreement=round(float(same.mean()), 4),
         free_running_tokens_identical_before_first_difference=agree,
         weights="random (tiny_moe shape)")
 
