@@ -158,7 +158,8 @@ def batch(engine: Engine, requests, source: str, output: str, model_name: str,
   lines = [openai_api.completion_json(done[i], id=f"cmpl-{number}", model=model_name,
                                       created=created, tokenizer=engine.tokenizer, logprobs=True)
            for i, (number, _, _) in zip(ids, requests)]
-  _write_lines(output, lines)
+  if jax.process_index() == 0:  # every process ran the same requests; one writes them
+    _write_lines(output, lines)
   usage = sum((done[i].usage for i in ids), Usage())
   summary = {"requests": len(ids), "prompt_tokens": usage.prompt_tokens,
              "completion_tokens": usage.completion_tokens, "seconds": round(seconds, 3),
@@ -174,13 +175,20 @@ def run(cfg: ExperimentConfig, workdir: str) -> dict:
   if not s.port and not s.input:
     raise ConfigError("serve.input='': give a requests file (--config.serve.input=FILE) or "
                       "a port to serve on (--config.serve.port=N)")
+  if s.port and s.input:
+    raise ConfigError(f"serve.input={s.input!r}: a batch file and serve.port={s.port} exclude "
+                      "each other; give one")
+  if s.port and jax.process_count() > 1:
+    raise ConfigError(f"serve.port={s.port}: the HTTP server runs in one process; this run has "
+                      f"{jax.process_count()} (batch mode runs in several)")
   if s.port and not all(importlib.util.find_spec(m) for m in ("fastapi", "uvicorn")):
     raise ConfigError(f"serve.port={s.port}: the HTTP server needs fastapi and uvicorn "
                       "(pip install -e '.[serve]')")
   requests = read_requests(s.input) if not s.port else []
   output = s.output or os.path.join(workdir, "completions.jsonl")
   if requests:
-    workdirs.prepare(os.path.dirname(os.path.abspath(output)))
+    if jax.process_index() == 0:
+      workdirs.prepare(os.path.dirname(os.path.abspath(output)))
     if os.path.isdir(output):
       raise ConfigError(f"serve.output={output!r}: is a directory; it must name a file")
   engine = load_engine(cfg, workdir)

@@ -95,6 +95,9 @@ def test_bad_request_lines_are_named_before_any_work(env, reference, tmp_path):
     assert not out.exists()
   result = run(env, SERVE, reference)
   assert result.returncode == 2 and "serve.input=''" in result.stderr
+  result = run(env, SERVE, reference, "--config.serve.port=8000",
+               f"--config.serve.input={requests}")
+  assert result.returncode == 2 and "exclude each other" in result.stderr
   result = run(env, SERVE, reference, "--config.serve.port=-1")
   assert result.returncode == 2 and "serve.port=-1: must be an integer in [0, 65535]" in \
       result.stderr
