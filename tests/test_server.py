@@ -1,6 +1,7 @@
 """The OpenAI-compatible server, running in this process on a free loopback port with a tiny
 random model, driven by the official `openai` client (a test-only dependency)."""
 import concurrent.futures
+import contextlib
 import socket
 import threading
 import time
@@ -34,8 +35,9 @@ def engine():
   return Engine(params, moe_state, MODEL, MOE, num_blocks=96, block_size=4, max_batch=8)
 
 
-@pytest.fixture(scope="module")
-def client(engine):
+@contextlib.contextmanager
+def _serving(engine):
+  """An openai client of the server of `engine`, on a free loopback port."""
   sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
   sock.bind(("127.0.0.1", 0))
   app = server.make_app(engine, NAME)
@@ -46,11 +48,19 @@ def client(engine):
   while not http.started:
     assert thread.is_alive() and time.monotonic() < deadline, "the server did not start"
     time.sleep(0.05)
-  yield openai.OpenAI(base_url=f"http://127.0.0.1:{sock.getsockname()[1]}/v1", api_key="none",
-                      max_retries=0, timeout=120)
-  http.should_exit = True
-  thread.join(timeout=60)
+  try:
+    yield openai.OpenAI(base_url=f"http://127.0.0.1:{sock.getsockname()[1]}/v1",
+                        api_key="none", max_retries=0, timeout=120)
+  finally:
+    http.should_exit = True
+    thread.join(timeout=60)
   assert not app.state.engine_loop.is_alive()
+
+
+@pytest.fixture(scope="module")
+def client(engine):
+  with _serving(engine) as c:
+    yield c
 
 
 def _complete(client, **kwargs):
@@ -129,3 +139,30 @@ def test_concurrent_requests_share_decode_steps(client, engine):
   assert all(r.usage.completion_tokens == 16 for r in responses)
   # Run one after another, four requests take 4 * 15 decode steps; batched, fewer.
   assert engine.stats["decode_steps"] - before < 4 * 15
+
+
+class _BrokenEngine:
+  """Accepts requests, then fails in its first step."""
+  tokenizer = None
+
+  def __init__(self):
+    self.jobs = 0
+
+  def submit(self, request, on_token=None):
+    self.jobs += 1
+    return self.jobs
+
+  def has_work(self):
+    return self.jobs > 0
+
+  def step(self):
+    raise RuntimeError("boom")
+
+
+def test_an_engine_failure_is_a_500_for_every_request_not_a_hang():
+  with _serving(_BrokenEngine()) as broken:
+    for _ in range(2):
+      with pytest.raises(openai.InternalServerError) as error:
+        broken.completions.create(model=NAME, prompt="x", max_tokens=1)
+      body = error.value.response.json()["error"]
+      assert body["type"] == "server_error" and "RuntimeError: boom" in body["message"]

@@ -18,6 +18,7 @@ import json
 import queue
 import threading
 import time
+import traceback
 from typing import Optional
 
 import fastapi
@@ -53,12 +54,14 @@ class EngineLoop(threading.Thread):
     self.inbox: queue.Queue = queue.Queue()
     self.stopping = threading.Event()
     self.failure: Optional[str] = None
+    self._failing = threading.Lock()  # a request is either queued before a failure or refused
 
   def submit(self, request: Request, events: _Events):
-    if self.failure is not None:
-      events.put("failed", self.failure)
-    else:
-      self.inbox.put((request, events))
+    with self._failing:
+      if self.failure is None:
+        self.inbox.put((request, events))
+        return
+    events.put("failed", self.failure)
 
   def stop(self):
     self.stopping.set()
@@ -90,14 +93,15 @@ class EngineLoop(threading.Thread):
           for job_id, completion in self.engine.step().items():
             waiting.pop(job_id).put("done", completion)
     except Exception as e:  # pylint: disable=broad-except  (reported to every waiter)
-      self.failure = f"the engine stopped: {type(e).__name__}: {e}"
+      with self._failing:
+        self.failure = f"the engine stopped: {type(e).__name__}: {e}"
       for events in waiting.values():
         events.put("failed", self.failure)
       while not self.inbox.empty():
         item = self.inbox.get_nowait()
         if item:
           item[1].put("failed", self.failure)
-      raise
+      traceback.print_exc()  # the server stays up, answering 500 with the reason
 
 
 def _error(status: int, error: BadRequest, kind: str = "invalid_request_error"):
