@@ -222,3 +222,13 @@ def test_sample_experiment_runs_through_the_engine(env, config_file, reference):
   assert [t[:len(p)] for t, p in zip(texts, ("def ", "import ", "class "))] == [
       "def ", "import ", "class "]
   assert all(len(t.rstrip("\n")) > len("import ") for t in texts)
+
+
+def test_requests_refuse_bools_and_bad_stop_ids(setup):
+  engine = _engine(setup)
+  for request, message in ((Request("x", temperature=True), "temperature=True"),
+                           (Request([1, True]), r"prompt=\[1, True\]"),
+                           (Request("x", stop_token_ids=[-1]), r"stop_token_ids=\[-1\]"),
+                           (Request("x", stop_token_ids="a"), "stop_token_ids='a'")):
+    with pytest.raises(BadRequest, match=message):
+      engine.generate([request])

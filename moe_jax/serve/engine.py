@@ -141,7 +141,9 @@ class Engine:
 
   def submit(self, request: Request, on_token: Optional[Callable] = None) -> int:
     """Queues a request (BadRequest if it cannot be served); returns its id. on_token(choice,
-    token_id, logprob) is called for each sampled token."""
+    token_id, logprob) is called for each sampled token, before stop strings are looked for: a
+    streaming caller holds back text that a stop string may still cut. Usage counts every
+    generated token, the cut ones included (they were computed)."""
     job = self._checked([request])[0]
     job.on_token = on_token
     job_id, self._next_id = self._next_id, self._next_id + 1
@@ -181,7 +183,7 @@ class Engine:
       if not isinstance(r, Request):
         raise BadRequest(f"request={r!r}: must be a moe_jax.serve.Request")
       prompt = self._tokens(r.prompt)
-      r.check(self.model_cfg.max_seq_len, len(prompt))
+      r.check(self.model_cfg.max_seq_len, len(prompt), self.model_cfg.vocab_size)
       bs, P = self.block_size, len(prompt)
       full = P // bs
       if r.n > self.max_batch:
@@ -201,7 +203,8 @@ class Engine:
       return self.tokenizer.encode(prompt)
     ids = list(prompt)
     V = self.model_cfg.vocab_size
-    if not all(isinstance(t, (int, np.integer)) and 0 <= t < V for t in ids):
+    if not all(isinstance(t, (int, np.integer)) and not isinstance(t, bool) and 0 <= t < V
+               for t in ids):
       raise BadRequest(f"prompt={ids[:8]!r}...: token ids must be integers in [0, {V})")
     return [int(t) for t in ids]
 

@@ -24,7 +24,7 @@ class Request:
   stop_token_ids: Sequence[int] = ()
   ignore_eos: bool = False
 
-  def check(self, max_len: int, prompt_len: int):
+  def check(self, max_len: int, prompt_len: int, vocab_size: int):
     def bad(field, value, allowed):
       raise BadRequest(f"{field}={value!r}: {allowed}")
     if prompt_len < 1:
@@ -36,9 +36,10 @@ class Request:
       bad("max_tokens", self.max_tokens,
           f"the prompt's {prompt_len} tokens plus max_tokens exceed the model's "
           f"max_seq_len={max_len}")
-    if not isinstance(self.temperature, (int, float)) or not 0 <= self.temperature <= 100:
+    number = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)
+    if not number(self.temperature) or not 0 <= self.temperature <= 100:
       bad("temperature", self.temperature, "must be a number in [0, 100] (0 = greedy)")
-    if not isinstance(self.top_p, (int, float)) or not 0 < self.top_p <= 1:
+    if not number(self.top_p) or not 0 < self.top_p <= 1:
       bad("top_p", self.top_p, "must be in (0, 1]")
     if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 0:
       bad("top_k", self.top_k, "must be an integer >= 0 (0 = off)")
@@ -49,6 +50,11 @@ class Request:
       bad("seed", self.seed, "must be an integer in [0, 2**31)")
     if isinstance(self.stop, str) or not all(isinstance(s, str) and s for s in self.stop):
       bad("stop", self.stop, "must be a list of non-empty strings")
+    if isinstance(self.stop_token_ids, (str, bytes)) or not all(
+        isinstance(t, int) and not isinstance(t, bool) and 0 <= t < vocab_size
+        for t in self.stop_token_ids):
+      bad("stop_token_ids", self.stop_token_ids,
+          f"must be a list of token ids in [0, {vocab_size})")
 
 
 @dataclasses.dataclass
