@@ -17,19 +17,7 @@ def get_config(arg=None):
   config.experiment = "hf_eval"          # experiments/hf_eval.py
   config.hf_path = ""                    # checkpoint directory: config.json + *.safetensors
 
-  config.model = m = ml_collections.ConfigDict()  # the architecture comes from the checkpoint
-  m.dtype = "float32"                    # compute dtype ("float32" or "bfloat16")
-
-  config.moe = e = ml_collections.ConfigDict()
-  e.dtype = "float32"                    # compute dtype of the experts
-  e.parallelism = "none"                 # "none", "alltoall" or "gshard" (needs mesh.expert > 1)
-  e.grouped_backend = "auto"             # "auto", "ragged" or "padded" expert matmuls
-
-  config.mesh = mesh = ml_collections.ConfigDict()  # product = number of devices
-  mesh.data = 1                          # data parallelism
-  mesh.fsdp = 1                          # parameters' embed dim split over devices
-  mesh.expert = 1                        # expert parallelism
-  mesh.tensor = 1                        # tensor parallelism
+  add_runtime(config)
 
   config.train = t = ml_collections.ConfigDict()  # only the evaluation sizes are used
   t.batch_size = 8                       # sequences per evaluation batch
@@ -46,3 +34,21 @@ def get_config(arg=None):
   elif arg:
     raise ValueError(f"config arg {arg!r}: expected nothing or 'runlocal'")
   return config
+
+
+def add_runtime(config):
+  """How a checkpoint runs, whatever it holds (configs/serve.py uses it too): the compute
+  dtypes, the expert layer and the mesh; the architecture comes from the checkpoint."""
+  config.model = m = ml_collections.ConfigDict()  # the architecture comes from the checkpoint
+  m.dtype = "float32"                    # compute dtype ("float32" or "bfloat16")
+
+  config.moe = e = ml_collections.ConfigDict()
+  e.dtype = "float32"                    # compute dtype of the experts
+  e.parallelism = "none"                 # "none", "alltoall" or "gshard" (needs mesh.expert > 1)
+  e.grouped_backend = "auto"             # "auto", "ragged" or "padded" expert matmuls
+
+  config.mesh = mesh = ml_collections.ConfigDict()  # product = number of devices
+  mesh.data = 1                          # data parallelism
+  mesh.fsdp = 1                          # parameters' embed dim split over devices
+  mesh.expert = 1                        # expert parallelism
+  mesh.tensor = 1                        # tensor parallelism

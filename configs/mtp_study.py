@@ -5,13 +5,11 @@ model at equal steps (experiments/design_study.py).
 
 Arms x two seeds of 200 steps (batch 16 x 128) on the tiny MoE; "runlocal" is a smoke test.
 """
-import importlib.util
+
 import pathlib
+import runpy
 
 
 def get_config(arg=None):
-  path = pathlib.Path(__file__).with_name("balance_study.py")  # its study_config, by path
-  spec = importlib.util.spec_from_file_location("balance_study_config", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.study_config("mtp_study", arg)
+  shared = runpy.run_path(str(pathlib.Path(__file__).with_name("balance_study.py")))
+  return shared["study_config"]("mtp_study", arg)

@@ -8,6 +8,9 @@
 The model is the one the checkpoint holds: a training run's workdir (its config.json names the
 model) or a Hugging Face checkpoint (hf_path). This file chooses how to serve it.
 """
+import pathlib
+import runpy
+
 import ml_collections
 
 
@@ -17,19 +20,7 @@ def get_config(arg=None):
   config.experiment = "serve"            # experiments/serve.py
   config.hf_path = ""                    # a Hugging Face checkpoint; "" = the workdir's latest
 
-  config.model = m = ml_collections.ConfigDict()  # the architecture comes from the checkpoint
-  m.dtype = "float32"                    # compute dtype ("float32" or "bfloat16")
-
-  config.moe = e = ml_collections.ConfigDict()
-  e.dtype = "float32"                    # compute dtype of the experts
-  e.parallelism = "none"                 # "none", "alltoall" or "gshard" (needs mesh.expert > 1)
-  e.grouped_backend = "auto"             # "auto", "ragged" or "padded" expert matmuls
-
-  config.mesh = mesh = ml_collections.ConfigDict()  # product = number of devices
-  mesh.data = 1                          # data parallelism
-  mesh.fsdp = 1                          # parameters' embed dim split over devices
-  mesh.expert = 1                        # expert parallelism
-  mesh.tensor = 1                        # tensor parallelism
+  runpy.run_path(str(pathlib.Path(__file__).with_name("hf_eval.py")))["add_runtime"](config)
 
   config.serve = s = ml_collections.ConfigDict()
   s.input = ""                           # requests JSONL: one OpenAI completion request a line
