@@ -186,7 +186,7 @@ def plot_loads(path: str, study: str, results: dict):
     load = next(iter(results[arm].values()))["load"]
     image = ax.imshow(load * load.shape[1], aspect="auto", cmap="viridis", vmin=0,
                       vmax=max(2.0, float((load * load.shape[1]).max())))
-    ax.set(title=arm, xlabel="expert", ylabel="MoE layer")
+    ax.set(title=arm, xlabel="expert", ylabel="MoE layer", yticks=range(load.shape[0]))
     fig.colorbar(image, ax=ax, label="held-out load x E (1 = balanced)")
   fig.tight_layout()
   report.save(fig, path, dpi=100, bbox_inches="tight")
