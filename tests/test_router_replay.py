@@ -1,0 +1,105 @@
+"""Router replay: the MoE layer dispatches to given experts while its statistics (and so the
+bias update) keep the router's own choice; on one device and on the 8-device mesh."""
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import moe_reference
+from moe_jax import moe, sharding
+from moe_jax.config import MeshConfig, MoEConfig
+from test_moe_layer import dense_rewrite
+
+CFG = MoEConfig(embed_dim=16, num_experts=8, top_k=2, expert_ffn_dim=8, num_shared_experts=1,
+                n_groups=2, topk_groups=2, routed_scaling=2.5)
+
+
+def setup(cfg=CFG, seed=0):
+  params, _ = moe.init(jax.random.PRNGKey(seed), cfg)
+  kb, kx = jax.random.split(jax.random.PRNGKey(seed + 1))
+  state = {"router_bias": 0.1 * jax.random.normal(kb, (cfg.num_experts,))}
+  x = jax.random.normal(kx, (8, 5, cfg.embed_dim))
+  return params, state, x
+
+
+def other_experts(shape, cfg, seed=0):
+  """Distinct random experts per token, [*shape, K] int32: mostly not the router's choice."""
+  rng = np.random.default_rng(seed)
+  rows = [rng.permutation(cfg.num_experts)[:cfg.top_k] for _ in range(int(np.prod(shape)))]
+  return jnp.asarray(np.stack(rows).reshape(shape + (cfg.top_k,)), jnp.int32)
+
+
+def test_replaying_the_own_choice_changes_nothing():
+  params, state, x = setup()
+  y, aux = jax.jit(lambda p, x: moe.apply(p, state, x, CFG))(params, x)
+  assert aux["experts"].shape == (8, 5, CFG.top_k) and aux["experts"].dtype == jnp.int32
+  y2, aux2 = jax.jit(lambda p, x, r: moe.apply(p, state, x, CFG, replay=r))(params, x,
+                                                                            aux["experts"])
+  np.testing.assert_array_equal(y2, y)
+  for key in aux:
+    np.testing.assert_array_equal(aux2[key], aux[key], err_msg=key)
+
+
+def test_replayed_experts_run_while_statistics_keep_the_own_choice():
+  params, state, x = setup()
+  replay = other_experts(x.shape[:-1], CFG)
+  replay = replay.at[0].set(-1)  # the first sequence has nothing recorded: its own choice
+  y, aux = jax.jit(lambda p, x, r: moe.apply(p, state, x, CFG, replay=r))(params, x, replay)
+  _, own_aux = moe.apply(params, state, x, CFG)
+  np_params = jax.tree.map(np.asarray, params)
+  _, _, chosen, _ = moe_reference.apply(np_params, np.asarray(state["router_bias"]),
+                                        np.asarray(x), CFG)
+  used = np.asarray(replay).reshape(-1, CFG.top_k).copy()
+  used[:5] = chosen[:5]
+  assert (used != chosen).any(axis=1).mean() > 0.5
+  y_ref, aux_ref, _, _ = moe_reference.apply(np_params, np.asarray(state["router_bias"]),
+                                             np.asarray(x), CFG, replay=used)
+  np.testing.assert_allclose(y, y_ref, rtol=1e-5, atol=1e-5)
+  for key, value in aux_ref.items():
+    np.testing.assert_allclose(aux[key], value, rtol=1e-5, atol=1e-6, err_msg=key)
+    np.testing.assert_array_equal(aux[key], own_aux[key], err_msg=key)
+  np.testing.assert_array_equal(aux["experts"].reshape(-1, CFG.top_k), chosen)
+
+
+def test_gradients_reach_the_router_through_the_replayed_gates():
+  params, state, x = setup()
+  replay = other_experts(x.shape[:-1], CFG, seed=1)
+  loss = lambda p, x: jnp.sum(jnp.sin(moe.apply(p, state, x, CFG, replay=replay)[0]))
+  ones = jnp.ones((replay.size // CFG.top_k, CFG.top_k), jnp.float32)
+  ref_loss = lambda p, x: jnp.sum(jnp.sin(dense_rewrite(p, state, x, CFG,
+                                                        replay.reshape(-1, CFG.top_k), ones)))
+  grads = jax.jit(jax.grad(loss, argnums=(0, 1)))(params, x)
+  ref_grads = jax.grad(ref_loss, argnums=(0, 1))(params, x)
+  assert float(jnp.abs(grads[0]["router"]["kernel"]).max()) > 1e-3
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4), grads,
+               ref_grads)
+
+
+def test_replay_of_the_wrong_shape_fails():
+  params, state, x = setup()
+  with pytest.raises(ValueError, match=r"replay: int32\[8, 5, 3\] must be integer expert ids"):
+    moe.apply(params, state, x, CFG, replay=jnp.zeros((8, 5, 3), jnp.int32))
+
+
+def _run(cfg, params, state, x, replay):
+  fn = lambda p, x: moe.apply(p, state, x, cfg, replay=replay)
+  loss = lambda p, x: jnp.sum(jnp.sin(fn(p, x)[0]))
+  return jax.jit(fn)(params, x), jax.jit(jax.grad(loss, argnums=(0, 1)))(params, x)
+
+
+@pytest.mark.parametrize("parallelism", ["alltoall", "gshard"])
+def test_sharded_replay_equals_single_device(parallelism):
+  params, state, x = setup()
+  replay = other_experts(x.shape[:-1], CFG, seed=2)
+  (y_ref, aux_ref), grads_ref = _run(CFG, params, state, x, replay)
+  mesh = sharding.make_mesh(MeshConfig(data=2, expert=4))
+  with jax.set_mesh(mesh):
+    (y, aux), grads = _run(dataclasses.replace(CFG, parallelism=parallelism), params, state, x,
+                           replay)
+  np.testing.assert_allclose(y, y_ref, rtol=1e-5, atol=1e-5)
+  for key in aux_ref:
+    np.testing.assert_allclose(aux[key], aux_ref[key], rtol=1e-5, atol=1e-6, err_msg=key)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5), grads,
+               grads_ref)
