@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 import moe_reference
-from moe_jax import moe, sharding
-from moe_jax.config import MeshConfig, MoEConfig
+from moe_jax import model, moe, sharding
+from moe_jax.config import MeshConfig, ModelConfig, MoEConfig
 from test_moe_layer import dense_rewrite
 
 CFG = MoEConfig(embed_dim=16, num_experts=8, top_k=2, expert_ffn_dim=8, num_shared_experts=1,
@@ -103,3 +103,52 @@ def test_sharded_replay_equals_single_device(parallelism):
     np.testing.assert_allclose(aux[key], aux_ref[key], rtol=1e-5, atol=1e-6, err_msg=key)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5), grads,
                grads_ref)
+
+
+# ----------------------------------------------------------------------------- the whole model
+
+MODEL = ModelConfig(embed_dim=32, num_layers=3, first_k_dense=1, dense_ffn_dim=64, num_heads=4,
+                    q_lora_rank=16, kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=4,
+                    v_head_dim=8, max_seq_len=32, mtp_depth=1, init_std=0.2)
+MOE = MoEConfig(embed_dim=32, num_experts=8, top_k=2, expert_ffn_dim=16)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+  params, state = model.init(jax.random.key(0), MODEL, MOE)
+  state = jax.tree.map(lambda b: 0.1 * jax.random.normal(jax.random.key(3), b.shape), state)
+  tokens = jax.random.randint(jax.random.key(1), (2, 12), 0, MODEL.vocab_size)
+  return params, state, tokens
+
+
+def test_model_replay_of_its_own_choice_and_of_other_experts(tiny):
+  params, state, tokens = tiny
+  logits, aux = model.apply(params, state, tokens, MODEL, MOE)
+  assert aux["experts"].shape == (2, 12, 2, MOE.top_k)  # two MoE blocks; MTP's is not replayed
+  same, aux_same = model.apply(params, state, tokens, MODEL, MOE, routes=aux["experts"])
+  np.testing.assert_array_equal(same, logits)
+  np.testing.assert_array_equal(aux_same["load"], aux["load"])
+  other = other_experts(tokens.shape + (2,), MOE)
+  replayed, aux_other = model.apply(params, state, tokens, MODEL, MOE, routes=other)
+  assert float(jnp.abs(replayed - logits).max()) > 1e-2
+  # The first MoE block sees the same input; later ones see what replayed experts computed.
+  np.testing.assert_array_equal(aux_other["load"][0], aux["load"][0])
+  for l in range(2):  # each block's load counts its own choice, not the replayed experts
+    own = np.bincount(np.asarray(aux_other["experts"][:, :, l]).ravel(), minlength=8)
+    np.testing.assert_array_equal(aux_other["load"][l], own)
+    assert (own != np.bincount(np.asarray(other[:, :, l]).ravel(), minlength=8)).any()
+  with pytest.raises(ValueError, match=r"routes: int32\[2, 12, 1, 2\] must be integer experts"):
+    model.apply(params, state, tokens, MODEL, MOE, routes=other[:, :, :1])
+
+
+def test_cached_forward_records_the_routes_the_full_forward_takes(tiny):
+  params, state, tokens = tiny
+  _, aux = model.apply(params, state, tokens, MODEL, MOE)
+  caches = model.init_caches(MODEL, 2, 12)
+  logits, caches, first = model.forward_cached_routes(params, state, tokens[:, :7], 0, caches,
+                                                      MODEL, MOE)
+  _, _, rest = model.forward_cached_routes(params, state, tokens[:, 7:], 7, caches, MODEL, MOE)
+  np.testing.assert_array_equal(jnp.concatenate([first, rest], axis=1), aux["experts"])
+  only_logits, _ = model.forward_cached(params, state, tokens[:, :7], 0,
+                                        model.init_caches(MODEL, 2, 12), MODEL, MOE)
+  np.testing.assert_array_equal(only_logits, logits)
