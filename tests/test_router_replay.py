@@ -10,6 +10,8 @@ import pytest
 import moe_reference
 from moe_jax import model, moe, sharding
 from moe_jax.config import MeshConfig, ModelConfig, MoEConfig
+from moe_jax.rl import objective
+from moe_jax.serve import Engine, Request
 from test_moe_layer import dense_rewrite
 
 CFG = MoEConfig(embed_dim=16, num_experts=8, top_k=2, expert_ffn_dim=8, num_shared_experts=1,
@@ -152,3 +154,53 @@ def test_cached_forward_records_the_routes_the_full_forward_takes(tiny):
   only_logits, _ = model.forward_cached(params, state, tokens[:, :7], 0,
                                         model.init_caches(MODEL, 2, 12), MODEL, MOE)
   np.testing.assert_array_equal(only_logits, logits)
+
+
+# ----------------------------------------------------------------------------- rollouts
+
+def near_tied(params, eps):
+  """Router columns in near-copies of three (0-2, 3-5, 6-7): the top-2 of a tied triple turns on
+  rounding noise, as a trained router's close calls do, so the engine's cached forward and the
+  learner's full forward pick different experts for some tokens."""
+  params = jax.tree.map(lambda a: a, params)
+  for name in ("layer_1", "layer_2"):
+    k = params[name]["ffn"]["router"]["kernel"]
+    noise = jax.random.normal(jax.random.key(5), k.shape)
+    params[name]["ffn"]["router"]["kernel"] = k[:, jnp.array([0, 0, 0, 3, 3, 3, 6, 6])] + \
+        eps * noise
+  return params
+
+
+def learner_logprobs(params, state, prompt, choice, routes):
+  tokens = jnp.asarray([prompt + choice.token_ids])
+  logits, aux = model.apply(params, state, tokens, ROLLOUT_MODEL, MOE,
+                            routes=None if routes is None else jnp.asarray(routes[None]))
+  return np.asarray(objective.token_logprobs(logits[:, :-1], tokens[:, 1:])[0, len(prompt) - 1:])
+
+
+ROLLOUT_MODEL = dataclasses.replace(MODEL, max_seq_len=64, mtp_depth=0)
+
+
+def test_replayed_learner_logprobs_equal_the_engines():
+  params, state = model.init(jax.random.key(0), ROLLOUT_MODEL, MOE)
+  params = near_tied(params, 1e-7)
+  rng = np.random.default_rng(0)
+  prompts = [[int(t) for t in rng.integers(0, 256, size=n)] for n in (5, 11, 7)]
+  engine = Engine(params, state, ROLLOUT_MODEL, MOE, num_blocks=64, block_size=4, max_batch=8,
+                  record_routes=True)
+  assert not engine.prefix_cache  # cached blocks would come without their routes
+  done = engine.generate([Request(p, max_tokens=20, n=2, temperature=1.0, ignore_eos=True,
+                                  seed=1) for p in prompts])
+  gap = {"replay": 0.0, "own routing": 0.0}
+  for prompt, completion in zip(prompts, done):
+    for choice in completion.choices:
+      assert choice.routes.shape == (len(prompt) + 20, 2, MOE.top_k)
+      assert (choice.routes[-1] == -1).all() and (choice.routes[:-1] >= 0).all()
+      for name, routes in (("replay", choice.routes), ("own routing", None)):
+        diff = learner_logprobs(params, state, prompt, choice, routes) - choice.logprobs
+        gap[name] = max(gap[name], float(np.abs(diff).max()))
+    np.testing.assert_array_equal(completion.choices[0].routes[:len(prompt)],
+                                  completion.choices[1].routes[:len(prompt)])
+  print(f"max |learner - engine| log-prob: {gap}")
+  assert gap["replay"] < 1e-5
+  assert gap["own routing"] > 1e-3  # some near-tied token went to other experts
