@@ -204,3 +204,37 @@ def test_replayed_learner_logprobs_equal_the_engines():
   print(f"max |learner - engine| log-prob: {gap}")
   assert gap["replay"] < 1e-5
   assert gap["own routing"] > 1e-3  # some near-tied token went to other experts
+
+
+def test_expert_parallel_engine_records_the_single_device_routes():
+  params, state = model.init(jax.random.key(0), ROLLOUT_MODEL, MOE)
+  requests = [Request([1, 5, 9, 2, 7], max_tokens=6, n=2, temperature=0.7, ignore_eos=True),
+              Request([3, 8, 4], max_tokens=6, ignore_eos=True)]
+  kw = dict(num_blocks=64, block_size=4, max_batch=8, record_routes=True)
+  single = Engine(params, state, ROLLOUT_MODEL, MOE, **kw).generate(requests)
+  mesh = sharding.make_mesh(MeshConfig(fsdp=2, expert=4))
+  moe_cfg = dataclasses.replace(MOE, parallelism="alltoall")
+  put = lambda tree, axes: jax.device_put(tree, sharding.shard_like(axes, mesh))
+  engine = Engine(put(params, model.param_axes(ROLLOUT_MODEL, moe_cfg)),
+                  put(state, model.moe_state_axes(ROLLOUT_MODEL, moe_cfg)), ROLLOUT_MODEL,
+                  moe_cfg, mesh=mesh, **kw)
+  for a, b in zip(engine.generate(requests), single):
+    for x, y in zip(a.choices, b.choices):
+      assert x.token_ids == y.token_ids
+      np.testing.assert_array_equal(x.routes, y.routes)
+
+
+def test_a_stop_token_leaves_every_kept_position_recorded():
+  params, state = model.init(jax.random.key(0), ROLLOUT_MODEL, MOE)
+  engine = Engine(params, state, ROLLOUT_MODEL, MOE, num_blocks=64, block_size=4, max_batch=8,
+                  record_routes=True)
+  prompt = [1, 5, 9, 2, 7]
+  full = engine.generate([Request(prompt, max_tokens=6, ignore_eos=True)])[0].choices[0]
+  stop = full.token_ids[3]
+  cut = full.token_ids.index(stop)
+  choice = engine.generate([Request(prompt, max_tokens=6, ignore_eos=True,
+                                    stop_token_ids=[stop])])[0].choices[0]
+  assert choice.token_ids == full.token_ids[:cut] and choice.finish_reason == "stop"
+  # The last kept token was fed (its logits chose the stop token): no -1 row.
+  np.testing.assert_array_equal(choice.routes, full.routes[:len(prompt) + cut])
+  assert (full.routes[-1] == -1).all() and (choice.routes >= 0).all()
