@@ -238,3 +238,13 @@ def test_a_stop_token_leaves_every_kept_position_recorded():
   # The last kept token was fed (its logits chose the stop token): no -1 row.
   np.testing.assert_array_equal(choice.routes, full.routes[:len(prompt) + cut])
   assert (full.routes[-1] == -1).all() and (choice.routes >= 0).all()
+
+
+def test_replay_under_remat_gives_the_same_gradients(tiny):
+  params, state, tokens = tiny
+  routes = other_experts(tokens.shape + (2,), MOE, seed=3)
+  def grads(cfg):
+    loss = lambda p: jnp.sum(jnp.sin(model.apply(p, state, tokens, cfg, MOE, routes=routes)[0]))
+    return jax.jit(jax.grad(loss))(params)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
+               grads(dataclasses.replace(MODEL, remat=True)), grads(MODEL))
