@@ -1,9 +1,9 @@
 """The RL learner's step: one AdamW update of the policy on a minibatch of scored rollouts.
 
-`rl_step(state, batch, ref_params, cfg, rl)` (its gradient alone: `rl_grads`) takes train.py's state (params, opt_state,
-moe_state, step, bad_steps, ...) and returns it updated, with the same optimizer as training
-(train.make_optimizer) at the constant rl.learning_rate. A batch is B rollouts of T positions,
-arrays aligned with the tokens:
+`rl_step(state, batch, ref_params, cfg, rl)` (its gradient alone: `rl_grads`) takes train.py's
+state (params, opt_state, moe_state, step, bad_steps, ...) and returns it updated, with the same
+optimizer as training (train.make_optimizer) at the constant rl.learning_rate. A batch is B
+rollouts of T positions, arrays aligned with the tokens:
 
   tokens          int32 [B, T]     prompt + completion (+ padding)
   mask            [B, T]           1 on the completion tokens that are trained
@@ -13,7 +13,8 @@ arrays aligned with the tokens:
 
 Position t's log-prob comes from the logits at t - 1, so position 0 is never trained. With
 routes, the policy and the reference both run the rollout's experts; the bias update and load
-statistics still see the learner's own routing (model.py). The loss is the clipped objective
+statistics still see the learner's own routing (model.py), over every position of the batch
+(prompt and padding too, as pre-training counts every token). The loss is the clipped objective
 (objective.policy_loss) plus the MoE balance losses, as in pre-training (0 unless configured).
 The reference shares the policy's router biases (they only select experts, which replay fixes).
 Not yet: MTP modules still run (their logits unused); FP8 "delayed" state is read, not updated.
