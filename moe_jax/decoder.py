@@ -81,6 +81,11 @@ def is_moe_layer(cfg: ModelConfig, index: int) -> bool:
   return cfg.first_k_dense < cfg.num_layers and index >= cfg.first_k_dense
 
 
+def main_moe_blocks(cfg: ModelConfig) -> int:
+  """How many MoE blocks the main model has (the L of router replay's routes)."""
+  return sum(is_moe_layer(cfg, i) for i in range(cfg.num_layers))
+
+
 def _table_params(module: nn.Module, specs: tuple) -> Params:
   return {name: logical_param(module, name, spec.init, spec.shape, spec.axes)
           for name, spec in specs}
@@ -117,7 +122,8 @@ class MoE(nn.Module):
   fp8_cfg: FP8Config = FP8Config()
 
   @nn.compact
-  def __call__(self, x_BxSxD: jax.Array) -> tuple[jax.Array, dict]:
+  def __call__(self, x_BxSxD: jax.Array, replay_BxSxK: Optional[jax.Array] = None
+               ) -> tuple[jax.Array, dict]:
     table = {group: tuple(specs.items())
              for group, specs in moe.param_specs(self.cfg, self.std).items()}
     params, states = {"router": Weights(table.pop("router"), name="router")()}, {}
@@ -129,7 +135,7 @@ class MoE(nn.Module):
                          (self.cfg.num_experts,), jnp.float32)
     fp8_state = states if self.fp8_cfg.recipe == "delayed" else None
     return moe.apply(params, {"router_bias": bias.value}, x_BxSxD, self.cfg,
-                     fp8_cfg=self.fp8_cfg, fp8_state=fp8_state)
+                     fp8_cfg=self.fp8_cfg, fp8_state=fp8_state, replay=replay_BxSxK)
 
 
 class Block(nn.Module):
@@ -139,7 +145,8 @@ class Block(nn.Module):
   fp8_cfg: FP8Config = FP8Config()
 
   @nn.compact
-  def __call__(self, x_BxTxD: jax.Array, pos=0, cache: Optional[attention.Cache] = None):
+  def __call__(self, x_BxTxD: jax.Array, pos=0, cache: Optional[attention.Cache] = None,
+               replay_BxTxK: Optional[jax.Array] = None):
     cfg = self.cfg
     h_BxTxD, cache = attention.Attention(cfg, fp8_cfg=self.fp8_cfg, name="attn")(
         RMSNorm(cfg.norm_eps, name="attn_norm")(x_BxTxD), pos, cache)
@@ -149,7 +156,8 @@ class Block(nn.Module):
       w, matmuls = Dense(_dense_ffn_specs(cfg), self.fp8_cfg, name="ffn")()
       h_BxTxD, aux = moe.swiglu(h_BxTxD, w, matmuls), None
     else:
-      h_BxTxD, aux = MoE(self.moe_cfg, cfg.init_std, self.fp8_cfg, name="ffn")(h_BxTxD)
+      h_BxTxD, aux = MoE(self.moe_cfg, cfg.init_std, self.fp8_cfg, name="ffn")(h_BxTxD,
+                                                                               replay_BxTxK)
     return sharding.constrain(x_BxTxD + h_BxTxD, ACTIVATION_AXES), aux, cache
 
 
@@ -183,14 +191,17 @@ class Transformer(nn.Module):
   """tokens_BxT -> (logits_BxTxV f32, [mtp logits per depth], [MoE aux per MoE block], caches).
 
   Without caches: a training forward over positions 0..T-1, MTP modules included. With caches
-  ({"layer_<i>": attention cache}): T new tokens at `pos`, main model only.
+  ({"layer_<i>": attention cache}): T new tokens at `pos`, main model only. routes_BxTxLxK:
+  router replay for the L MoE blocks of the main model, in order (moe.apply's `replay`); MTP
+  blocks route themselves. Each MoE aux holds its router's own choice, "experts" [B, T, K].
   """
   cfg: ModelConfig
   moe_cfg: MoEConfig
   fp8_cfg: FP8Config = FP8Config()
 
   @nn.compact
-  def __call__(self, tokens_BxT: jax.Array, pos=0, caches: Optional[dict] = None):
+  def __call__(self, tokens_BxT: jax.Array, pos=0, caches: Optional[dict] = None,
+               routes_BxTxLxK: Optional[jax.Array] = None):
     cfg, dtype = self.cfg, jnp.dtype(self.cfg.dtype)
     V, D = cfg.vocab_size, cfg.embed_dim
     emb_VxD = Weights(_normal_specs(cfg.init_std, (("embedding", (V, D), ("vocab", "embed")),)),
@@ -207,9 +218,11 @@ class Transformer(nn.Module):
     x_BxTxD, auxes, new_caches = embed(tokens_BxT), [], {}
     for i in range(cfg.num_layers):
       name = f"layer_{i}"
+      replay = None if routes_BxTxLxK is None or not is_moe_layer(cfg, i) else \
+          routes_BxTxLxK[:, :, len(auxes)]
       x_BxTxD, aux, cache = block_class(cfg, caches is None)(cfg, ffn_cfg(i), self.fp8_cfg,
                                                              name=name)(
-          x_BxTxD, pos, None if caches is None else caches[name])
+          x_BxTxD, pos, None if caches is None else caches[name], replay)
       new_caches[name] = cache
       auxes += [aux] if aux is not None else []
     logits_BxTxV = project(RMSNorm(cfg.norm_eps, name="final_norm")(x_BxTxD), head_DxV,

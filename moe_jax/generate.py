@@ -2,9 +2,10 @@
 
 A step function `step(tokens_BxT, pos, caches) -> (logits_BxTxV, caches)` runs T new tokens at
 position `pos` against fixed-size caches. `decode` and the samplers know nothing of the model;
-`forward_cached` (the decoder's step, main model only, no FP8) and `generate` bind them to it
-(model.py re-exports both). Everything here is jit-able: `pos` is traced inside the scan, and so
-may `temperature` and `top_p` be.
+`forward_cached` (the decoder's step, main model only, no FP8; `forward_cached_routes` also
+returns the MoE blocks' expert choices) and `generate` bind them to it (model.py re-exports
+them). Everything here is jit-able: `pos` is traced inside the scan, and so may `temperature`
+and `top_p` be.
 """
 from __future__ import annotations
 
@@ -82,10 +83,22 @@ def init_caches(model_cfg: ModelConfig, batch: int, max_len: int) -> dict[str, a
 def forward_cached(params: dict, moe_state: dict, tokens_BxT: jax.Array, pos,
                    caches: dict, model_cfg: ModelConfig, moe_cfg: MoEConfig):
   """T new tokens at position `pos` (traced or not) -> (logits_BxTxV float32, caches)."""
+  return forward_cached_routes(params, moe_state, tokens_BxT, pos, caches, model_cfg,
+                               moe_cfg)[:2]
+
+
+@functools.partial(jax.jit, static_argnums=(5, 6))
+def forward_cached_routes(params: dict, moe_state: dict, tokens_BxT: jax.Array, pos,
+                          caches: dict, model_cfg: ModelConfig, moe_cfg: MoEConfig):
+  """forward_cached, plus the experts each new token chose in each MoE block of the main model:
+  -> (logits_BxTxV, caches, routes_BxTxLxK int32), what router replay feeds back to model.apply."""
   variables = {"params": params, "moe_state": decoder.to_flax_state(moe_state, model_cfg)}
-  logits_BxTxV, _, _, caches = decoder.Transformer(model_cfg, moe_cfg).apply(
+  logits_BxTxV, _, auxes, caches = decoder.Transformer(model_cfg, moe_cfg).apply(
       variables, tokens_BxT, pos, caches)
-  return logits_BxTxV, caches
+  B, T = tokens_BxT.shape
+  routes = jnp.stack([a["experts"] for a in auxes], axis=2) if auxes else \
+      jnp.zeros((B, T, 0, moe_cfg.top_k), jnp.int32)
+  return logits_BxTxV, caches, routes
 
 
 def generate(params: dict, moe_state: dict, prompt_BxP: jax.Array, model_cfg: ModelConfig,

@@ -4,15 +4,21 @@ the modules:
 
   init(key, model_cfg, moe_cfg) -> (params, moe_state)
   init_fp8_state(model_cfg, moe_cfg, fp8_cfg) -> fp8_state ({} unless fp8_cfg.recipe="delayed")
-  apply(params, moe_state, tokens_BxS, model_cfg, moe_cfg, fp8_cfg=FP8Config(), fp8_state=None)
-      -> (logits_BxSxV, aux)
-  loss(params, moe_state, batch, model_cfg, moe_cfg, fp8_cfg=FP8Config(), fp8_state=None)
-      -> (loss, metrics)
+  apply(params, moe_state, tokens_BxS, model_cfg, moe_cfg, fp8_cfg=FP8Config(), fp8_state=None,
+        routes=None) -> (logits_BxSxV, aux)
+  loss(params, moe_state, batch, model_cfg, moe_cfg, fp8_cfg=FP8Config(), fp8_state=None,
+       routes=None) -> (loss, metrics)
   update_moe_state(moe_state, load_LxE, moe_cfg) -> moe_state
   generate(params, moe_state, prompt_BxP, model_cfg, moe_cfg, *, max_new_tokens, key, ...)
       (generate.py, as are forward_cached and init_caches)
   param_axes / moe_state_axes(model_cfg, moe_cfg) -> logical names, from the modules' metadata
   count_params(model_cfg, moe_cfg) -> parameter counts (see params_count.py)
+
+Router replay (RL): `routes` [B, S, L, K] int32, the experts each token used in each of the L MoE
+blocks of the main model (in layer order; e.g. recorded by `forward_cached_routes` during a
+rollout), replaces their top-k choice; gates and gradients come from this model's router, and
+the statistics (so the bias update) from its own choice. A row with a negative id (-1: not
+recorded) keeps the own choice. MTP blocks are never replayed.
 
 Dtypes: parameters float32; the residual stream, attention and dense blocks compute in
 model_cfg.dtype, the MoE layers in moe_cfg.dtype (routing always float32); logits float32.
@@ -32,7 +38,8 @@ from moe_jax import decoder, moe, params_count
 from moe_jax.config import FP8Config, ModelConfig, MoEConfig
 from moe_jax.decoder import Transformer
 # Generation is generate.py's; these stay the model's API (model.generate, ...).
-from moe_jax.generate import forward_cached, generate, init_caches  # noqa: F401
+from moe_jax.generate import (forward_cached, forward_cached_routes, generate,  # noqa: F401
+                              init_caches)
 
 Params = dict[str, Any]
 MoEState = dict[str, dict[str, jax.Array]]
@@ -126,19 +133,36 @@ def _stack_aux(auxes: list[dict], mtp_logits: list[jax.Array], moe_cfg: MoEConfi
   return aux
 
 
+def check_routes(routes, tokens_BxS, model_cfg: ModelConfig, moe_cfg: MoEConfig):
+  """routes must be integer experts [B, S, MoE blocks of the main model, top_k]."""
+  want = tuple(tokens_BxS.shape) + (decoder.main_moe_blocks(model_cfg), moe_cfg.top_k)
+  if routes is not None and (tuple(routes.shape) != want or
+                             not jnp.issubdtype(routes.dtype, jnp.integer)):
+    raise ValueError(f"routes: {routes.dtype}{list(routes.shape)} must be integer experts of "
+                     f"shape {list(want)} (batch, seq, MoE blocks of the main model, top_k)")
+
+
 @functools.partial(jax.jit, static_argnums=(3, 4, 5))
 def apply(params: Params, moe_state: MoEState, tokens_BxS: jax.Array, model_cfg: ModelConfig,
           moe_cfg: MoEConfig, fp8_cfg: FP8Config = FP8Config(),
-          fp8_state: Optional[dict] = None) -> tuple[jax.Array, dict]:
-  """Training forward, dense projections in FP8 per fp8_cfg. Returns (logits_BxSxV float32, aux).
+          fp8_state: Optional[dict] = None, routes=None) -> tuple[jax.Array, dict]:
+  """Training forward, dense projections in FP8 per fp8_cfg, routing replayed from `routes`
+  [B, S, L, K] when given (module doc). Returns (logits_BxSxV float32, aux).
 
   aux: "load" [L_moe, E], "max_vio" / "dropped_fraction" / "aux_loss" / "seq_aux_loss" /
   "z_loss" [L_moe], "balance_loss" (sum of the blocks' weighted balance losses) and
-  "mtp_logits" [mtp_depth, B, S, V] (None without MTP).
+  "mtp_logits" [mtp_depth, B, S, V] (None without MTP), "experts" [B, S, L, K] int32 (the own
+  choice of the main model's MoE blocks, replay or not).
   """
+  check_routes(routes, tokens_BxS, model_cfg, moe_cfg)
   logits_BxSxV, mtp_logits, auxes, _ = _module(model_cfg, moe_cfg, fp8_cfg).apply(
-      _variables(params, moe_state, model_cfg, fp8_cfg, fp8_state), tokens_BxS)
-  return logits_BxSxV, _stack_aux(auxes, mtp_logits, moe_cfg)
+      _variables(params, moe_state, model_cfg, fp8_cfg, fp8_state), tokens_BxS,
+      routes_BxTxLxK=routes)
+  aux = _stack_aux(auxes, mtp_logits, moe_cfg)
+  main = auxes[:decoder.main_moe_blocks(model_cfg)]
+  aux["experts"] = jnp.stack([a["experts"] for a in main], axis=2) if main else \
+      jnp.zeros(tokens_BxS.shape + (0, moe_cfg.top_k), jnp.int32)
+  return logits_BxSxV, aux
 
 
 def cross_entropy(logits_BxSxV: jax.Array, targets_BxS: jax.Array,
@@ -153,12 +177,13 @@ def cross_entropy(logits_BxSxV: jax.Array, targets_BxS: jax.Array,
 @functools.partial(jax.jit, static_argnums=(3, 4, 5))
 def loss(params: Params, moe_state: MoEState, batch: dict[str, jax.Array],
          model_cfg: ModelConfig, moe_cfg: MoEConfig, fp8_cfg: FP8Config = FP8Config(),
-         fp8_state: Optional[dict] = None, mtp_weight=None) -> tuple[jax.Array, dict]:
+         fp8_state: Optional[dict] = None, mtp_weight=None, routes=None) -> tuple[jax.Array, dict]:
   """ce + mtp_weight * mtp_ce + balance_loss; targets equal to pad_id are ignored. mtp_weight
   (traced or not) defaults to model_cfg.mtp_loss_weight; a trainer passes its schedule's value.
+  routes: router replay for the inputs (see `apply`).
   For "delayed", the gradient w.r.t. fp8_state is the updated state (see the module docstring)."""
   logits_BxSxV, aux = apply(params, moe_state, batch["inputs"], model_cfg, moe_cfg, fp8_cfg,
-                            fp8_state)
+                            fp8_state, routes)
   targets_BxS = batch["targets"]
   S = targets_BxS.shape[1]
   valid_BxS = targets_BxS != model_cfg.pad_id
@@ -174,7 +199,7 @@ def loss(params: Params, moe_state: MoEState, batch: dict[str, jax.Array],
     mtp_weight = model_cfg.mtp_loss_weight
   total = ce + mtp_weight * mtp_ce + aux["balance_loss"]
   metrics = {"loss": total, "ce": ce, "mtp_ce": mtp_ce}
-  metrics.update({k: v for k, v in aux.items() if k != "mtp_logits"})
+  metrics.update({k: v for k, v in aux.items() if k not in ("mtp_logits", "experts")})
   return total, metrics
 
 

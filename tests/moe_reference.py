@@ -67,16 +67,29 @@ def kept_mask(chosen, cfg):
   return kept
 
 
-def apply(params, bias, x, cfg):
-  """(y with x's shape, aux dict of NumPy values)."""
+def replayed(routes, replay, cfg):
+  """Each token's (scores, replay[t], gates of its own scores at replay[t])."""
+  out = []
+  for (s, _, _), experts in zip(routes, np.asarray(replay).reshape(len(routes), cfg.top_k)):
+    g = np.array([s[e] for e in experts])
+    if cfg.norm_topk:
+      g = g / (g.sum() + 1e-20)
+    out.append((s, experts, g * cfg.routed_scaling))
+  return out
+
+
+def apply(params, bias, x, cfg, replay=None):
+  """(y with x's shape, aux dict of NumPy values); with `replay` [..., K], each token runs those
+  experts while aux still counts the router's own choice."""
   shape = np.shape(x)
   xs = np.asarray(x, np.float64).reshape(-1, cfg.embed_dim)
   logits, routes = route(params, bias, xs, cfg)
   chosen = [c for _, c, _ in routes]
-  kept = kept_mask(chosen, cfg)
+  used = routes if replay is None else replayed(routes, replay, cfg)
+  kept = kept_mask([c for _, c, _ in used], cfg)
   ex = {k: np.asarray(v, np.float64) for k, v in params["experts"].items()}
   y = np.zeros_like(xs)
-  for t, (_, experts, gates) in enumerate(routes):
+  for t, (_, experts, gates) in enumerate(used):
     for k, e in enumerate(experts):
       if kept[t, k]:
         y[t] += gates[k] * _swiglu(xs[t], ex["gate"][e], ex["up"][e], ex["down"][e])

@@ -12,6 +12,11 @@ the unbiased scores (routing.py) -> sort assignments by expert (dispatch.Plan) -
 device), `parallel.apply_alltoall` (shard_map, explicit all-to-all over the expert axis) and
 `parallel.apply_gshard` (SPMD einsums).
 
+Router replay (RL): `apply(..., replay=idx)` dispatches each token to the given experts [..., K]
+(e.g. those the rollout engine chose) with gates from this router's scores at them; the
+statistics (load, balance losses, hence the bias update) still see the router's own choice,
+which aux returns as "experts" [..., K] int32 (what a rollout records).
+
 FP8 (`apply(..., fp8_cfg=FP8Config(recipe=...))`, fp8.py): every product of the routed experts
 (products.FP8) and of the shared experts is FP8; the router stays float32. "delayed" takes
 `fp8_state` from `init_fp8_state` ({"experts": {"gate", "up", "down"}: [E, L] histories each,
@@ -24,6 +29,7 @@ from __future__ import annotations
 from typing import Optional
 
 import jax
+import jax.numpy as jnp
 
 from moe_jax.config import FP8Config, MoEConfig
 from moe_jax.moe import parallel, routing
@@ -31,7 +37,7 @@ from moe_jax.moe.local import apply_local
 from moe_jax.moe.params import check_fp8_state
 
 # cfg.parallelism -> the layer; each takes (params, state, x_TxD, cfg, seq_len, fp8_cfg,
-# fp8_state) and returns (y_TxD, aux).
+# fp8_state, replay_TxK) and returns (y_TxD, aux).
 _LAYERS = {"none": apply_local, "alltoall": parallel.apply_alltoall,
            "gshard": parallel.apply_gshard}
 
@@ -43,17 +49,25 @@ def check_input(x: jax.Array, cfg: MoEConfig):
 
 
 def apply(params: dict, state: dict, x: jax.Array, cfg: MoEConfig, *,
-          fp8_cfg: FP8Config = FP8Config(),
-          fp8_state: Optional[dict] = None) -> tuple[jax.Array, dict]:
+          fp8_cfg: FP8Config = FP8Config(), fp8_state: Optional[dict] = None,
+          replay: Optional[jax.Array] = None) -> tuple[jax.Array, dict]:
   """y = sum_k gate_k * expert_k(x) + shared(x), for x of shape [..., D]; aux: load per expert,
-  balance losses and their weighted sum, dropped fraction, MaxVio (routing.statistics).
-  Expert products in FP8 per fp8_cfg (module doc)."""
+  balance losses and their weighted sum, dropped fraction, MaxVio (routing.statistics), and the
+  router's own choice "experts" [..., K]. Expert products in FP8 per fp8_cfg; `replay` [..., K]
+  integer expert ids replace the top-k choice (module doc; rows with a negative id keep it)."""
   check_input(x, cfg)
   check_fp8_state(cfg, fp8_cfg, fp8_state)
+  k = cfg.top_k
+  if replay is not None:
+    if replay.shape != x.shape[:-1] + (k,) or not jnp.issubdtype(replay.dtype, jnp.integer):
+      raise ValueError(f"replay: {replay.dtype}{list(replay.shape)} must be integer expert ids "
+                       f"of shape {list(x.shape[:-1]) + [k]} (x's tokens by moe.top_k)")
+    replay = replay.reshape(-1, k)
   # Statistics per sequence: x [..., S, D] holds sequences of S tokens; a 2-D x is one sequence.
   seq_len = x.shape[-2] if x.ndim >= 2 else 1
   y_TxD, aux = _LAYERS[cfg.parallelism](params, state, x.reshape(-1, cfg.embed_dim), cfg,
-                                         seq_len, fp8_cfg, fp8_state or {})
+                                         seq_len, fp8_cfg, fp8_state or {}, replay)
+  aux["experts"] = aux["experts"].reshape(x.shape[:-1] + (k,))
   return y_TxD.reshape(x.shape).astype(x.dtype), aux
 
 

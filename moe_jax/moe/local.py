@@ -33,15 +33,17 @@ def add_shared(y_TxD: jax.Array, xc_TxD: jax.Array, params: dict, fp8_cfg: FP8Co
 
 
 def apply_local(params: dict, state: dict, x_TxD: jax.Array, cfg: MoEConfig, seq_len: int,
-                fp8_cfg: FP8Config, fp8_state: dict) -> tuple[jax.Array, dict]:
+                fp8_cfg: FP8Config, fp8_state: dict,
+                replay_TxK: Optional[jax.Array] = None) -> tuple[jax.Array, dict]:
   """The layer on one device: every token, every expert."""
   xc_TxD = x_TxD.astype(cfg.dtype)
   r = route(params, state, x_TxD, cfg)
+  used = r if replay_TxK is None else routing.replay(r, replay_TxK, cfg)
   xr_TxD = fp8.dispatch_rows(xc_TxD, fp8_cfg) if fp8_cfg.dispatch else xc_TxD
-  y_TxD, kept = routed_experts(xr_TxD, params["experts"], r.idx_TxK, r.gates_TxK, cfg, fp8_cfg,
-                               fp8_state.get("experts"))
+  y_TxD, kept = routed_experts(xr_TxD, params["experts"], used.idx_TxK, used.gates_TxK, cfg,
+                               fp8_cfg, fp8_state.get("experts"))
   y_TxD = add_shared(y_TxD, xc_TxD, params, fp8_cfg, fp8_state)
-  return y_TxD, routing.statistics(r, kept, seq_len, cfg)
+  return y_TxD, dict(routing.statistics(r, kept, seq_len, cfg), experts=r.idx_TxK)
 
 
 def _copies(states: Optional[dict], n: int) -> list[Optional[dict]]:

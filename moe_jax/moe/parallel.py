@@ -81,17 +81,19 @@ def _fp8_state_specs(fp8_state: Optional[dict], mesh):
           for part, tree in fp8_state.items()}
 
 
-def _alltoall_body(params, state, x_TxD, fp8_state, cfg: MoEConfig, seq_len: int, ep: int,
-                   tensor: int, fp8_cfg: FP8Config):
-  """Runs on one device: x_TxD are its tokens, params["experts"] its experts (and
-  fp8_state["experts"] their "delayed" histories)."""
+def _alltoall_body(params, state, x_TxD, fp8_state, replay_TxK, cfg: MoEConfig, seq_len: int,
+                   ep: int, tensor: int, fp8_cfg: FP8Config):
+  """Runs on one device: x_TxD are its tokens (replay_TxK their replayed experts, or None),
+  params["experts"] its experts (and fp8_state["experts"] their "delayed" histories).
+  Returns (y, statistics, the router's own choice)."""
   t = x_TxD.shape[0]
   e_local = params["experts"]["gate"].shape[0]
   assert e_local * ep == cfg.num_experts, (e_local, ep)
   token_axes = tuple(a for a in sharding.TOKEN_AXES if jax.sharding.get_abstract_mesh().shape[a] > 1)
   total = lambda v: jax.lax.psum(v, token_axes) if token_axes else v
 
-  r = routing.route(params, state, x_TxD, cfg)
+  own = routing.route(params, state, x_TxD, cfg)
+  r = own if replay_TxK is None else routing.replay(own, replay_TxK, cfg)
   k = cfg.top_k
   bucket = dispatch.capacity(t * k, ep, cfg.capacity_factor)
   send = dispatch.make_plan(r.idx_TxK // e_local, ep, block=1, slots=bucket)
@@ -122,27 +124,33 @@ def _alltoall_body(params, state, x_TxD, fp8_state, cfg: MoEConfig, seq_len: int
   # Expert and shared weights split over ffn give partial sums; one reduction adds both.
   if tensor > 1:
     y_TxD = jax.lax.psum(y_TxD, sharding.TENSOR_AXIS)
-  return y_TxD, routing.statistics(r, send.kept, seq_len, cfg, total=total)
+  return y_TxD, routing.statistics(own, send.kept, seq_len, cfg, total=total), own.idx_TxK
 
 
 def apply_alltoall(params: dict, state: dict, x_TxD: jax.Array, cfg: MoEConfig, seq_len: int,
-                   fp8_cfg: FP8Config, fp8_state: dict) -> tuple[jax.Array, dict]:
+                   fp8_cfg: FP8Config, fp8_state: dict,
+                   replay_TxK: Optional[jax.Array] = None) -> tuple[jax.Array, dict]:
   """The layer in shard_map: each device routes its tokens and runs its experts (module doc)."""
   mesh = _mesh()
   _check_divisible(cfg, x_TxD.shape[0], seq_len, mesh)
   ep = sharding.shard_count(mesh, "experts")
   tensor = sharding.shard_count(mesh, "expert_mlp")
   tokens = _spec(("batch", None), mesh)
-  body = lambda p, s, x, f: _alltoall_body(p, s, x, f, cfg, seq_len, ep, tensor, fp8_cfg)
+  # Replayed experts are split like the tokens they belong to.
+  body = lambda p, s, x, f, *rep: _alltoall_body(p, s, x, f, *(rep or (None,)), cfg, seq_len,
+                                                 ep, tensor, fp8_cfg)
+  replay = () if replay_TxK is None else (replay_TxK,)
   fn = jax.shard_map(body, mesh=mesh,
                      in_specs=(_param_specs(cfg, mesh), {"router_bias": _spec((None,), mesh)},
-                               tokens, _fp8_state_specs(fp8_state, mesh)),
-                     out_specs=(tokens, jax.sharding.PartitionSpec()))
-  return fn(params, state, x_TxD, fp8_state)
+                               tokens, _fp8_state_specs(fp8_state, mesh)) + (tokens,) * len(replay),
+                     out_specs=(tokens, jax.sharding.PartitionSpec(), tokens))
+  y_TxD, aux, experts_TxK = fn(params, state, x_TxD, fp8_state, *replay)
+  return y_TxD, dict(aux, experts=experts_TxK)
 
 
 def apply_gshard(params: dict, state: dict, x_TxD: jax.Array, cfg: MoEConfig, seq_len: int,
-                 fp8_cfg: FP8Config, fp8_state: dict) -> tuple[jax.Array, dict]:
+                 fp8_cfg: FP8Config, fp8_state: dict,
+                 replay_TxK: Optional[jax.Array] = None) -> tuple[jax.Array, dict]:
   """The layer as SPMD einsums over one-hot buckets; the partitioner inserts the exchanges."""
   mesh = _mesh()
   _check_divisible(cfg, x_TxD.shape[0], seq_len, mesh)
@@ -156,11 +164,17 @@ def apply_gshard(params: dict, state: dict, x_TxD: jax.Array, cfg: MoEConfig, se
   # Routing is per token; left to the partitioner, top_k would gather every score everywhere.
   tokens = _spec(("batch", None), mesh)
   replicated = jax.sharding.PartitionSpec()
-  r = jax.shard_map(
-      lambda p, s, x: routing.route(p, s, x, cfg), mesh=mesh,
-      in_specs=({"router": {"kernel": replicated}}, {"router_bias": replicated}, tokens),
-      out_specs=routing.Route(*(tokens,) * 4))({"router": params["router"]}, state, x_TxD)
-  idx_TxK, gates_TxK = r.idx_TxK, r.gates_TxK
+  def route(p, s, x, *replay):  # -> (the router's own route, the route dispatched)
+    own = routing.route(p, s, x, cfg)
+    return own, routing.replay(own, replay[0], cfg) if replay else own
+  replay = () if replay_TxK is None else (replay_TxK,)
+  r, used = jax.shard_map(
+      route, mesh=mesh,
+      in_specs=({"router": {"kernel": replicated}}, {"router_bias": replicated}, tokens) +
+      (tokens,) * len(replay),
+      out_specs=(routing.Route(*(tokens,) * 4),) * 2)({"router": params["router"]}, state,
+                                                      x_TxD, *replay)
+  idx_TxK, gates_TxK = used.idx_TxK, used.gates_TxK
   x_TxD = x_TxD.astype(cfg.dtype)
   # The partitioner's all-to-alls carry the compute dtype; fp8.dispatch only rounds as the
   # alltoall layer's FP8 dispatch does, so that both give the same numbers.
@@ -188,4 +202,4 @@ def apply_gshard(params: dict, state: dict, x_TxD: jax.Array, cfg: MoEConfig, se
   y_GxSxD = jnp.einsum("gsec,egcd->gsd", combine_GxSxExC, y_ExGxCxD)
   y_TxD = sharding.constrain(y_GxSxD.reshape(t, d), ("batch", None))
   y_TxD = add_shared(y_TxD, x_TxD, params, fp8_cfg, fp8_state)
-  return y_TxD, routing.statistics(r, kept_GxSxK.sum(), seq_len, cfg)
+  return y_TxD, dict(routing.statistics(r, kept_GxSxK.sum(), seq_len, cfg), experts=r.idx_TxK)

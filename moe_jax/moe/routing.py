@@ -1,5 +1,6 @@
 """Routing and its statistics: the router's forward (`route`), scores, group-limited top-k
-selection, gates, balance losses, load statistics (`statistics`), the bias update.
+selection, gates, router replay (`replay`), balance losses, load statistics (`statistics`), the
+bias update.
 
 All functions take flat tokens (`T` = tokens, `E` = experts, `K` = experts per token) and work in
 float32 whatever the compute dtype, because routing decisions flip on tiny score differences.
@@ -29,9 +30,21 @@ def route(params: dict, state: dict, x_TxD: jax.Array, cfg: MoEConfig) -> Route:
   return Route(logits_TxE, scores_TxE, idx_TxK, gates(scores_TxE, idx_TxK, cfg))
 
 
+def replay(r: Route, replay_TxK: jax.Array, cfg: MoEConfig) -> Route:
+  """The route with the experts of replay_TxK (e.g. those a rollout chose) instead of the
+  router's own top-k, gates from this router's scores at those experts (RL router replay).
+
+  A token whose row holds any negative id keeps its own choice (-1: nothing recorded). Ids must
+  be < num_experts; that is not checked (they may be traced)."""
+  recorded_Tx1 = (replay_TxK >= 0).all(-1, keepdims=True)
+  idx_TxK = jnp.where(recorded_Tx1, replay_TxK.astype(jnp.int32), r.idx_TxK)
+  return r._replace(idx_TxK=idx_TxK, gates_TxK=gates(r.scores_TxE, idx_TxK, cfg))
+
+
 def statistics(r: Route, kept, seq_len: int, cfg: MoEConfig, total=lambda v: v) -> dict:
   """Load, balance losses and their weighted sum (`balance_loss`, to add to the training loss),
-  for tokens in whole sequences of seq_len; `kept` counts the assignments that got a row.
+  for tokens in whole sequences of seq_len; `kept` counts the assignments that got a row. Under
+  replay, r is the router's own route: the statistics (and so the bias update) see its choice.
 
   `total` sums a per-shard value over every token shard: the identity on one device, a psum in
   the expert-parallel layer, so that every shard sees the global statistics (and so updates the

@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-LOSS_AGGS = ("seq_mean_token_mean", "token_mean", "seq_mean_token_sum_norm")
+from moe_jax.rl.config import LOSS_AGGS
 
 
 def _bad(name, value, allowed):

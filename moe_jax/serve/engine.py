@@ -21,6 +21,11 @@ trained here or a DeepSeek-V3-format checkpoint from `moe_jax.interop`. With a m
 runs inside it (expert parallelism included); the batch is padded to a multiple of the mesh's
 token shards. MoE layers serve dropless (capacity_factor None): a token's experts never depend on
 what else is in the batch.
+
+`record_routes=True` (RL router replay) keeps the experts every computed position chose in each
+MoE block of the main model: `Choice.routes` [prompt + completion tokens, L, K] int32, -1 on a
+last token never fed to the model. It turns the prefix cache off, since blocks served from it
+would come without their routes; a request's n completions still share one prefill.
 """
 from __future__ import annotations
 
@@ -81,6 +86,7 @@ class _Seq:
   logprobs: list[float] = dataclasses.field(default_factory=list)
   finish: Optional[str] = None
   text: Optional[str] = None  # the text before a stop string, once one appeared
+  routes: list = dataclasses.field(default_factory=list)  # [n, L, K] per computed run of tokens
 
 
 @dataclasses.dataclass
@@ -102,7 +108,7 @@ class Engine:
                num_blocks: int = 256, block_size: int = 16, max_batch: int = 16,
                prefill_chunk: int = 512, prefix_cache: bool = True,
                disk_dir: Optional[str] = None, fp8_cache: bool = False, mesh=None,
-               tokenizer=None):
+               tokenizer=None, record_routes: bool = False):
     for name, value, low in (("num_blocks", num_blocks, 2), ("block_size", block_size, 1),
                              ("max_batch", max_batch, 1), ("prefill_chunk", prefill_chunk, 1)):
       if isinstance(value, bool) or not isinstance(value, int) or value < low:
@@ -110,7 +116,10 @@ class Engine:
     self.params, self.moe_state, self.model_cfg = params, moe_state, model_cfg
     self.moe_cfg = dataclasses.replace(moe_cfg, capacity_factor=None)
     self.block_size, self.max_batch, self.prefill_chunk = block_size, max_batch, prefill_chunk
-    self.prefix_cache, self.mesh = prefix_cache, mesh
+    if not isinstance(record_routes, bool):
+      raise ValueError(f"serve.record_routes={record_routes!r}: must be True or False")
+    self.record_routes = record_routes
+    self.prefix_cache, self.mesh = prefix_cache and not record_routes, mesh
     self.tokenizer = tokenizer or ByteTokenizer()
     self.min_batch = sharding.shard_count(mesh, "batch") if mesh is not None else 1
     self.pool = kv.init_pool(model_cfg, num_blocks, block_size, fp8_cache)
@@ -118,7 +127,7 @@ class Engine:
       replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
       self.pool = jax.device_put(self.pool, replicated)
     self.root = fingerprint(params, moe_state, model_cfg)
-    disk = DiskTier(os.path.join(disk_dir, self.root)) if disk_dir and prefix_cache else None
+    disk = DiskTier(os.path.join(disk_dir, self.root)) if disk_dir and self.prefix_cache else None
     self.pages = Pages(num_blocks, disk=disk, read_block=lambda b: kv.read_block(self.pool, b))
     self.reserved = 0
     self.waiting: collections.deque[int] = collections.deque()
@@ -258,8 +267,9 @@ class Engine:
   def _on_mesh(self):
     return jax.set_mesh(self.mesh) if self.mesh is not None else contextlib.nullcontext()
 
-  def _run(self, rows: list[tuple[list[int], int, list[int]]], T: int) -> np.ndarray:
-    """rows of (new tokens, start position, block table) -> last real token's logits [rows, V]."""
+  def _run(self, rows: list[tuple[list[int], int, list[int]]], T: int):
+    """rows of (new tokens, start position, block table) -> (last real token's logits [rows, V],
+    the new tokens' routes [rows, T, L, K] with record_routes, else None)."""
     B = _pow2(len(rows), self.min_batch)
     # The view must hold every new slot: a write past its end would be clamped onto others.
     W = _pow2(max(max(len(t) for _, _, t in rows),
@@ -271,9 +281,10 @@ class Engine:
       tables[i, :len(table)] = table
     self.shapes.add((B, T, W))
     with self._on_mesh():
-      logits, self.pool = kv.step(self.params, self.moe_state, self.pool, tokens, pos, n, tables,
-                                  self.model_cfg, self.moe_cfg)
-    return _host(logits)[:len(rows)]
+      logits, self.pool, *routes = kv.step(self.params, self.moe_state, self.pool, tokens, pos, n,
+                                           tables, self.model_cfg, self.moe_cfg,
+                                           self.record_routes)
+    return _host(logits)[:len(rows)], _host(routes[0])[:len(rows)] if routes else None
 
   def _sample(self, job_seqs: list[tuple[_Job, _Seq]], logits) -> None:
     B = _pow2(len(job_seqs), self.min_batch)
@@ -303,8 +314,10 @@ class Engine:
     self.stats["prompt_tokens_cached"] += seq.computed
     while seq.computed < P:
       chunk = seq.tokens[seq.computed:seq.computed + self.prefill_chunk]
-      logits = self._run([(chunk, seq.computed, seq.blocks)],
-                         _pow2(len(chunk), MIN_PREFILL_BUCKET))
+      logits, routes = self._run([(chunk, seq.computed, seq.blocks)],
+                                 _pow2(len(chunk), MIN_PREFILL_BUCKET))
+      if routes is not None:
+        seq.routes.append(routes[0, :len(chunk)])
       seq.computed += len(chunk)
       self.stats["prompt_tokens_prefilled"] += len(chunk)
     self._register_full_blocks(seq)
@@ -316,7 +329,8 @@ class Engine:
         copy = self._allocate(job)
         self.pool = kv.copy_block(self.pool, seq.blocks[-1], copy)
         blocks.append(copy)
-      job.seqs.append(_Seq(choice, list(seq.tokens), blocks, list(seq.hashes), P))
+      job.seqs.append(_Seq(choice, list(seq.tokens), blocks, list(seq.hashes), P,
+                           routes=list(seq.routes)))
     self._sample([(job, s) for s in job.seqs], np.repeat(logits, len(job.seqs), axis=0))
 
   def _decode(self, live: list[_Seq]):
@@ -327,9 +341,11 @@ class Engine:
       if position // self.block_size == len(seq.blocks):
         seq.blocks.append(self._allocate(owner[id(seq)]))
       rows.append(([seq.tokens[-1]], position, seq.blocks))
-    logits = self._run(rows, 1)
+    logits, routes = self._run(rows, 1)
     self.stats["decode_steps"] += 1
-    for seq in live:
+    for i, seq in enumerate(live):
+      if routes is not None:
+        seq.routes.append(routes[i, :1])
       seq.computed += 1
       self._register_full_blocks(seq)
     self._sample([(owner[id(s)], s) for s in live], logits)
@@ -368,19 +384,27 @@ class Engine:
     choices = []
     for seq in job.seqs:
       generated = seq.tokens[len(job.prompt):]
+      routes = self._routes(seq) if self.record_routes else None
       if seq.text is not None:
         keep = _tokens_before(self.tokenizer, generated, seq.text)
         generated, seq.logprobs = generated[:keep], seq.logprobs[:keep]
+        routes = None if routes is None else routes[:len(job.prompt) + keep]
         text = seq.text
       else:
         text = self.tokenizer.decode(generated)
-      choices.append(Choice(seq.choice, text, generated, seq.logprobs, seq.finish))
+      choices.append(Choice(seq.choice, text, generated, seq.logprobs, seq.finish, routes))
       job.usage.completion_tokens += len(seq.tokens) - len(job.prompt)
       for block in seq.blocks:
         self.pages.release(block)
     self.reserved -= job.left
     job.left = 0
     return Completion(job.prompt, choices, job.usage)
+
+  def _routes(self, seq: _Seq) -> np.ndarray:
+    """[len(tokens), L, K]: the computed positions' routes, -1 for the token not yet fed."""
+    done = np.concatenate(seq.routes).astype(np.int32)
+    missing = np.full((len(seq.tokens) - len(done),) + done.shape[1:], -1, np.int32)
+    return np.concatenate([done, missing])
 
 
 def _host(x) -> np.ndarray:

@@ -103,18 +103,21 @@ def _scatter(layer: dict, view: dict, tables_BxW, pos_B, n_B, T: int) -> dict:
   return out
 
 
-@functools.partial(jax.jit, static_argnums=(7, 8), donate_argnums=(2,))
+@functools.partial(jax.jit, static_argnums=(7, 8, 9), donate_argnums=(2,))
 def step(params, moe_state, pool, tokens_BxT, pos_B, n_B, tables_BxW, model_cfg: ModelConfig,
-         moe_cfg: MoEConfig):
+         moe_cfg: MoEConfig, record_routes: bool = False):
   """Feeds T tokens per sequence (the first n_B real) at positions pos_B.. -> (logits of each
-  sequence's last real token [B, V] float32, pool)."""
+  sequence's last real token [B, V] float32, pool), and with record_routes the experts every
+  new token chose in each MoE block of the main model, [B, T, L, K] int32 (rows past n_B are
+  padding)."""
   T = tokens_BxT.shape[1]
   views = {name: _gather(layer, tables_BxW, model_cfg.dtype) for name, layer in pool.items()}
-  logits_BxTxV, views = generate.forward_cached(params, moe_state, tokens_BxT, pos_B, views,
-                                                model_cfg, moe_cfg)
+  logits_BxTxV, views, routes_BxTxLxK = generate.forward_cached_routes(
+      params, moe_state, tokens_BxT, pos_B, views, model_cfg, moe_cfg)
   pool = {name: _scatter(pool[name], views[name], tables_BxW, pos_B, n_B, T) for name in pool}
   last_B = jnp.maximum(n_B - 1, 0)
-  return jnp.take_along_axis(logits_BxTxV, last_B[:, None, None], axis=1)[:, 0], pool
+  logits_BxV = jnp.take_along_axis(logits_BxTxV, last_B[:, None, None], axis=1)[:, 0]
+  return (logits_BxV, pool, routes_BxTxLxK) if record_routes else (logits_BxV, pool)
 
 
 @functools.partial(jax.jit, donate_argnums=(0,))

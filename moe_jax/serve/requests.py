@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Optional, Sequence, Union
+from typing import Any, Optional, Sequence, Union
 
 
 class BadRequest(ValueError):
@@ -64,6 +64,9 @@ class Choice:
   token_ids: list[int]
   logprobs: list[float]  # of each token in token_ids, under the model (temperature 1)
   finish_reason: str     # "stop" (a stop string or token) or "length"
+  # Engine(record_routes=True): int32 [prompt + len(token_ids), MoE blocks, top_k], the experts
+  # each position chose (what router replay feeds model.apply); -1 on a token never fed.
+  routes: Optional[Any] = None
 
 
 @dataclasses.dataclass
