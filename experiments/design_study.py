@@ -9,9 +9,10 @@
                      32% of the steps)
 
 Each arm runs for every seed of `config.seeds` in <workdir>/runs/<arm>/seed<s> (the real trainer;
-a rerun resumes unfinished runs and skips finished ones). Per run: the held-out loss at each
-evaluation, MaxVio_batch from the logged steps (max over MoE layers; its mean over the second
-half of training), and MaxVio_global: the final weights' expert loads summed over the held-out
+a rerun resumes unfinished runs and skips finished ones). Per run: the held-out cross-entropy of
+the main model at each evaluation (no MTP or balance loss added: they differ between arms),
+MaxVio_batch from the logged steps (max over MoE layers; its mean over the second half of
+training), and MaxVio_global: the final weights' expert loads summed over the held-out
 evaluation batches, max load / mean load - 1, max over layers. Training FLOPs are 6 x activated
 parameters x tokens (the usual estimate; attention's score FLOPs left out, equal across arms).
 
@@ -110,8 +111,13 @@ def max_vio(load_LxE: np.ndarray) -> float:
 
 def one_run(cfg: ExperimentConfig, workdir: str) -> dict:
   result = train_run(cfg, workdir)
-  records = [r for r in metrics.read_jsonl(os.path.join(workdir, metrics.METRICS_FILE))
-             if r.get("max_vio")]
+  logged = metrics.read_jsonl(os.path.join(workdir, metrics.METRICS_FILE))
+  # The main model's held-out cross-entropy: eval_loss adds the MTP and balance losses, which
+  # differ between arms.
+  result["evals"] = [(r["step"], r["eval_ce"]) for r in logged if "eval_ce" in r]
+  last = result["evals"][-1] if result["evals"] else (None, float("nan"))
+  result["final_eval_loss"] = last[1] if last[0] == cfg.train.steps else float("nan")
+  records = [r for r in logged if r.get("max_vio")]
   result["max_vio_curve"] = [(r["step"], max(r["max_vio"])) for r in records]
   second_half = [v for s, v in result["max_vio_curve"] if s > cfg.train.steps // 2]
   result["max_vio_batch"] = float(np.mean(second_half)) if second_half else float("nan")
@@ -148,7 +154,7 @@ def markdown(study: str, config: ExperimentConfig, rows: list[dict], wall_s: flo
     cells += [f"{mine[0]['active_params']:,}", f"{mine[0]['total_params']:,}",
               f"{mine[0]['train_flops']:.3g}", f"{np.mean([r['s_per_step'] for r in mine]):.2f}"]
     table.append(cells)
-  lines += report.table(("arm", "held-out loss", "MaxVio_batch (2nd half)", "MaxVio_global",
+  lines += report.table(("arm", "held-out CE", "MaxVio_batch (2nd half)", "MaxVio_global",
                          "active params", "total params", "train FLOPs", "s/step"), table)
   lines += ["", f"Published: {PUBLISHED[study]}", ""]
   return "\n".join(lines)
@@ -167,7 +173,8 @@ def plot(path: str, study: str, results: dict, steps: int):
         s, v = zip(*r["max_vio_curve"])
         ax_vio.plot(s, v, color=f"C{i}", label=arm if j == 0 else None, lw=1,
                     alpha=1.0 if j == 0 else 0.5)
-  ax_loss.set(xlabel="training FLOPs (6 x activated params x tokens)", ylabel="held-out loss",
+  ax_loss.set(xlabel="training FLOPs (6 x activated params x tokens)",
+              ylabel="held-out cross-entropy (main model)",
               title="Held-out loss (each seed a line)")
   ax_vio.set(xlabel="step", ylabel="MaxVio_batch (max over MoE layers)", yscale="log",
              title="Load imbalance during training")
