@@ -135,8 +135,9 @@ def markdown(study: str, config: ExperimentConfig, rows: list[dict], wall_s: flo
   t = config.train
   lines = [f"# {study}", "",
            f"`python -m experiments.run --config=configs/{study}.py`: {t.steps} steps of "
-           f"{t.batch_size} x {t.seq_len} tokens per run, seeds {list(config.seeds)}, "
-           f"{wall_s / 60:.1f} minutes in all.", "",
+           f"{t.batch_size} x {t.seq_len} tokens per run, seeds {list(config.seeds)}; the runs "
+           f"trained for {sum(r['wall_s'] for r in rows) / 60:.1f} minutes in all (this "
+           f"invocation took {wall_s / 60:.1f}).", "",
            "Means over the seeds, +- the spread (half the range of the seeds' values):", ""]
   table = []
   for arm in ARMS[study]:
