@@ -314,7 +314,7 @@ def test_masked_tokens_carry_no_loss_or_gradient(loss_agg):
 def test_policy_loss_rejects_bad_arguments():
   cases = [
       (dict(loss_agg="mean"), "loss_agg='mean': must be one of 'seq_mean_token_mean', "),
-      (dict(clip_low=1.0), "clip_low=1.0: must be a number in [0.0, 1.0)"),
+      (dict(clip_low=-0.1), "clip_low=-0.1: must be a number in [0.0, inf]"),
       (dict(clip_high=-0.1), "clip_high=-0.1: must be a number in [0.0, inf]"),
       (dict(kl_coef=-1), "kl_coef=-1: must be a number in [0.0, inf]"),
       (dict(loss_agg="seq_mean_token_sum_norm", max_len=0), "max_len=0: must be an integer >= 1"),

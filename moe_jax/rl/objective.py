@@ -127,7 +127,7 @@ def policy_loss(logp_BxT: jax.Array, behaviour_logp_BxT: jax.Array, advantages_B
   reference), `ratio_mean`, `clip_fraction` = `clip_low_fraction` (A < 0, ratio < 1 - clip_low)
   + `clip_high_fraction` (A > 0, ratio > 1 + clip_high): the tokens whose gradient the clip
   removed. `tokens`: their number."""
-  _number("clip_low", clip_low, 0.0, 1.0, hi_open=True)
+  _number("clip_low", clip_low, 0.0)  # >= 1: no lower clip (a ratio is > 0; R1-Zero: 10)
   _number("clip_high", clip_high, 0.0)
   _number("kl_coef", kl_coef, 0.0)
   shape = jnp.shape(logp_BxT)
