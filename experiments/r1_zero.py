@@ -70,7 +70,7 @@ def make_engine(state, cfg: ExperimentConfig, mesh, rows: int, T: int, record_ro
 class Learner:
   """The jitted learner step on the run's mesh, and batches placed on it."""
 
-  def __init__(self, cfg: ExperimentConfig, rl: rl_config.RLConfig, mesh, shardings):
+  def __init__(self, cfg: ExperimentConfig, rl: rl_config.RLConfig, mesh):
     self.mesh = mesh
     rows = lambda *rest: sharding.named_sharding(mesh, ("batch",) + rest)
     self.batch_shardings = {"tokens": rows("seq"), "mask": rows("seq"),
@@ -199,7 +199,7 @@ def _run_rl(cfg, base_dir, rl, spec, T, workdir):
     if start:
       print(f"RL resumed from step {start} ({ckpt.directory}/{start})")
     log = metrics.MetricsLog(rl_dir, resume_step=start)
-    update = Learner(cfg, rl, mesh, setup.shardings)
+    update = Learner(cfg, rl, mesh)
     preemption = train._Preemption()  # pylint: disable=protected-access  (training's SIGTERM)
     try:
       for s in range(start, rl.steps):
