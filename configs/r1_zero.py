@@ -59,8 +59,9 @@ def get_config(arg=None):
   r.seed = 0
 
   if arg == "runlocal":
-    t.steps, t.batch_size, t.warmup_steps = 60, 8, 5
-    t.eval_every, t.checkpoint_every, t.log_every = 60, 60, 20
+    # 300 base steps: enough for the format (format rate 1.0), not for the sums
+    t.steps, t.batch_size, t.warmup_steps = 300, 8, 10
+    t.eval_every, t.checkpoint_every, t.log_every = 300, 300, 100
     r.steps, r.prompts_per_step, r.group_size, r.minibatches = 3, 2, 4, 2
     r.corpus_docs, r.eval_problems, r.eval_k = 2000, 4, 4
     r.checkpoint_every = 2
