@@ -37,6 +37,9 @@ from moe_jax.rl import evaluate, learner, rollout, tasks
 from moe_jax.serve import Engine
 
 CORPUS = "corpus.tokens"
+RL_CONFIG = os.path.join("rl", "rl_config.json")
+# rl.* keys a resumed RL run may change; any other change would mix two runs in one curve.
+RESUMABLE = ("steps", "checkpoint_every", "eval_problems", "eval_k")
 CURVES = ("reward", "pass@1", "cons@k", "response_length", "kl", "clip_fraction", "entropy",
           "format_rate")
 
@@ -159,6 +162,7 @@ def run(cfg: ExperimentConfig, workdir: str):
   rl = rl_config.from_dict(cfg.rl)  # every rl.* key checked before any work
   spec = task_spec(rl)
   T = seq_len(cfg, rl, spec)
+  check_resumable(rl, workdir)
   with workdirs.claim(workdir):
     corpus = os.path.join(workdir, CORPUS)
     if not os.path.exists(corpus):
@@ -179,8 +183,7 @@ def _run_rl(cfg, base_dir, rl, spec, T, workdir):
   print(f"base on held-out: {json.dumps(before)}")
   rl_dir = os.path.join(workdir, "rl")
   os.makedirs(rl_dir, exist_ok=True)
-  workdirs.write_json(os.path.join(rl_dir, "config.json"), dict(cfg.to_dict(), rl=cfg_rl(rl)),
-                      indent=2)
+  workdirs.write_json(os.path.join(workdir, RL_CONFIG), cfg_rl(rl), indent=2)
   copy = jax.jit(lambda t: jax.tree.map(jnp.copy, t))
   init_opt = jax.jit(train.make_optimizer(cfg.train).init,
                      out_shardings=setup.shardings["opt_state"])
@@ -234,6 +237,18 @@ def _run_rl(cfg, base_dir, rl, spec, T, workdir):
                   lambda: evaluate_policy(state, cfg, rl, spec, mesh, T),
                   dict(key, rl_step=rl.steps))
   write_report(workdir, before, after, rl)
+
+
+def check_resumable(rl: rl_config.RLConfig, workdir: str):
+  """ConfigError naming the first rl.* key that differs from the RL run already in workdir."""
+  path = os.path.join(workdir, RL_CONFIG)
+  old = workdirs.read_json(path) if os.path.exists(path) else None
+  if not isinstance(old, dict):
+    return
+  for key, value in cfg_rl(rl).items():
+    if key not in RESUMABLE and key in old and old[key] != value:
+      raise ConfigError(f"rl.{key}={value!r}: the RL run in {workdir} used {old[key]!r}; use "
+                        "another --workdir to start a new run")
 
 
 def cfg_rl(rl: rl_config.RLConfig) -> dict:

@@ -2,6 +2,11 @@
 outputs, and a rerun after it finished that retrains nothing."""
 import json
 import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
 
 import jax
 import numpy as np
@@ -99,3 +104,48 @@ def test_paper_variant_builds_and_validates():
   bad.rl.group_size = 1
   with pytest.raises(config.ConfigError, match=r"^rl.group_size=1: must be >= 2"):
     r1_zero.run(config.from_config_dict(bad), "/nonexistent/never_written")
+
+
+def test_a_changed_rl_setting_is_refused_before_any_work(runlocal):
+  _, workdir = runlocal
+  changed = r1_config.get_config("runlocal")
+  changed.rl.learning_rate = 1e-3
+  with pytest.raises(config.ConfigError, match=r"^rl.learning_rate=0.001: the RL run in .* used "
+                     r"0.0003; use another --workdir"):
+    r1_zero.run(config.from_config_dict(changed), workdir)
+
+
+def test_sigterm_saves_and_the_rerun_continues_the_same_run(runlocal, tmp_path):
+  """SIGTERM during RL saves the step and exits 0; the rerun resumes from it and its steps equal
+  the uninterrupted run's (problems and sampling are pure functions of (seed, step)). Runs last:
+  it sets the finished RL run aside and redoes it on the same base (whose config names the
+  corpus by its path, so the base cannot move)."""
+  env, workdir = runlocal
+  shutil.move(os.path.join(workdir, "rl"), str(tmp_path / "rl_done"))
+  reference = metrics.read_jsonl(str(tmp_path / "rl_done" / metrics.METRICS_FILE))
+  log = os.path.join(workdir, "rl", metrics.METRICS_FILE)
+  command = [sys.executable, "-m", "experiments.run", f"--config={CONFIG}",
+             f"--workdir={workdir}", "--config.rl.steps=6"]
+  process = subprocess.Popen(command, cwd=runs.REPO, env=env, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True)
+  try:
+    deadline = time.monotonic() + 300
+    while not metrics.read_jsonl(log):
+      assert process.poll() is None and time.monotonic() < deadline, process.stderr.read()
+      time.sleep(0.2)
+    process.send_signal(signal.SIGTERM)
+    stdout, stderr = process.communicate(timeout=120)
+  finally:
+    process.kill()
+  assert process.returncode == 0, stderr[-3000:]
+  assert "SIGTERM: saved RL step" in stdout
+  stopped = max(r["step"] for r in metrics.read_jsonl(log))
+  assert stopped < 3 and str(stopped) in os.listdir(os.path.join(workdir, "rl", "checkpoints"))
+  result = runs.run(env, CONFIG, workdir, "--config.rl.steps=6")
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert f"RL resumed from step {stopped}" in result.stdout
+  resumed = metrics.read_jsonl(log)
+  assert [r["step"] for r in resumed] == [1, 2, 3, 4, 5, 6]
+  for want, got in zip(reference, resumed):
+    for key in ("loss", "reward", "pass@1", "response_length", "entropy", "grad_norm"):
+      np.testing.assert_allclose(got[key], want[key], rtol=1e-5, atol=1e-7, err_msg=key)
