@@ -129,8 +129,9 @@ def rl_step(state, ref, step: int, *, cfg: ExperimentConfig, rl: rl_config.RLCon
             "format_rate": summary["format_rate"], "response_length": summary["mean_length"],
             "kl": mean("kl"), "clip_fraction": mean("clip_fraction"), "entropy": mean("entropy"),
             "grad_norm": mean("grad_norm"), "applied": mean("applied"),
-            # the first update's ratio is the rollout/learner mismatch alone (no update yet)
-            "rollout_ratio": float(outs[0]["ratio_mean"]), **stats,
+            # the first update sees the rollout/learner mismatch alone (no update yet)
+            "rollout_ratio": float(outs[0]["ratio_mean"]),
+            "rollout_kl": float(outs[0]["behaviour_kl"]), **stats,
             "rollout_s": rollout_s, "step_s": time.perf_counter() - start}
   if "route_agreement" in outs[0]:
     record["route_agreement"] = mean("route_agreement")

@@ -49,6 +49,7 @@ def test_a_trivial_reward_rises():
                                     update=update, mesh=mesh, reward_fn=reward_fn)
     rewards.append(record["reward"])
     assert record["rollout_ratio"] == pytest.approx(1.0, abs=1e-4)  # router replay: no gap
+    assert 0 <= record["rollout_kl"] < 1e-6
   print(f"mean reward per step: {np.round(rewards, 3).tolist()}")
   assert np.mean(rewards[-2:]) > max(0.85, np.mean(rewards[:2]) + 0.25)  # measured: 0.52 -> 0.98
 
