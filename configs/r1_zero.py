@@ -42,7 +42,7 @@ def get_config(arg=None):
   r.kl_coef = 0.0                       # k3 KL to the reference
   r.ref_update_every = 0                # steps between reference refreshes; 0 = frozen base
   r.scale_advantages = True             # divide by the group's std
-  r.loss_agg = "token_mean"             # "seq_mean_token_mean", "token_mean", "seq_mean_token_sum_norm"
+  r.loss_agg = "token_mean"             # DAPO; or "seq_mean_token_mean", "seq_mean_token_sum_norm"
   r.drop_uniform_groups = True          # dynamic sampling
   r.router_replay = True                # the learner reuses the rollout's experts
   r.temperature = 1.0                   # rollout sampling
