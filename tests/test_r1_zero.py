@@ -1,5 +1,6 @@
 """experiment=r1_zero: a trivial reward rises under the RL loop; the :runlocal run end to end, its
 outputs, and a rerun after it finished that retrains nothing."""
+import functools
 import json
 import os
 import shutil
@@ -21,16 +22,18 @@ from moe_jax.rl.config import RLConfig
 import runs
 
 
-def tiny_cfg() -> config.ExperimentConfig:
+def tiny_cfg(num_experts=4, parallelism="none", mesh=None) -> config.ExperimentConfig:
   return config.from_config_dict({
       "model": dict(embed_dim=32, num_layers=2, first_k_dense=1, dense_ffn_dim=64, num_heads=2,
-                    num_kv_heads=2,
-                    kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=8,
-                    max_seq_len=96, init_std=0.1),
-      "moe": dict(num_experts=4, top_k=2, expert_ffn_dim=16),
+                    num_kv_heads=2, kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=8,
+                    v_head_dim=8, max_seq_len=96, init_std=0.1),
+      "moe": dict(num_experts=num_experts, top_k=2, expert_ffn_dim=16, parallelism=parallelism),
+      "mesh": mesh or {},
       "train": dict(batch_size=8, seq_len=96, weight_decay=0.0, grad_clip=0.0),
       "data": dict(source="synthetic"),
   })
+
+ASCII_FIRST = lambda problem, text: float(text[:1].isascii() and text[:1] != "")
 
 
 def test_a_trivial_reward_rises():
@@ -42,11 +45,10 @@ def test_a_trivial_reward_rises():
   mesh = sharding.make_mesh(cfg.mesh, jax.devices()[:1])
   state = train.init_state(jax.random.key(0), cfg)
   update = r1_zero.Learner(cfg, rl, mesh)
-  reward_fn = lambda problem, text: float(text[:1].isascii() and text[:1] != "")
   spec, rewards = tasks.TaskSpec(), []
   for s in range(rl.steps):
     state, record = r1_zero.rl_step(state, None, s, cfg=cfg, rl=rl, spec=spec, T=96,
-                                    update=update, mesh=mesh, reward_fn=reward_fn)
+                                    update=update, mesh=mesh, reward_fn=ASCII_FIRST)
     rewards.append(record["reward"])
     assert record["rollout_ratio"] == pytest.approx(1.0, abs=1e-4)  # router replay: no gap
     assert 0 <= record["rollout_kl"] < 1e-6
@@ -55,6 +57,30 @@ def test_a_trivial_reward_rises():
 
 
 CONFIG = os.path.join(runs.REPO, "configs", "r1_zero.py") + ":runlocal"
+
+
+def test_rl_steps_on_the_expert_parallel_mesh_equal_one_device():
+  """Rollouts through the engine and updates on fsdp 2 x expert 4 (all-to-all) give the
+  single-device run's records (problems, samples and updates alike)."""
+  rl = RLConfig(steps=2, prompts_per_step=4, group_size=4, learning_rate=1e-2, max_tokens=4)
+  records = {}
+  for name, parallelism, mesh_cfg, devices in (
+      ("one", "none", {}, jax.devices()[:1]),
+      ("mesh", "alltoall", dict(fsdp=2, expert=4), jax.devices())):
+    cfg = tiny_cfg(8, parallelism, mesh_cfg)
+    mesh = sharding.make_mesh(cfg.mesh, devices)
+    with jax.set_mesh(mesh):
+      state = jax.jit(functools.partial(train.init_state, cfg=cfg),
+                      out_shardings=train.state_shardings(cfg, mesh))(jax.random.key(0))
+    update, records[name] = r1_zero.Learner(cfg, rl, mesh), []
+    for s in range(rl.steps):
+      state, record = r1_zero.rl_step(state, None, s, cfg=cfg, rl=rl, spec=tasks.TaskSpec(),
+                                      T=96, update=update, mesh=mesh, reward_fn=ASCII_FIRST)
+      records[name].append(record)
+  for one, mesh in zip(records["one"], records["mesh"]):
+    assert one["reward"] == mesh["reward"] and mesh["rollout_kl"] < 1e-6
+    for key in ("loss", "grad_norm", "entropy"):
+      np.testing.assert_allclose(mesh[key], one[key], rtol=1e-4, atol=1e-6, err_msg=key)
 
 
 @pytest.fixture(scope="module")
