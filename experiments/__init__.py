@@ -22,6 +22,7 @@ EXPERIMENTS = {
     "granularity_study": "experiments.design_study:run",
     "mtp_study": "experiments.design_study:run",
     "serve": "experiments.serve:run",
+    "r1_zero": "experiments.r1_zero:run",
 }
 
 

@@ -338,7 +338,7 @@ class ServeConfig:
 
 # ----------------------------------------------------------------------------- the whole config
 
-TOP_LEVEL = ("experiment", "hf_path", "seeds")
+TOP_LEVEL = ("experiment", "hf_path", "seeds", "rl")
 SECTIONS = {"model": ModelConfig, "moe": MoEConfig, "fp8": FP8Config, "mesh": MeshConfig,
             "train": TrainConfig, "data": DataConfig, "serve": ServeConfig}
 
@@ -356,6 +356,9 @@ class ExperimentConfig:
   train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
   data: DataConfig = dataclasses.field(default_factory=DataConfig)
   serve: ServeConfig = dataclasses.field(default_factory=ServeConfig)
+  # experiment=r1_zero: the `rl` section as plain values; moe_jax/rl/config.py validates it (this
+  # file imports nothing of rl/). Left out of the hash: a dict has none.
+  rl: dict = dataclasses.field(default_factory=dict, hash=False)
 
   def __post_init__(self):
     _finite(self)
@@ -482,10 +485,14 @@ def from_config_dict(config: Any) -> ExperimentConfig:
   if (not isinstance(seeds, (list, tuple)) or len(set(seeds)) != len(seeds) or
       not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in seeds)):
     _fail("seeds", seeds, "must be a list of distinct integers >= 0 (empty: train.seed)")
+  rl = values.get("rl", {})
+  if not isinstance(rl, Mapping) or not all(isinstance(k, str) for k in rl):
+    _fail("rl", rl, "must be a section (a ConfigDict of rl.* keys)")
   sections = {}
   model = sections["model"] = _section("model", ModelConfig, values.get("model", {}))
   for name, cls in SECTIONS.items():
     if name != "model":
       extra = {"embed_dim": model.embed_dim} if name == "moe" else None
       sections[name] = _section(name, cls, values.get(name, {}), extra)
-  return ExperimentConfig(experiment=experiment, hf_path=hf_path, seeds=tuple(seeds), **sections)
+  return ExperimentConfig(experiment=experiment, hf_path=hf_path, seeds=tuple(seeds),
+                          rl=dict(rl), **sections)

@@ -262,6 +262,9 @@ def test_policy_loss_aggregations(loss_agg, max_len, want, jit):
   np.testing.assert_allclose(loss, want, rtol=0, atol=1e-6)
   np.testing.assert_allclose(metrics["pg_loss"], want, rtol=0, atol=1e-6)
   np.testing.assert_allclose(metrics["ratio_mean"], (1.5 + 0.5 + 1.1 + 0.7 + 2.0) / 5, atol=1e-6)
+  # KL(behaviour || policy) by k3 of each ratio r: r - log r - 1
+  k3 = [r - math.log(r) - 1 for r in (1.5, 0.5, 1.1, 0.7, 2.0)]
+  np.testing.assert_allclose(metrics["behaviour_kl"], sum(k3) / 5, rtol=0, atol=1e-6)
   np.testing.assert_allclose(metrics["clip_high_fraction"], 1 / 5, rtol=0, atol=1e-6)
   np.testing.assert_allclose(metrics["clip_low_fraction"], 1 / 5, rtol=0, atol=1e-6)
   np.testing.assert_allclose(metrics["clip_fraction"], 2 / 5, rtol=0, atol=1e-6)
@@ -314,7 +317,7 @@ def test_masked_tokens_carry_no_loss_or_gradient(loss_agg):
 def test_policy_loss_rejects_bad_arguments():
   cases = [
       (dict(loss_agg="mean"), "loss_agg='mean': must be one of 'seq_mean_token_mean', "),
-      (dict(clip_low=1.0), "clip_low=1.0: must be a number in [0.0, 1.0)"),
+      (dict(clip_low=-0.1), "clip_low=-0.1: must be a number in [0.0, inf]"),
       (dict(clip_high=-0.1), "clip_high=-0.1: must be a number in [0.0, inf]"),
       (dict(kl_coef=-1), "kl_coef=-1: must be a number in [0.0, inf]"),
       (dict(loss_agg="seq_mean_token_sum_norm", max_len=0), "max_len=0: must be an integer >= 1"),

@@ -124,7 +124,7 @@ def test_batch_and_reference_are_checked(state):
 
 
 @pytest.mark.parametrize("values, message", [
-    ({"clip_low": 1.0}, r"rl.clip_low=1.0: must be in \[0, 1\)"),
+    ({"clip_low": -0.1}, r"rl.clip_low=-0.1: must be >= 0"),
     ({"group_size": 1}, r"rl.group_size=1: must be >= 2"),
     ({"loss_agg": "mean"}, r"rl.loss_agg='mean': must be one of"),
     ({"kl_coef": -0.1}, r"rl.kl_coef=-0.1: must be >= 0"),

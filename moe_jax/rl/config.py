@@ -23,7 +23,7 @@ class RLConfig:
   group_size: int = 8                # completions per prompt (G)
   minibatches: int = 1               # optimizer updates per rollout batch
   learning_rate: float = 1e-5        # constant (R1-Zero: 3e-6)
-  clip_low: float = 0.2              # ratio clipped below at 1 - clip_low
+  clip_low: float = 0.2              # ratio clipped below at 1 - clip_low (>= 1: never)
   clip_high: float = 0.2             # ... and above at 1 + clip_high (DAPO: 0.28)
   kl_coef: float = 0.0               # k3 KL to the reference policy; 0 skips the reference
   ref_update_every: int = 0          # steps between reference refreshes; 0 = frozen
@@ -34,6 +34,16 @@ class RLConfig:
   temperature: float = 1.0           # rollout sampling
   top_p: float = 1.0
   max_tokens: int = 64               # generation budget (Dr. GRPO's normaliser too)
+  # experiments/r1_zero.py: the task, the noisy base corpus, evaluation and checkpoints
+  task_kind: str = "add"             # tasks.TaskSpec: "add", "mul" or "countdown"
+  task_digits: int = 2               # digits per operand
+  task_count: int = 2                # operands (countdown: numbers given)
+  corpus_docs: int = 20000           # noisy pre-training documents
+  corpus_error_rate: float = 0.5     # share of them with a wrong answer
+  eval_problems: int = 64            # held-out problems, evaluated before and after RL
+  eval_k: int = 16                   # samples per problem (pass@1, cons@k, pass@k)
+  checkpoint_every: int = 10         # RL steps between checkpoints
+  seed: int = 0                      # problem order and sampling
 
   def __post_init__(self):
     hints = typing.get_type_hints(RLConfig)
@@ -47,20 +57,23 @@ class RLConfig:
         _fail(field.name, value, "must be " + {bool: "True or False", str: "a string",
                                                 int: "an integer",
                                                 float: "a finite number"}[hint])
-    for name in ("steps", "prompts_per_step", "group_size", "minibatches", "max_tokens"):
+    for name in ("steps", "prompts_per_step", "group_size", "minibatches", "max_tokens",
+                 "corpus_docs", "eval_problems", "eval_k", "checkpoint_every"):
       if getattr(self, name) < 1:
         _fail(name, getattr(self, name), "must be an integer >= 1")
     if self.group_size < 2:
       _fail("group_size", self.group_size, "must be >= 2 (advantages are relative to the group)")
-    for name in ("learning_rate", "clip_high", "kl_coef", "ref_update_every"):
+    for name in ("learning_rate", "clip_high", "kl_coef", "ref_update_every", "seed"):
       if getattr(self, name) < 0:
         _fail(name, getattr(self, name), "must be >= 0")
-    if not 0 <= self.clip_low < 1:
-      _fail("clip_low", self.clip_low, "must be in [0, 1)")
+    if self.clip_low < 0:
+      _fail("clip_low", self.clip_low, "must be >= 0 (>= 1: no lower clip, R1-Zero's 10)")
     if not 0 < self.temperature <= 100:
       _fail("temperature", self.temperature, "must be in (0, 100] (RL samples; 0 is greedy)")
     if not 0 < self.top_p <= 1:
       _fail("top_p", self.top_p, "must be in (0, 1]")
+    if not 0 <= self.corpus_error_rate <= 1:
+      _fail("corpus_error_rate", self.corpus_error_rate, "must be in [0, 1]")
     if self.loss_agg not in LOSS_AGGS:
       _fail("loss_agg", self.loss_agg, f"must be one of {', '.join(map(repr, LOSS_AGGS))}")
     rollouts = self.prompts_per_step * self.group_size

@@ -124,10 +124,11 @@ def policy_loss(logp_BxT: jax.Array, behaviour_logp_BxT: jax.Array, advantages_B
 
   aggregated by `loss_agg` (see `aggregate`). Metrics, means over masked-in tokens, no
   gradient: `pg_loss` (the clipped term, aggregated alike), `kl` (mean k3; 0 without a
-  reference), `ratio_mean`, `clip_fraction` = `clip_low_fraction` (A < 0, ratio < 1 - clip_low)
-  + `clip_high_fraction` (A > 0, ratio > 1 + clip_high): the tokens whose gradient the clip
-  removed. `tokens`: their number."""
-  _number("clip_low", clip_low, 0.0, 1.0, hi_open=True)
+  reference), `ratio_mean`, `behaviour_kl` (mean k3 of KL(behaviour || policy)),
+  `clip_fraction` = `clip_low_fraction` (A < 0, ratio < 1 - clip_low) + `clip_high_fraction`
+  (A > 0, ratio > 1 + clip_high): the tokens whose gradient the clip removed. `tokens`: their
+  number."""
+  _number("clip_low", clip_low, 0.0)  # >= 1: no lower clip (a ratio is > 0; R1-Zero: 10)
   _number("clip_high", clip_high, 0.0)
   _number("kl_coef", kl_coef, 0.0)
   shape = jnp.shape(logp_BxT)
@@ -161,6 +162,9 @@ def policy_loss(logp_BxT: jax.Array, behaviour_logp_BxT: jax.Array, advantages_B
       "pg_loss": sg(aggregate(pg_BxT, mask_BxT, loss_agg, max_len)),
       "kl": sg(_token_mean(kl_BxT, mask_BxT)),
       "ratio_mean": sg(_token_mean(ratio_BxT, mask_BxT)),
+      # KL(behaviour || policy) by k3 on the behaviour's own samples: before any update, the
+      # rollout/learner mismatch that router replay removes
+      "behaviour_kl": sg(_token_mean(k3_kl(old_BxT, logp_BxT), mask_BxT)),
       "clip_low_fraction": sg(low),
       "clip_high_fraction": sg(high),
       "clip_fraction": sg(low + high),

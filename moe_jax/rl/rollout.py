@@ -8,7 +8,7 @@ the format check.
 from __future__ import annotations
 
 import dataclasses
-from typing import Sequence
+from typing import Callable, Optional, Sequence
 
 import numpy as np
 
@@ -25,21 +25,28 @@ class Group:
   logprobs: list[list[float]]  # behaviour log-probs of token_ids
   texts: list[str]
   rewards: np.ndarray          # [G] float64
+  # Engine(record_routes=True): per completion int32 [prompt + completion, L, K] (Choice.routes)
+  routes: Optional[list[np.ndarray]] = None
 
 
 def sample_groups(engine: Engine, problems: Sequence[tasks.Problem], group_size: int, *,
                   max_tokens: int, temperature: float = 1.0, top_p: float = 1.0,
-                  seed: int = 0, **reward_weights) -> list[Group]:
-  """G = group_size completions of each problem's prompt; request i draws with seed + i."""
+                  seed: int = 0, reward_fn: Optional[Callable[[tasks.Problem, str], float]] = None,
+                  **reward_weights) -> list[Group]:
+  """G = group_size completions of each problem's prompt; request i draws with seed + i.
+  Rewards are rewards.rewards(**reward_weights), or reward_fn(problem, text) when given."""
   requests = [Request(tasks.prompt(p), max_tokens=max_tokens, temperature=temperature,
                       top_p=top_p, n=group_size, seed=seed + i)
               for i, p in enumerate(problems)]
   groups = []
   for p, done in zip(problems, engine.generate(requests)):
     texts = [c.text for c in done.choices]
+    routes = [c.routes for c in done.choices]
     groups.append(Group(p, done.prompt_token_ids, [c.token_ids for c in done.choices],
                         [c.logprobs for c in done.choices], texts,
-                        rewards.rewards([p] * len(texts), texts, **reward_weights)))
+                        np.array([reward_fn(p, t) for t in texts], np.float64) if reward_fn
+                        else rewards.rewards([p] * len(texts), texts, **reward_weights),
+                        None if any(r is None for r in routes) else routes))
   return groups
 
 

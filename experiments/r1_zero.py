@@ -1,0 +1,286 @@
+"""`experiment=r1_zero`: R1-Zero-style RL on the tiny MoE, from a noisy base to a better policy.
+
+  python -m experiments.run --config=configs/r1_zero.py --workdir=/tmp/r1
+
+1. base: a noisy task corpus (tasks.write_noisy_corpus: right and wrong answers, no worked
+   reasoning) in <workdir>/corpus.tokens, the model trained on it into <workdir>/base by the
+   real trainer (resumed, or skipped when finished, like any run);
+2. the base evaluated on held-out problems (pass@1 over rl.eval_k samples at temperature 0.6,
+   top-p 0.95, cons@k, pass@k, format rate, length) into <workdir>/eval_base.json;
+3. RL in <workdir>/rl: each step samples groups through an Engine on the current parameters
+   (the same arrays: no copy), scores them, and makes rl.minibatches learner updates against the
+   behaviour log-probs; metrics.jsonl per step, checkpoints (resumed after a kill; SIGTERM saves
+   and stops, as training does);
+4. the final policy evaluated alike (rl/eval_final.json), then r1_zero.md/.json (before/after)
+   and r1_zero.png (curves against RL step) in the workdir.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import os
+import signal
+import time
+from typing import Callable, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from experiments import report
+from moe_jax import checkpoint, metrics, sharding, train, workdir as workdirs
+from moe_jax.config import ConfigError, DataConfig, ExperimentConfig
+from moe_jax.rl import batch as rl_batch
+from moe_jax.rl import config as rl_config
+from moe_jax.rl import evaluate, learner, rollout, tasks
+from moe_jax.serve import Engine
+
+CORPUS = "corpus.tokens"
+RL_CONFIG = os.path.join("rl", "rl_config.json")
+# rl.* keys a resumed RL run may change; any other change would mix two runs in one curve.
+RESUMABLE = ("steps", "checkpoint_every", "eval_problems", "eval_k")
+MAX_DRAWS = 4  # dynamic sampling: rollout rounds per step before uniform groups fill the batch
+CURVES = ("reward", "pass@1", "cons@k", "response_length", "kl", "clip_fraction", "entropy",
+          "format_rate")
+
+
+def task_spec(rl: rl_config.RLConfig) -> tasks.TaskSpec:
+  try:
+    return tasks.TaskSpec(rl.task_kind, rl.task_digits, rl.task_count)
+  except ValueError as e:  # TaskSpec names kind/digits/count; the config says rl.task_*
+    raise ConfigError(f"rl.task_{e}") from None
+
+
+def seq_len(cfg: ExperimentConfig, rl: rl_config.RLConfig, spec: tasks.TaskSpec) -> int:
+  """The fixed T of every learner batch: the longest prompt seen (+ BOS) and the budget."""
+  sample = tasks.problems(spec, "train", 256, rl.seed) + \
+      tasks.problems(spec, "heldout", rl.eval_problems, rl.seed, unique=True)
+  need = max(len(tasks.prompt(p).encode("utf-8")) for p in sample) + 1 + 8 + rl.max_tokens
+  if need > cfg.model.max_seq_len:
+    raise ConfigError(f"model.max_seq_len={cfg.model.max_seq_len}: must be >= {need} (the "
+                      f"longest prompt + a margin + rl.max_tokens={rl.max_tokens})")
+  return min(rl_batch.bucket(need), cfg.model.max_seq_len)
+
+
+def make_engine(state, cfg: ExperimentConfig, mesh, rows: int, T: int, record_routes: bool):
+  """An engine on the state's arrays, sized to run `rows` sequences of T tokens at once."""
+  per_seq = -(-T // 16) + 1
+  return Engine(state["params"], state["moe_state"], cfg.model, cfg.moe,
+                num_blocks=rows * per_seq + 2, max_batch=rows, record_routes=record_routes,
+                mesh=mesh if mesh.size > 1 else None)
+
+
+class Learner:
+  """The jitted learner step on the run's mesh, and batches placed on it."""
+
+  def __init__(self, cfg: ExperimentConfig, rl: rl_config.RLConfig, mesh):
+    self.mesh = mesh
+    rows = lambda *rest: sharding.named_sharding(mesh, ("batch",) + rest)
+    self.batch_shardings = {"tokens": rows("seq"), "mask": rows("seq"),
+                            "behaviour_logp": rows("seq"), "advantages": rows(),
+                            "routes": rows("seq", None, None)}
+    self._step = jax.jit(functools.partial(learner.rl_step, cfg=cfg, rl=rl))
+
+  def __call__(self, state, batch, ref):
+    with jax.set_mesh(self.mesh):
+      placed = {k: jax.device_put(v, self.batch_shardings[k]) for k, v in batch.items()}
+      return self._step(state, placed, ref)
+
+
+def rl_step(state, ref, step: int, *, cfg: ExperimentConfig, rl: rl_config.RLConfig,
+            spec: tasks.TaskSpec, T: int, update: Learner, mesh,
+            reward_fn: Optional[Callable] = None) -> tuple[dict, dict]:
+  """One RL step: rollouts (fresh train prompts, a pure function of (rl.seed, step)), the batch,
+  rl.minibatches updates. Returns the new state and the step's record."""
+  start = time.perf_counter()
+  rows = rl.prompts_per_step * rl.group_size
+  engine = make_engine(state, cfg, mesh, rows, T, rl.router_replay)
+  draws = [0]
+
+  def draw(n):
+    d, draws[0] = draws[0], draws[0] + 1
+    first = (step * MAX_DRAWS + d) * rl.prompts_per_step  # problems no other draw uses
+    problems = tasks.problems(spec, "train", n, rl.seed, start=first)
+    return rollout.sample_groups(engine, problems, rl.group_size, max_tokens=rl.max_tokens,
+                                 temperature=rl.temperature, top_p=rl.top_p,
+                                 seed=((rl.seed * 1_000_003 + step) * MAX_DRAWS + d) *
+                                 rl.prompts_per_step,
+                                 reward_fn=reward_fn)
+
+  groups, stats = rl_batch.fill_groups(draw, rl.prompts_per_step,
+                                       drop_uniform=rl.drop_uniform_groups,
+                                       max_draws=MAX_DRAWS)
+  rollout_s = time.perf_counter() - start
+  full = rl_batch.make_batch(groups, rl, T, pad_id=cfg.model.pad_id)
+  order = np.random.default_rng([rl.seed, step, 5]).permutation(rows)
+  outs = []
+  for part in np.split(order, rl.minibatches):
+    state, out = update(state, {k: v[part] for k, v in full.items()}, ref)
+    outs.append(jax.device_get(out))
+  texts = [g.texts for g in groups]
+  summary = evaluate.summarize([g.problem for g in groups], texts,
+                               [[len(t) for t in g.token_ids] for g in groups],
+                               ks=(rl.group_size,))
+  mean = lambda key: float(np.mean([o[key] for o in outs]))
+  record = {"step": step + 1, "loss": mean("loss"),
+            "reward": float(np.mean([g.rewards for g in groups])),
+            "pass@1": summary["pass@1"], "cons@k": summary[f"cons@{rl.group_size}"],
+            "format_rate": summary["format_rate"], "response_length": summary["mean_length"],
+            "kl": mean("kl"), "clip_fraction": mean("clip_fraction"), "entropy": mean("entropy"),
+            "grad_norm": mean("grad_norm"), "applied": mean("applied"),
+            # the first update sees the rollout/learner mismatch alone (no update yet)
+            "rollout_ratio": float(outs[0]["ratio_mean"]),
+            "rollout_kl": float(outs[0]["behaviour_kl"]), **stats,
+            "rollout_s": rollout_s, "step_s": time.perf_counter() - start}
+  if "route_agreement" in outs[0]:
+    record["route_agreement"] = mean("route_agreement")
+  return state, record
+
+
+def evaluate_policy(state, cfg, rl, spec, mesh, T) -> dict:
+  problems = tasks.problems(spec, "heldout", rl.eval_problems, rl.seed, unique=True)
+  engine = make_engine(state, cfg, mesh, min(64, rl.eval_problems * rl.eval_k), T, False)
+  return rollout.evaluate_problems(engine, problems, rl.eval_k, max_tokens=rl.max_tokens,
+                                   seed=rl.seed + 12345)
+
+
+def _cached(path: str, compute: Callable[[], dict], key: dict) -> dict:
+  """The JSON in path if it was written for `key`, else compute() written there."""
+  old = workdirs.read_json(path) if os.path.exists(path) else None
+  if isinstance(old, dict) and all(old.get(k) == v for k, v in key.items()):
+    return old
+  out = dict(key, **compute())
+  workdirs.write_json(path, out, indent=2)
+  return out
+
+
+def base_config(cfg: ExperimentConfig, workdir: str) -> ExperimentConfig:
+  """The pre-training run: cfg's model and train sections on the noisy corpus."""
+  return dataclasses.replace(cfg, experiment="train", rl={},
+                             data=DataConfig(source="tokens", path=os.path.join(workdir, CORPUS),
+                                             heldout_fraction=cfg.data.heldout_fraction))
+
+
+def run(cfg: ExperimentConfig, workdir: str):
+  rl = rl_config.from_dict(cfg.rl)  # every rl.* key checked before any work
+  spec = task_spec(rl)
+  T = seq_len(cfg, rl, spec)
+  check_resumable(rl, workdir)
+  with workdirs.claim(workdir):
+    corpus = os.path.join(workdir, CORPUS)
+    if not os.path.exists(corpus):
+      tasks.write_noisy_corpus(corpus + ".tmp", spec, rl.corpus_docs, rl.seed,
+                               error_rate=rl.corpus_error_rate)
+      os.replace(corpus + ".tmp", corpus)
+    base_cfg, base_dir = base_config(cfg, workdir), os.path.join(workdir, "base")
+    train.train(base_cfg, base_dir)  # its own lock, on <workdir>/base
+    _run_rl(base_cfg, base_dir, rl, spec, T, workdir)
+
+
+def _run_rl(cfg, base_dir, rl, spec, T, workdir):
+  setup, base, _ = train.load_state(cfg, base_dir)
+  mesh, key = setup.mesh, {"eval_problems": rl.eval_problems, "eval_k": rl.eval_k,
+                           "seed": rl.seed, "max_tokens": rl.max_tokens}
+  before = _cached(os.path.join(workdir, "eval_base.json"),
+                   lambda: evaluate_policy(base, cfg, rl, spec, mesh, T), key)
+  print(f"base on held-out: {json.dumps(before)}")
+  rl_dir = os.path.join(workdir, "rl")
+  os.makedirs(rl_dir, exist_ok=True)
+  workdirs.write_json(os.path.join(workdir, RL_CONFIG), cfg_rl(rl), indent=2)
+  copy = jax.jit(lambda t: jax.tree.map(jnp.copy, t))
+  init_opt = jax.jit(train.make_optimizer(cfg.train).init,
+                     out_shardings=setup.shardings["opt_state"])
+  fresh = dict(base, step=jnp.zeros((), jnp.int32), opt_state=init_opt(base["params"]))
+  template = {"state": fresh, "ref": copy(base["params"])}
+  abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding),
+                          template)
+  ckpt = checkpoint.Checkpointer(os.path.join(rl_dir, "checkpoints"), keep=2)
+  preempted = None
+  try:
+    saved, start = ckpt.restore_latest(abstract)
+    if start > rl.steps:
+      raise ConfigError(f"rl.steps={rl.steps}: the RL run in {rl_dir} is already at step {start}")
+    run_state = saved or template
+    state, ref = run_state["state"], run_state["ref"]
+    if start:
+      print(f"RL resumed from step {start} ({ckpt.directory}/{start})")
+    log = metrics.MetricsLog(rl_dir, resume_step=start)
+    update = Learner(cfg, rl, mesh)
+    preemption = train._Preemption()  # pylint: disable=protected-access  (training's SIGTERM)
+    try:
+      for s in range(start, rl.steps):
+        state, record = rl_step(state, ref, s, cfg=cfg, rl=rl, spec=spec, T=T, update=update,
+                                mesh=mesh)
+        log.write(record)
+        print(f"rl step {s + 1}/{rl.steps}: reward {record['reward']:.3f} pass@1 "
+              f"{record['pass@1']:.3f} kl {record['kl']:.4f} len "
+              f"{record['response_length']:.1f} ({record['step_s']:.1f}s)", flush=True)
+        done = s + 1
+        if rl.ref_update_every and done % rl.ref_update_every == 0:
+          ref = copy(state["params"])
+        if done % rl.checkpoint_every == 0 or done == rl.steps:
+          ckpt.save(done, {"state": state, "ref": ref})
+        signum = preemption.requested()
+        if signum:
+          ckpt.save(done, {"state": state, "ref": ref}, wait=True)
+          name = signal.Signals(signum).name
+          print(f"{name}: saved RL step {done} to {ckpt.directory}, exiting")
+          preempted = train.Preempted(f"{name}: stopped after saving RL step {done} in "
+                                      f"{rl_dir}", signum)
+          break
+      ckpt.wait()
+    finally:
+      preemption.close()
+      log.close()
+  finally:
+    ckpt.close()
+  if preempted is not None:
+    raise preempted
+  after = _cached(os.path.join(rl_dir, "eval_final.json"),
+                  lambda: evaluate_policy(state, cfg, rl, spec, mesh, T),
+                  dict(key, rl_step=rl.steps))
+  write_report(workdir, before, after, rl)
+
+
+def check_resumable(rl: rl_config.RLConfig, workdir: str):
+  """ConfigError naming the first rl.* key that differs from the RL run already in workdir."""
+  path = os.path.join(workdir, RL_CONFIG)
+  old = workdirs.read_json(path) if os.path.exists(path) else None
+  if not isinstance(old, dict):
+    return
+  for key, value in cfg_rl(rl).items():
+    if key not in RESUMABLE and key in old and old[key] != value:
+      raise ConfigError(f"rl.{key}={value!r}: the RL run in {workdir} used {old[key]!r}; use "
+                        "another --workdir to start a new run")
+
+
+def cfg_rl(rl: rl_config.RLConfig) -> dict:
+  return dataclasses.asdict(rl)
+
+
+def write_report(workdir: str, before: dict, after: dict, rl: rl_config.RLConfig):
+  k = rl.eval_k
+  names = ["pass@1", f"cons@{k}", f"pass@{k}", "format_rate", "mean_length"]
+  rows = [[n, f"{before[n]:.3f}", f"{after[n]:.3f}", f"{after[n] - before[n]:+.3f}"]
+          for n in names]
+  lines = [f"# R1-Zero on {rl.task_kind} ({rl.task_digits} digits): held-out, "
+           f"{rl.eval_problems} problems x {k} samples (T 0.6, top-p 0.95)", ""]
+  lines += report.table(["figure", "base", f"after {rl.steps} RL steps", "change"], rows)
+  text = "\n".join(lines) + "\n"
+  with open(os.path.join(workdir, "r1_zero.md"), "w") as f:
+    f.write(text)
+  workdirs.write_json(os.path.join(workdir, "r1_zero.json"),
+                      {"before": before, "after": after, "rl": cfg_rl(rl)}, indent=2)
+  print(text)
+  records = metrics.read_jsonl(os.path.join(workdir, "rl", metrics.METRICS_FILE))
+  plt = report.pyplot()
+  fig, axes = plt.subplots(2, 4, figsize=(16, 7))
+  for ax, name in zip(axes.flat, CURVES):
+    points = [(r["step"], r[name]) for r in records if r.get(name) is not None]
+    if points:
+      ax.plot(*zip(*points), marker="." if len(points) < 50 else None)
+    ax.set_title(name if name != "cons@k" else f"cons@{rl.group_size} (batch)")
+    ax.set_xlabel("RL step")
+  fig.tight_layout()
+  report.save(fig, os.path.join(workdir, "r1_zero.png"))
