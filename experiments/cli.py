@@ -14,8 +14,10 @@ import importlib.util
 import logging as std_logging
 import os
 import sys
+from typing import Callable
 
 from absl import logging
+from ml_collections import config_flags
 
 _DISK_ERRORS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG, errno.EACCES, errno.EPERM)
 
@@ -38,6 +40,15 @@ def quiet_absl():
     absl_logger.removeFilter(errors_only)
 
 
+def fail_now(message: str, code: int):
+  """fail() without the interpreter's teardown: a Ctrl-C during a compile leaves XLA's compiler
+  threads running, and tearing the interpreter down under them crashes (SIGSEGV, BUILD_NOTES).
+  Only where nothing is left to save or release (the workdir lock is an flock)."""
+  sys.stdout.flush()
+  print(f"error: {message}", file=sys.stderr, flush=True)
+  os._exit(code)  # pylint: disable=protected-access
+
+
 def fail(message: str, code: int = 2):
   print(f"error: {message}", file=sys.stderr, flush=True)
   sys.exit(code)
@@ -45,6 +56,22 @@ def fail(message: str, code: int = 2):
 
 def is_disk_error(error: BaseException) -> bool:
   return isinstance(error, OSError) and error.errno in _DISK_ERRORS
+
+
+def config_values(flag, read: Callable):
+  """(config file path, its ConfigDict with the flags' overrides) of the --config flag; one line
+  and exit 2 if the flag is missing, the file does not exist or get_config returns no dict."""
+  if not flag.present:
+    fail("--config: required (e.g. --config=configs/tiny_moe.py)")
+  path = config_flags.get_config_filename(flag)  # may end in ":arg"
+  path = path if os.path.isfile(path) else path.split(":", 1)[0]
+  if not os.path.isfile(path):
+    fail(f"config={path!r}: no such config file")
+  with quiet_absl():
+    values = read()
+  if not hasattr(values, "keys"):
+    fail(f"config={path!r}: get_config() returned {values!r}; it must return a ConfigDict")
+  return path, values
 
 
 def check_environment():

@@ -50,16 +50,7 @@ def _run(cfg: config.ExperimentConfig, path: str):
 def main(argv):
   if len(argv) > 1:
     cli.fail(f"unexpected arguments {argv[1:]}")
-  if not flags.FLAGS["config"].present:
-    cli.fail("--config: required (e.g. --config=configs/tiny_moe.py)")
-  path = config_flags.get_config_filename(flags.FLAGS["config"])  # may end in ":arg"
-  path = path if os.path.isfile(path) else path.split(":", 1)[0]
-  if not os.path.isfile(path):
-    cli.fail(f"config={path!r}: no such config file")
-  with cli.quiet_absl():
-    values = _CONFIG.value
-  if not hasattr(values, "keys"):
-    cli.fail(f"config={path!r}: get_config() returned {values!r}; it must return a ConfigDict")
+  path, values = cli.config_values(flags.FLAGS["config"], lambda: _CONFIG.value)
   cli.check_environment()
   if not flags.FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
@@ -71,7 +62,7 @@ def main(argv):
   except config.ConfigError as e:
     cli.fail(str(e))
   except KeyboardInterrupt:
-    cli.fail("interrupted (Ctrl-C) before training started; nothing was saved", 130)
+    cli.fail_now("interrupted (Ctrl-C) before training started; nothing was saved", 130)
   except OSError as e:
     if not cli.is_disk_error(e):
       raise

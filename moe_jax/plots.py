@@ -41,8 +41,10 @@ def write(workdir: str, records: list[dict]) -> list[str]:
     fig, axes = plt.subplots(layers, 1, figsize=(7, 1.2 + 1.8 * layers), squeeze=False)
     for l, ax in enumerate(axes[:, 0]):
       # Load relative to a perfectly balanced router (1 = each expert gets 1/E).
+      # One logged step spans half a step either side (equal limits would warn on stderr).
+      first, last = (steps[0], steps[-1]) if steps[-1] > steps[0] else (steps[0] - .5, steps[0] + .5)
       image = ax.imshow(load_TxLxE[:, l, :].T * experts, aspect="auto", origin="lower",
-                        cmap="viridis", extent=(steps[0], steps[-1], -0.5, experts - 0.5))
+                        cmap="viridis", extent=(first, last, -0.5, experts - 0.5))
       ax.set(ylabel=f"MoE layer {l}\nexpert")
       fig.colorbar(image, ax=ax, label="load x E")
     axes[-1, 0].set_xlabel("step")
