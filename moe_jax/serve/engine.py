@@ -39,6 +39,7 @@ from typing import Callable, Optional, Sequence
 
 import jax
 import numpy as np
+from jax._src import config as jax_config  # the thread-local setting has no public handle
 from jax.experimental import multihost_utils
 
 from moe_jax import data, sharding
@@ -165,6 +166,13 @@ class Engine:
 
   def step(self) -> dict[int, Completion]:
     """One round of admission, prefill and decode; returns the requests that finished."""
+    # JAX's persistent compilation cache crashed (SIGSEGV) writing the engine's step executable
+    # in CI, twice, on the main thread and on the server's (BUILD_NOTES.md, "Serving engine"):
+    # what the engine compiles is not written there (a thread-local setting; reads still hit).
+    with jax_config.persistent_cache_min_compile_time_secs(float("inf")):
+      return self._step()
+
+  def _step(self) -> dict[int, Completion]:
     # Admitted and prefilled one at a time: a prompt finds the blocks the one before it cached.
     while self.waiting and self._admit(self.waiting[0]):
       job_id = self.waiting.popleft()

@@ -24,8 +24,6 @@ from typing import Optional
 import fastapi
 import uvicorn
 from fastapi import responses
-# A thread-local setting has no public handle (jax.config.update is process-wide).
-from jax._src import config as jax_config
 
 from moe_jax.serve import openai_api
 from moe_jax.serve.engine import Engine
@@ -81,12 +79,6 @@ class EngineLoop(threading.Thread):
     events.put("accepted")
 
   def run(self):
-    # No persistent-cache writes from this thread: CI once crashed (SIGSEGV) in JAX's cache
-    # write of an executable compiled here (BUILD_NOTES.md, "Serving engine"). Reads still hit.
-    with jax_config.persistent_cache_min_compile_time_secs(float("inf")):
-      self._loop()
-
-  def _loop(self):
     waiting: dict[int, _Events] = {}
     try:
       while not self.stopping.is_set():
