@@ -1,5 +1,6 @@
-"""R1-Zero-style RL (experiments/r1_zero.py): a noisy base pre-trained on 2-digit addition with
-half its answers wrong, then GRPO with the rule rewards, evaluated on held-out problems.
+"""R1-Zero-style RL (experiments/r1_zero.py): a noisy base pre-trained on sums of four digits with
+60% of its answers written backwards, then GRPO with the rule rewards, evaluated on held-out
+problems.
 
   python -m experiments.run --config=configs/r1_zero.py --workdir=/tmp/r1
   python -m experiments.run --config=configs/r1_zero.py:runlocal --workdir=/tmp/r1_smoke
@@ -26,20 +27,23 @@ def get_config(arg=None):
   config = _tiny("runlocal" if arg == "runlocal" else None)
   config.experiment = "r1_zero"
   m, t = config.model, config.train
-  m.max_seq_len = 128                   # prompt (~71 bytes) + the response budget
-  t.steps, t.batch_size, t.seq_len = 600, 16, 128  # base pre-training on the noisy corpus
-  t.warmup_steps, t.eval_every, t.checkpoint_every = 30, 200, 200
+  m.max_seq_len = 144                   # prompt (~73 bytes) + a margin + the response budget
+  # base pre-training on the noisy corpus. Sums set in slowly: after 800 steps of 32 x 128 tokens
+  # 20% of held-out sums of four digits come out right (greedy), and plain 2-digit addition is at
+  # 5% after 1,500 steps even on clean answers (BUILD_NOTES.md, "R1-Zero")
+  t.steps, t.batch_size, t.seq_len = 2400, 32, 128
+  t.warmup_steps, t.eval_every, t.checkpoint_every, t.log_every = 30, 500, 500, 50
   config.data.source = "synthetic"      # replaced by the run's own corpus (experiments/r1_zero)
 
   config.rl = r = ml_collections.ConfigDict()
-  r.steps = 60                          # rollout batches
+  r.steps = 50                          # rollout batches
   r.prompts_per_step = 8                # prompts per batch
   r.group_size = 8                      # completions per prompt (G)
   r.minibatches = 2                     # learner updates per batch
   r.learning_rate = 3e-4                # constant
   r.clip_low = 0.2                      # ratio clip below: 1 - clip_low
   r.clip_high = 0.28                    # ratio clip above: 1 + clip_high (DAPO)
-  r.kl_coef = 0.0                       # k3 KL to the reference
+  r.kl_coef = 0.001                     # k3 KL to the reference (R1-Zero's)
   r.ref_update_every = 0                # steps between reference refreshes; 0 = frozen base
   r.scale_advantages = True             # divide by the group's std
   r.loss_agg = "token_mean"             # DAPO; or "seq_mean_token_mean", "seq_mean_token_sum_norm"
@@ -49,10 +53,10 @@ def get_config(arg=None):
   r.top_p = 1.0
   r.max_tokens = 48                     # response budget (tokens = bytes)
   r.task_kind = "add"                   # "add", "mul" or "countdown"
-  r.task_digits = 2                     # digits per operand
-  r.task_count = 2                      # operands
-  r.corpus_docs = 20000                 # noisy pre-training documents
-  r.corpus_error_rate = 0.5             # share with a wrong answer
+  r.task_digits = 1                     # digits per operand
+  r.task_count = 4                      # operands
+  r.corpus_docs = 100000                # noisy pre-training documents
+  r.corpus_error_rate = 0.6             # share with a wrong (backwards) answer
   r.eval_problems = 64                  # held-out problems
   r.eval_k = 16                         # samples per problem
   r.checkpoint_every = 10               # RL steps between checkpoints

@@ -135,6 +135,7 @@ def rl_step(state, ref, step: int, *, cfg: ExperimentConfig, rl: rl_config.RLCon
             "rollout_s": rollout_s, "step_s": time.perf_counter() - start}
   if "route_agreement" in outs[0]:
     record["route_agreement"] = mean("route_agreement")
+    record["rollout_kl_without_replay"] = float(outs[0]["behaviour_kl_without_replay"])
   return state, record
 
 

@@ -100,7 +100,7 @@ def test_runlocal_writes_every_output(runlocal):
   records = metrics.read_jsonl(os.path.join(workdir, "rl", metrics.METRICS_FILE))
   assert [r["step"] for r in records] == [1, 2, 3]
   for key in ("loss", "reward", "pass@1", "cons@k", "kl", "clip_fraction", "entropy",
-              "response_length", "route_agreement"):
+              "response_length", "route_agreement", "rollout_kl_without_replay"):
     assert all(np.isfinite(r[key]) for r in records), key
   out = json.load(open(os.path.join(workdir, "r1_zero.json")))
   for side in ("before", "after"):

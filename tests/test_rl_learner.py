@@ -84,6 +84,24 @@ def test_masked_positions_carry_no_loss(state):
     np.testing.assert_array_equal(metrics2[key], metrics[key], err_msg=key)
 
 
+def test_the_kl_without_replay_is_measured_against_the_learners_own_routing(state):
+  batch = make_batch(state, seed=3)  # random routes: far from the learner's own choice
+  own, _, _ = learner.logprobs(state["params"], state["moe_state"], batch["tokens"], CFG)
+  replayed, _, _ = learner.logprobs(state["params"], state["moe_state"], batch["tokens"], CFG,
+                                    batch["routes"])
+  _, metrics = step(state, dict(batch, behaviour_logp=own), None,
+                    dataclasses.replace(RL, kl_coef=0.0))
+  assert abs(float(metrics["behaviour_kl_without_replay"])) < 1e-6
+  assert float(metrics["behaviour_kl"]) > 1e-4
+  _, metrics = step(state, dict(batch, behaviour_logp=replayed), None,
+                    dataclasses.replace(RL, kl_coef=0.0))
+  assert abs(float(metrics["behaviour_kl"])) < 1e-6
+  assert float(metrics["behaviour_kl_without_replay"]) > 1e-4
+  _, metrics = step(state, {k: v for k, v in batch.items() if k != "routes"}, None,
+                    dataclasses.replace(RL, kl_coef=0.0))
+  assert "behaviour_kl_without_replay" not in metrics
+
+
 def test_sharded_step_equals_single_device(state):
   batch = make_batch(state, seed=2)
   ref = jax.tree.map(lambda p: p * 0.99, state["params"])

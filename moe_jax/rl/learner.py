@@ -17,6 +17,8 @@ statistics still see the learner's own routing (model.py), over every position o
 (prompt and padding too, as pre-training counts every token). The loss is the clipped objective
 (objective.policy_loss) plus the MoE balance losses, as in pre-training (0 unless configured).
 The reference shares the policy's router biases (they only select experts, which replay fixes).
+With routes the metrics also hold `behaviour_kl_without_replay`: the behaviour's k3 KL to the
+learner's log-probs under its own routing (one more forward), the mismatch replay removes.
 Not yet: MTP modules still run (their logits unused); FP8 "delayed" state is read, not updated.
 """
 from __future__ import annotations
@@ -57,7 +59,12 @@ def rl_grads(state: dict, batch: dict, ref_params: Optional[dict], cfg: Experime
     raise ValueError(f"rl.kl_coef={rl.kl_coef}: needs ref_params (the reference policy)")
   tokens, routes, fp8_state = batch["tokens"], batch.get("routes"), state.get("fp8")
   mask_BxT = jnp.asarray(batch["mask"], jnp.float32).at[:, 0].set(0.0)
-  ref_logp = None
+  ref_logp, own = None, {}
+  if routes is not None:  # the mismatch replay removes: the learner routing on its own
+    own_logp = jax.lax.stop_gradient(
+        logprobs(state["params"], state["moe_state"], tokens, cfg, None, fp8_state)[0])
+    own["behaviour_kl_without_replay"] = objective.masked_mean(
+        objective.k3_kl(jnp.asarray(batch["behaviour_logp"], jnp.float32), own_logp), mask_BxT)
   if rl.kl_coef:
     ref_logp = jax.lax.stop_gradient(
         logprobs(ref_params, state["moe_state"], tokens, cfg, routes, fp8_state)[0])
@@ -74,7 +81,7 @@ def rl_grads(state: dict, batch: dict, ref_params: Optional[dict], cfg: Experime
       used_BxT1 = mask_BxT[:, 1:]  # the positions whose logits score a trained token
       metrics["route_agreement"] = ((same_BxT[:, :-1] * used_BxT1).sum() /
                                     jnp.maximum(used_BxT1.sum(), 1))
-    metrics.update(balance_loss=aux["balance_loss"], max_vio=aux["max_vio"])
+    metrics.update(balance_loss=aux["balance_loss"], max_vio=aux["max_vio"], **own)
     return loss + aux["balance_loss"], (metrics, aux["load"])
 
   (loss, (metrics, load)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])

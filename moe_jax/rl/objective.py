@@ -68,7 +68,7 @@ def token_logprobs(logits_BxTxV: jax.Array, tokens_BxT: jax.Array) -> jax.Array:
   return jnp.take_along_axis(logp_BxTxV, tokens_BxT[..., None], axis=-1)[..., 0]
 
 
-def _token_mean(x_BxT, mask_BxT):
+def masked_mean(x_BxT, mask_BxT):
   return jnp.where(mask_BxT, x_BxT, 0.0).sum() / jnp.maximum(mask_BxT.sum(), 1)
 
 
@@ -76,7 +76,7 @@ def entropy(logits_BxTxV: jax.Array, mask_BxT: jax.Array) -> jax.Array:
   """Mean over masked-in tokens of the policy's entropy (nats), in float32."""
   logp_BxTxV = jax.nn.log_softmax(logits_BxTxV.astype(jnp.float32), axis=-1)
   h_BxT = -(jnp.exp(logp_BxTxV) * logp_BxTxV).sum(-1)
-  return _token_mean(h_BxT, jnp.asarray(mask_BxT) > 0)
+  return masked_mean(h_BxT, jnp.asarray(mask_BxT) > 0)
 
 
 def k3_kl(logp_BxT: jax.Array, ref_logp_BxT: jax.Array) -> jax.Array:
@@ -155,16 +155,16 @@ def policy_loss(logp_BxT: jax.Array, behaviour_logp_BxT: jax.Array, advantages_B
                    max_len)
 
   sg = jax.lax.stop_gradient
-  low = _token_mean(((a_Bx1 < 0) & (ratio_BxT < 1.0 - clip_low)).astype(jnp.float32), mask_BxT)
-  high = _token_mean(((a_Bx1 > 0) & (ratio_BxT > 1.0 + clip_high)).astype(jnp.float32),
+  low = masked_mean(((a_Bx1 < 0) & (ratio_BxT < 1.0 - clip_low)).astype(jnp.float32), mask_BxT)
+  high = masked_mean(((a_Bx1 > 0) & (ratio_BxT > 1.0 + clip_high)).astype(jnp.float32),
                      mask_BxT)
   metrics = {
       "pg_loss": sg(aggregate(pg_BxT, mask_BxT, loss_agg, max_len)),
-      "kl": sg(_token_mean(kl_BxT, mask_BxT)),
-      "ratio_mean": sg(_token_mean(ratio_BxT, mask_BxT)),
+      "kl": sg(masked_mean(kl_BxT, mask_BxT)),
+      "ratio_mean": sg(masked_mean(ratio_BxT, mask_BxT)),
       # KL(behaviour || policy) by k3 on the behaviour's own samples: before any update, the
       # rollout/learner mismatch that router replay removes
-      "behaviour_kl": sg(_token_mean(k3_kl(old_BxT, logp_BxT), mask_BxT)),
+      "behaviour_kl": sg(masked_mean(k3_kl(old_BxT, logp_BxT), mask_BxT)),
       "clip_low_fraction": sg(low),
       "clip_high_fraction": sg(high),
       "clip_fraction": sg(low + high),

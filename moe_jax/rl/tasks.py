@@ -306,10 +306,15 @@ def _wrong_expression(rng: np.random.Generator, p: Problem) -> str:
 
 
 def wrong_answer(rng: np.random.Generator, p: Problem) -> str:
-  """A plausible answer that `check_answer` rejects."""
+  """A plausible answer that `check_answer` rejects. Add/mul: the gold digits written backwards
+  (132 -> 231), or a near miss when that reads the same. The slip is systematic on purpose: a
+  model that learned it puts one probability on "backwards" at the answer's first digit, which
+  sampling at temperature 0.6 does not wash out (scattered near misses it would), so pass@1 is
+  low while pass@k stays high: the base R1-Zero's RL starts from."""
   if p.kind == "countdown":
     return _wrong_expression(rng, p)
-  return str(_wrong_integer(rng, p.target))
+  backwards = p.answer[::-1]
+  return backwards if backwards != p.answer else str(_wrong_integer(rng, p.target))
 
 
 def _think(p: Problem) -> str:
