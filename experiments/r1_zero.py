@@ -131,11 +131,13 @@ def rl_step(state, ref, step: int, *, cfg: ExperimentConfig, rl: rl_config.RLCon
             "grad_norm": mean("grad_norm"), "applied": mean("applied"),
             # the first update sees the rollout/learner mismatch alone (no update yet)
             "rollout_ratio": float(outs[0]["ratio_mean"]),
-            "rollout_kl": float(outs[0]["behaviour_kl"]), **stats,
+            "rollout_kl": float(outs[0]["behaviour_kl"]),
+            "rollout_gap": float(outs[0]["behaviour_gap"]), **stats,
             "rollout_s": rollout_s, "step_s": time.perf_counter() - start}
   if "route_agreement" in outs[0]:
     record["route_agreement"] = mean("route_agreement")
     record["rollout_kl_without_replay"] = float(outs[0]["behaviour_kl_without_replay"])
+    record["rollout_gap_without_replay"] = float(outs[0]["behaviour_gap_without_replay"])
   return state, record
 
 

@@ -248,6 +248,10 @@ def test_k3_kl():
   ref = np.array([[0.0, math.log(2), 0.0, -3.0]], np.float32)
   np.testing.assert_allclose(objective.k3_kl(logp, ref),
                              [[0.0, 2 - math.log(2) - 1, math.exp(-1), 0.0]], rtol=0, atol=1e-6)
+  # A rollout/learner mismatch is tiny: in float32 exp(d) - d - 1 would round it to 0 or below.
+  d = np.array([[1e-5, -3e-5, 2e-4]])
+  tiny = objective.k3_kl(np.zeros((1, 3), np.float32), d.astype(np.float32))
+  np.testing.assert_allclose(tiny, np.expm1(d) - d, rtol=1e-2)
 
 
 @pytest.mark.parametrize("loss_agg, max_len, want", [
@@ -266,6 +270,7 @@ def test_policy_loss_aggregations(loss_agg, max_len, want, jit):
   # KL(behaviour || policy) by k3 of each ratio r: r - log r - 1
   k3 = [r - math.log(r) - 1 for r in (1.5, 0.5, 1.1, 0.7, 2.0)]
   np.testing.assert_allclose(metrics["behaviour_kl"], sum(k3) / 5, rtol=0, atol=1e-6)
+  np.testing.assert_allclose(metrics["behaviour_gap"], math.log(2), rtol=0, atol=1e-6)
   np.testing.assert_allclose(metrics["clip_high_fraction"], 1 / 5, rtol=0, atol=1e-6)
   np.testing.assert_allclose(metrics["clip_low_fraction"], 1 / 5, rtol=0, atol=1e-6)
   np.testing.assert_allclose(metrics["clip_fraction"], 2 / 5, rtol=0, atol=1e-6)

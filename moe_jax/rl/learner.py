@@ -17,8 +17,9 @@ statistics still see the learner's own routing (model.py), over every position o
 (prompt and padding too, as pre-training counts every token). The loss is the clipped objective
 (objective.policy_loss) plus the MoE balance losses, as in pre-training (0 unless configured).
 The reference shares the policy's router biases (they only select experts, which replay fixes).
-With routes the metrics also hold `behaviour_kl_without_replay`: the behaviour's k3 KL to the
-learner's log-probs under its own routing (one more forward), the mismatch replay removes.
+With routes the metrics also hold `behaviour_kl_without_replay` and `behaviour_gap_without_replay`:
+the behaviour's k3 KL to, and largest log-prob difference from, the learner's log-probs under
+its own routing (one more forward): the mismatch replay removes.
 Not yet: MTP modules still run (their logits unused); FP8 "delayed" state is read, not updated.
 """
 from __future__ import annotations
@@ -63,8 +64,10 @@ def rl_grads(state: dict, batch: dict, ref_params: Optional[dict], cfg: Experime
   if routes is not None:  # the mismatch replay removes: the learner routing on its own
     own_logp = jax.lax.stop_gradient(
         logprobs(state["params"], state["moe_state"], tokens, cfg, None, fp8_state)[0])
+    old_BxT = jnp.asarray(batch["behaviour_logp"], jnp.float32)
     own["behaviour_kl_without_replay"] = objective.masked_mean(
-        objective.k3_kl(jnp.asarray(batch["behaviour_logp"], jnp.float32), own_logp), mask_BxT)
+        objective.k3_kl(old_BxT, own_logp), mask_BxT)
+    own["behaviour_gap_without_replay"] = objective.max_gap(old_BxT, own_logp, mask_BxT)
   if rl.kl_coef:
     ref_logp = jax.lax.stop_gradient(
         logprobs(ref_params, state["moe_state"], tokens, cfg, routes, fp8_state)[0])

@@ -72,6 +72,11 @@ def masked_mean(x_BxT, mask_BxT):
   return jnp.where(mask_BxT, x_BxT, 0.0).sum() / jnp.maximum(mask_BxT.sum(), 1)
 
 
+def max_gap(a_BxT, b_BxT, mask_BxT):
+  """max |a - b| over the masked positions."""
+  return jnp.where(mask_BxT > 0, jnp.abs(a_BxT - b_BxT), 0.0).max()
+
+
 def entropy(logits_BxTxV: jax.Array, mask_BxT: jax.Array) -> jax.Array:
   """Mean over masked-in tokens of the policy's entropy (nats), in float32."""
   logp_BxTxV = jax.nn.log_softmax(logits_BxTxV.astype(jnp.float32), axis=-1)
@@ -81,9 +86,11 @@ def entropy(logits_BxTxV: jax.Array, mask_BxT: jax.Array) -> jax.Array:
 
 def k3_kl(logp_BxT: jax.Array, ref_logp_BxT: jax.Array) -> jax.Array:
   """Per-token k3 estimate of KL(policy || reference) from samples of the policy:
-  exp(ref - logp) - (ref - logp) - 1, which is >= 0 and unbiased."""
+  exp(ref - logp) - (ref - logp) - 1, which is >= 0 and unbiased. Written with expm1: in float32
+  exp(d) - 1 cancels to 0 (or below) for |d| < ~1e-4, where KL ~ d^2 / 2 is what a rollout/learner
+  mismatch measures."""
   d = ref_logp_BxT - logp_BxT
-  return jnp.exp(d) - d - 1.0
+  return jnp.expm1(d) - d
 
 
 def aggregate(loss_BxT: jax.Array, mask_BxT: jax.Array, loss_agg: str,
@@ -124,7 +131,7 @@ def policy_loss(logp_BxT: jax.Array, behaviour_logp_BxT: jax.Array, advantages_B
 
   aggregated by `loss_agg` (see `aggregate`). Metrics, means over masked-in tokens, no
   gradient: `pg_loss` (the clipped term, aggregated alike), `kl` (mean k3; 0 without a
-  reference), `ratio_mean`, `behaviour_kl` (mean k3 of KL(behaviour || policy)),
+  reference), `ratio_mean`, `behaviour_kl` (mean k3 of KL(behaviour || policy)), `behaviour_gap` (max |log-prob difference|),
   `clip_fraction` = `clip_low_fraction` (A < 0, ratio < 1 - clip_low) + `clip_high_fraction`
   (A > 0, ratio > 1 + clip_high): the tokens whose gradient the clip removed. `tokens`: their
   number."""
@@ -165,6 +172,7 @@ def policy_loss(logp_BxT: jax.Array, behaviour_logp_BxT: jax.Array, advantages_B
       # KL(behaviour || policy) by k3 on the behaviour's own samples: before any update, the
       # rollout/learner mismatch that router replay removes
       "behaviour_kl": sg(masked_mean(k3_kl(old_BxT, logp_BxT), mask_BxT)),
+      "behaviour_gap": sg(max_gap(old_BxT, logp_BxT, mask_BxT)),
       "clip_low_fraction": sg(low),
       "clip_high_fraction": sg(high),
       "clip_fraction": sg(low + high),
