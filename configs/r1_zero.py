@@ -36,7 +36,7 @@ def get_config(arg=None):
   config.data.source = "synthetic"      # replaced by the run's own corpus (experiments/r1_zero)
 
   config.rl = r = ml_collections.ConfigDict()
-  r.steps = 50                          # rollout batches
+  r.steps = 150                         # rollout batches
   r.prompts_per_step = 8                # prompts per batch
   r.group_size = 8                      # completions per prompt (G)
   r.minibatches = 2                     # learner updates per batch

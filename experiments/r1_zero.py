@@ -135,7 +135,8 @@ def rl_step(state, ref, step: int, *, cfg: ExperimentConfig, rl: rl_config.RLCon
             "rollout_gap": float(outs[0]["behaviour_gap"]), **stats,
             "rollout_s": rollout_s, "step_s": time.perf_counter() - start}
   if "route_agreement" in outs[0]:
-    record["route_agreement"] = mean("route_agreement")
+    record["route_agreement"] = mean("route_agreement")  # over the updates: the policy moves
+    record["rollout_route_agreement"] = float(outs[0]["route_agreement"])  # the engine's vs own
     record["rollout_kl_without_replay"] = float(outs[0]["behaviour_kl_without_replay"])
     record["rollout_gap_without_replay"] = float(outs[0]["behaviour_gap_without_replay"])
   return state, record
@@ -267,9 +268,15 @@ def write_report(workdir: str, before: dict, after: dict, rl: rl_config.RLConfig
   names = ["pass@1", f"cons@{k}", f"pass@{k}", "format_rate", "mean_length"]
   rows = [[n, f"{before[n]:.3f}", f"{after[n]:.3f}", f"{after[n] - before[n]:+.3f}"]
           for n in names]
-  lines = [f"# R1-Zero on {rl.task_kind} ({rl.task_digits} digits): held-out, "
-           f"{rl.eval_problems} problems x {k} samples (T 0.6, top-p 0.95)", ""]
+  lines = [f"# R1-Zero on {rl.task_kind} ({rl.task_count} operands of {rl.task_digits} "
+           f"digit(s)): held-out, {rl.eval_problems} problems x {k} samples (T 0.6, top-p 0.95)",
+           ""]
   lines += report.table(["figure", "base", f"after {rl.steps} RL steps", "change"], rows)
+  if "answers" in before and "answers" in after:  # add/mul: what RL changed in the noisy base
+    lines += ["", "Answers by kind (evaluate.answer_kind), share of all samples:", ""]
+    lines += report.table(["kind", "base", f"after {rl.steps} RL steps"],
+                          [[n, f"{before['answers'][n]:.3f}", f"{after['answers'][n]:.3f}"]
+                           for n in evaluate.ANSWER_KINDS])
   text = "\n".join(lines) + "\n"
   with open(os.path.join(workdir, "r1_zero.md"), "w") as f:
     f.write(text)

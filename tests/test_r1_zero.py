@@ -3,6 +3,7 @@ outputs, and a rerun after it finished that retrains nothing."""
 import functools
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -102,6 +103,12 @@ def test_runlocal_writes_every_output(runlocal):
   for key in ("loss", "reward", "pass@1", "cons@k", "kl", "clip_fraction", "entropy",
               "response_length", "route_agreement", "rollout_kl_without_replay"):
     assert all(np.isfinite(r[key]) for r in records), key
+  for key in ("rollout_route_agreement", "route_agreement"):
+    assert all(0 <= r[key] <= 1 for r in records), key
+  # the first update scores the rollout before any change: with the engine's routes replayed
+  # the learner's log-probs differ from the engine's by float noise only (~1e-5 in the real run)
+  assert all(0 <= r["rollout_gap"] < 1e-3 for r in records)
+  assert all(0 <= r["rollout_gap_without_replay"] for r in records)
   out = json.load(open(os.path.join(workdir, "r1_zero.json")))
   for side in ("before", "after"):
     assert {"pass@1", "cons@4", "pass@4", "format_rate", "mean_length"} <= set(out[side])
@@ -136,9 +143,10 @@ def test_paper_variant_builds_and_validates():
 def test_a_changed_rl_setting_is_refused_before_any_work(runlocal):
   _, workdir = runlocal
   changed = r1_config.get_config("runlocal")
+  used = changed.rl.learning_rate
   changed.rl.learning_rate = 1e-3
   with pytest.raises(config.ConfigError, match=r"^rl.learning_rate=0.001: the RL run in .* used "
-                     r"0.0003; use another --workdir"):
+                     + re.escape(repr(used)) + r"; use another --workdir"):
     r1_zero.run(config.from_config_dict(changed), workdir)
 
 

@@ -1,6 +1,7 @@
 """Sample-based evaluation, as R1 reports it: per problem, n completions sampled at once (R1:
 temperature 0.6, top-p 0.95), then pass@1 (mean correctness), the unbiased pass@k, cons@k
-(majority vote), the format rate and the mean response length.
+(majority vote), the format rate and the mean response length; for add/mul, the answers by kind
+(`answer_kinds`), which says what RL changed in a noisy base.
 
 Arrays are [P, N]: P problems, N samples each, in the order they were sampled.
 """
@@ -106,3 +107,36 @@ def summarize(problems: Sequence[tasks.Problem], texts_PxN: Sequence[Sequence[st
   out["format_rate"] = format_rate(formatted)
   out["mean_length"] = mean_length(lengths_PxN)
   return out
+
+
+ANSWER_KINDS = ("right", "backwards", "near", "near_backwards", "other", "unformatted")
+
+
+def answer_kind(problem: tasks.Problem, text: str) -> str:
+  """One of ANSWER_KINDS for an add/mul response: `right`; `backwards`, the gold's digits
+  reversed (the noisy corpus's slip, tasks.wrong_answer); `near`, an integer 1-2 from the gold;
+  `near_backwards`, digits that reversed are 1-2 from the gold; `other`; `unformatted` (no
+  answer in the format)."""
+  answer = rewards.extract_answer(text)
+  if answer is None:
+    return "unformatted"
+  if tasks.check_answer(problem, answer):
+    return "right"
+  gold = str(problem.target)
+  if answer == gold[::-1]:
+    return "backwards"
+  if answer.isdigit() and abs(int(answer) - problem.target) <= 2:
+    return "near"
+  if answer.isdigit() and abs(int(answer[::-1]) - problem.target) <= 2:
+    return "near_backwards"
+  return "other"
+
+
+def answer_kinds(problems: Sequence[tasks.Problem], texts_PxN: Sequence[Sequence[str]]) -> dict:
+  """The share of all P x N answers of each kind in ANSWER_KINDS (add/mul problems only)."""
+  if any(p.kind == "countdown" for p in problems):
+    _bad("problems", "countdown", "answer kinds are defined for add and mul")
+  kinds = collections.Counter(answer_kind(p, t) for p, texts in zip(problems, texts_PxN)
+                              for t in texts)
+  total = max(sum(kinds.values()), 1)
+  return {k: kinds[k] / total for k in ANSWER_KINDS}

@@ -54,8 +54,13 @@ def evaluate_problems(engine: Engine, problems: Sequence[tasks.Problem], k: int,
                       max_tokens: int, temperature: float = 0.6, top_p: float = 0.95,
                       seed: int = 0) -> dict:
   """pass@1 (mean correctness over k samples), pass@k, cons@k, format rate and mean response
-  length on `problems`, sampled as R1 is evaluated (temperature 0.6, top-p 0.95)."""
+  length on `problems`, sampled as R1 is evaluated (temperature 0.6, top-p 0.95); add/mul also
+  get `answers` (evaluate.answer_kinds)."""
   groups = sample_groups(engine, problems, k, max_tokens=max_tokens, temperature=temperature,
                          top_p=top_p, seed=seed)
-  return evaluate.summarize(problems, [g.texts for g in groups],
-                            [[len(t) for t in g.token_ids] for g in groups], ks=(k,))
+  texts = [g.texts for g in groups]
+  out = evaluate.summarize(problems, texts, [[len(t) for t in g.token_ids] for g in groups],
+                           ks=(k,))
+  if all(p.kind != "countdown" for p in problems):
+    out["answers"] = evaluate.answer_kinds(problems, texts)
+  return out
