@@ -2,7 +2,7 @@
 60% of its answers written backwards, then GRPO with the rule rewards, evaluated on held-out
 problems.
 
-  python -m experiments.run --config=configs/r1_zero.py --workdir=/tmp/r1
+  python -m experiments.run --config=configs/r1_zero.py --workdir=/tmp/r1          (~33 min on 2 cores)
   python -m experiments.run --config=configs/r1_zero.py:runlocal --workdir=/tmp/r1_smoke
   python -m experiments.run --config=configs/r1_zero.py:paper ...   (R1-Zero's settings, at scale)
 """
