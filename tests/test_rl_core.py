@@ -387,15 +387,15 @@ def test_answer_kinds():
   one = tasks.Problem("add", (1, 2, 0, 0), 3, "What is 1+2+0+0?", "3")
   r = lambda a: tasks.completion("t", a)
   texts = [[r("24"), r("42"), r("25"), r("22"), r("52"), r("35"), r("26x"), "24"],
-           [r("3"), r("03"), r("5"), r("6")]]
+           [r("3"), r("03"), r("5"), r("6"), r("\u00b3")]]  # superscript 3: a digit to str
   want = [["right", "backwards", "near", "near", "near_backwards", "other", "other",
-           "unformatted"], ["right", "near", "near", "other"]]  # 03: a wrong integer, 0 from the gold
+           "unformatted"], ["right", "near", "near", "other", "other"]]  # 03: 0 from the gold
   assert [[evaluate.answer_kind(q, t) for t in row] for q, row in zip((p, one), texts)] == want
   out = evaluate.answer_kinds([p, one], texts)
   assert list(out) == list(evaluate.ANSWER_KINDS)
-  assert out == pytest.approx({"right": 2 / 12, "backwards": 1 / 12, "near": 4 / 12,
-                               "near_backwards": 1 / 12, "other": 3 / 12,
-                               "unformatted": 1 / 12}, abs=1e-12)
+  assert out == pytest.approx({"right": 2 / 13, "backwards": 1 / 13, "near": 4 / 13,
+                               "near_backwards": 1 / 13, "other": 4 / 13,
+                               "unformatted": 1 / 13}, abs=1e-12)
   with pytest.raises(ValueError, match="^problems='countdown'"):
     evaluate.answer_kinds([_countdown((2, 4, 6), 22)], [[r("6*4-2")]])
 

@@ -125,9 +125,10 @@ def answer_kind(problem: tasks.Problem, text: str) -> str:
   gold = str(problem.target)
   if answer == gold[::-1]:
     return "backwards"
-  if answer.isdigit() and abs(int(answer) - problem.target) <= 2:
+  digits = answer.isascii() and answer.isdigit()  # str.isdigit alone takes "²", int() does not
+  if digits and abs(int(answer) - problem.target) <= 2:
     return "near"
-  if answer.isdigit() and abs(int(answer[::-1]) - problem.target) <= 2:
+  if digits and abs(int(answer[::-1]) - problem.target) <= 2:
     return "near_backwards"
   return "other"
 
