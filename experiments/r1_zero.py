@@ -82,10 +82,10 @@ class Learner:
                             "routes": rows("seq", None, None)}
     self._step = jax.jit(functools.partial(learner.rl_step, cfg=cfg, rl=rl))
 
-  def __call__(self, state, batch, ref):
+  def __call__(self, state, batch, ref, measure_own_routing=True):
     with jax.set_mesh(self.mesh):
       placed = {k: jax.device_put(v, self.batch_shardings[k]) for k, v in batch.items()}
-      return self._step(state, placed, ref)
+      return self._step(state, placed, ref, measure_own_routing=measure_own_routing)
 
 
 def rl_step(state, ref, step: int, *, cfg: ExperimentConfig, rl: rl_config.RLConfig,
@@ -115,8 +115,10 @@ def rl_step(state, ref, step: int, *, cfg: ExperimentConfig, rl: rl_config.RLCon
   full = rl_batch.make_batch(groups, rl, T, pad_id=cfg.model.pad_id)
   order = np.random.default_rng([rl.seed, step, 5]).permutation(rows)
   outs = []
-  for part in np.split(order, rl.minibatches):
-    state, out = update(state, {k: v[part] for k, v in full.items()}, ref)
+  for i, part in enumerate(np.split(order, rl.minibatches)):
+    # only the first update's rollout mismatch is recorded (below): later ones skip its forward
+    state, out = update(state, {k: v[part] for k, v in full.items()}, ref,
+                        measure_own_routing=i == 0)
     outs.append(jax.device_get(out))
   texts = [g.texts for g in groups]
   summary = evaluate.summarize([g.problem for g in groups], texts,

@@ -97,6 +97,15 @@ def test_the_kl_without_replay_is_measured_against_the_learners_own_routing(stat
                     dataclasses.replace(RL, kl_coef=0.0))
   assert abs(float(metrics["behaviour_kl"])) < 1e-6
   assert float(metrics["behaviour_kl_without_replay"]) > 1e-4
+  # not asked for (a traced flag: the same program): NaN, and the update itself unchanged
+  fn = jax.jit(functools.partial(learner.rl_step, cfg=CFG,
+                                 rl=dataclasses.replace(RL, kl_coef=0.0)))
+  measured = fn(state, dict(batch, behaviour_logp=replayed), None, measure_own_routing=True)
+  skipped = fn(state, dict(batch, behaviour_logp=replayed), None, measure_own_routing=False)
+  for key in ("behaviour_kl_without_replay", "behaviour_gap_without_replay"):
+    assert np.isnan(float(skipped[1][key])), key
+  assert float(skipped[1]["loss"]) == float(measured[1]["loss"])
+  jax.tree.map(np.testing.assert_array_equal, skipped[0]["params"], measured[0]["params"])
   _, metrics = step(state, {k: v for k, v in batch.items() if k != "routes"}, None,
                     dataclasses.replace(RL, kl_coef=0.0))
   assert "behaviour_kl_without_replay" not in metrics

@@ -19,7 +19,9 @@ statistics still see the learner's own routing (model.py), over every position o
 The reference shares the policy's router biases (they only select experts, which replay fixes).
 With routes the metrics also hold `behaviour_kl_without_replay` and `behaviour_gap_without_replay`:
 the behaviour's k3 KL to, and largest log-prob difference from, the learner's log-probs under
-its own routing (one more forward): the mismatch replay removes.
+its own routing: the mismatch replay removes. They cost one more forward, run only when
+`measure_own_routing` (a traced bool: one program either way) and NaN otherwise: after an update
+they would mix that mismatch with the update's change.
 Not yet: MTP modules still run (their logits unused); FP8 "delayed" state is read, not updated.
 """
 from __future__ import annotations
@@ -50,7 +52,8 @@ def logprobs(params, moe_state, tokens_BxT, cfg: ExperimentConfig, routes=None,
 
 
 def rl_grads(state: dict, batch: dict, ref_params: Optional[dict], cfg: ExperimentConfig,
-             rl: RLConfig) -> tuple[dict, tuple[jax.Array, dict, jax.Array]]:
+             rl: RLConfig, measure_own_routing=True
+             ) -> tuple[dict, tuple[jax.Array, dict, jax.Array]]:
   """(gradient of the loss w.r.t. the parameters, (loss, metrics, expert load [L_moe, E]))."""
   missing = [k for k in BATCH_KEYS if k not in batch]
   if missing:
@@ -62,12 +65,16 @@ def rl_grads(state: dict, batch: dict, ref_params: Optional[dict], cfg: Experime
   mask_BxT = jnp.asarray(batch["mask"], jnp.float32).at[:, 0].set(0.0)
   ref_logp, own = None, {}
   if routes is not None:  # the mismatch replay removes: the learner routing on its own
-    own_logp = jax.lax.stop_gradient(
-        logprobs(state["params"], state["moe_state"], tokens, cfg, None, fp8_state)[0])
     old_BxT = jnp.asarray(batch["behaviour_logp"], jnp.float32)
-    own["behaviour_kl_without_replay"] = objective.masked_mean(
-        objective.k3_kl(old_BxT, own_logp), mask_BxT)
-    own["behaviour_gap_without_replay"] = objective.max_gap(old_BxT, own_logp, mask_BxT)
+
+    def measure():
+      own_logp = jax.lax.stop_gradient(
+          logprobs(state["params"], state["moe_state"], tokens, cfg, None, fp8_state)[0])
+      return objective.behaviour_mismatch(old_BxT, own_logp, mask_BxT)
+
+    skip = lambda: {k: jnp.float32(jnp.nan) for k in ("behaviour_kl", "behaviour_gap")}
+    own = {f"{k}_without_replay": v
+           for k, v in jax.lax.cond(measure_own_routing, measure, skip).items()}
   if rl.kl_coef:
     ref_logp = jax.lax.stop_gradient(
         logprobs(ref_params, state["moe_state"], tokens, cfg, routes, fp8_state)[0])
@@ -92,10 +99,10 @@ def rl_grads(state: dict, batch: dict, ref_params: Optional[dict], cfg: Experime
 
 
 def rl_step(state: dict, batch: dict, ref_params: Optional[dict], cfg: ExperimentConfig,
-            rl: RLConfig) -> tuple[dict, dict]:
+            rl: RLConfig, measure_own_routing=True) -> tuple[dict, dict]:
   """One policy update (module doc); not applied when the loss or the update is not finite.
   ref_params may be None when rl.kl_coef is 0 (no reference forward then)."""
-  grads, (loss, metrics, load) = rl_grads(state, batch, ref_params, cfg, rl)
+  grads, (loss, metrics, load) = rl_grads(state, batch, ref_params, cfg, rl, measure_own_routing)
   grad_norm = optax.tree.norm(grads)
   updates, opt_state = train.make_optimizer(cfg.train).update(grads, state["opt_state"],
                                                               state["params"])

@@ -77,6 +77,13 @@ def max_gap(a_BxT, b_BxT, mask_BxT):
   return jnp.where(mask_BxT > 0, jnp.abs(a_BxT - b_BxT), 0.0).max()
 
 
+def behaviour_mismatch(behaviour_BxT, logp_BxT, mask_BxT) -> dict:
+  """How far log-probs are from the behaviour's on its own samples, over the masked positions:
+  `behaviour_kl` (mean k3 of KL(behaviour || policy)) and `behaviour_gap` (max |difference|)."""
+  return {"behaviour_kl": masked_mean(k3_kl(behaviour_BxT, logp_BxT), mask_BxT),
+          "behaviour_gap": max_gap(behaviour_BxT, logp_BxT, mask_BxT)}
+
+
 def entropy(logits_BxTxV: jax.Array, mask_BxT: jax.Array) -> jax.Array:
   """Mean over masked-in tokens of the policy's entropy (nats), in float32."""
   logp_BxTxV = jax.nn.log_softmax(logits_BxTxV.astype(jnp.float32), axis=-1)
@@ -131,7 +138,7 @@ def policy_loss(logp_BxT: jax.Array, behaviour_logp_BxT: jax.Array, advantages_B
 
   aggregated by `loss_agg` (see `aggregate`). Metrics, means over masked-in tokens, no
   gradient: `pg_loss` (the clipped term, aggregated alike), `kl` (mean k3; 0 without a
-  reference), `ratio_mean`, `behaviour_kl` (mean k3 of KL(behaviour || policy)), `behaviour_gap` (max |log-prob difference|),
+  reference), `ratio_mean`, `behaviour_kl` and `behaviour_gap` (`behaviour_mismatch`),
   `clip_fraction` = `clip_low_fraction` (A < 0, ratio < 1 - clip_low) + `clip_high_fraction`
   (A > 0, ratio > 1 + clip_high): the tokens whose gradient the clip removed. `tokens`: their
   number."""
@@ -165,14 +172,13 @@ def policy_loss(logp_BxT: jax.Array, behaviour_logp_BxT: jax.Array, advantages_B
   low = masked_mean(((a_Bx1 < 0) & (ratio_BxT < 1.0 - clip_low)).astype(jnp.float32), mask_BxT)
   high = masked_mean(((a_Bx1 > 0) & (ratio_BxT > 1.0 + clip_high)).astype(jnp.float32),
                      mask_BxT)
+  # before any update: the rollout/learner mismatch that router replay removes
+  mismatch = {k: sg(v) for k, v in behaviour_mismatch(old_BxT, logp_BxT, mask_BxT).items()}
   metrics = {
       "pg_loss": sg(aggregate(pg_BxT, mask_BxT, loss_agg, max_len)),
       "kl": sg(masked_mean(kl_BxT, mask_BxT)),
       "ratio_mean": sg(masked_mean(ratio_BxT, mask_BxT)),
-      # KL(behaviour || policy) by k3 on the behaviour's own samples: before any update, the
-      # rollout/learner mismatch that router replay removes
-      "behaviour_kl": sg(masked_mean(k3_kl(old_BxT, logp_BxT), mask_BxT)),
-      "behaviour_gap": sg(max_gap(old_BxT, logp_BxT, mask_BxT)),
+      **mismatch,
       "clip_low_fraction": sg(low),
       "clip_high_fraction": sg(high),
       "clip_fraction": sg(low + high),
