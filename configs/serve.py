@@ -37,6 +37,9 @@ def get_config(arg=None):
   s.price_hit = 0.5                      # cost report per million tokens: cached prompt
   s.price_miss = 2.0                     # uncached prompt
   s.price_output = 8.0                   # completion
+  s.chat_template = ""                   # /v1/chat/completions: "" = the checkpoint's, or
+                                         # "plain" / "r1_zero" (moe_jax/serve/chat.py)
+  s.max_body_mb = 8.0                    # larger HTTP request bodies get 413
 
   if arg == "runlocal":
     s.num_blocks, s.max_batch, s.prefill_chunk = 64, 4, 64

@@ -28,7 +28,7 @@ from moe_jax.config import ConfigError, ExperimentConfig, from_config_dict
 from moe_jax.interop import hf
 from moe_jax.interop.hf_config import read_json as read_hf_config
 from moe_jax.serve import BadRequest, ByteTokenizer, Engine, Prices, Usage, cost_report
-from moe_jax.serve import openai_api
+from moe_jax.serve import chat, openai_api
 
 
 def read_requests(path: str) -> list[tuple[int, object, openai_api.Options]]:
@@ -181,9 +181,15 @@ def run(cfg: ExperimentConfig, workdir: str) -> dict:
   if s.port and jax.process_count() > 1:
     raise ConfigError(f"serve.port={s.port}: the HTTP server runs in one process; this run has "
                       f"{jax.process_count()} (batch mode runs in several)")
-  if s.port and not all(importlib.util.find_spec(m) for m in ("fastapi", "uvicorn")):
-    raise ConfigError(f"serve.port={s.port}: the HTTP server needs fastapi and uvicorn "
+  if s.port and not all(importlib.util.find_spec(m) for m in ("fastapi", "uvicorn", "jinja2")):
+    raise ConfigError(f"serve.port={s.port}: the HTTP server needs fastapi, uvicorn and jinja2 "
                       "(pip install -e '.[serve]')")
+  template = None
+  if s.port:
+    try:  # before the model loads: a bad template is a config error, not a late surprise
+      template = chat.load(s.chat_template, cfg.hf_path)
+    except ValueError as e:
+      raise ConfigError(str(e)) from None
   requests = read_requests(s.input) if not s.port else []
   output = s.output or os.path.join(workdir, "completions.jsonl")
   if requests:
@@ -196,7 +202,9 @@ def run(cfg: ExperimentConfig, workdir: str) -> dict:
   try:
     if s.port:
       from moe_jax.serve import server  # pylint: disable=import-outside-toplevel  (serve extra)
-      server.serve(engine, s.port, name)
+      server.serve(engine, s.port, name, template=template,
+                   prices=Prices(s.price_hit, s.price_miss, s.price_output),
+                   max_body_bytes=int(s.max_body_mb * 2**20))
       return {}
     result = batch(engine, requests, s.input, output, name,
                    Prices(s.price_hit, s.price_miss, s.price_output))

@@ -322,10 +322,18 @@ class ServeConfig:
   price_hit: float = 0.5             # cost report, per million tokens (V3's list prices)
   price_miss: float = 2.0
   price_output: float = 8.0
+  chat_template: str = ""            # /v1/chat/completions: "" (the checkpoint's), plain, r1_zero
+  max_body_mb: float = 8.0           # the HTTP server refuses larger request bodies (413)
 
   def __post_init__(self):
     _finite(self)
     _positive(self, "block_size", "max_batch", "prefill_chunk")
+    if isinstance(self.max_body_mb, bool) or not isinstance(self.max_body_mb, (int, float)) or \
+        self.max_body_mb <= 0:
+      _fail("max_body_mb", self.max_body_mb, "must be a positive number of megabytes (2**20)")
+    if self.chat_template not in ("", "plain", "r1_zero"):
+      _fail("chat_template", self.chat_template, "must be '' (the checkpoint's own), 'plain' or "
+            "'r1_zero' (moe_jax/serve/chat.py)")
     _non_negative(self, "price_hit", "price_miss", "price_output")
     _is_bool(self, "prefix_cache", "fp8_cache")
     if isinstance(self.num_blocks, bool) or not isinstance(self.num_blocks, int) or \

@@ -21,12 +21,14 @@ from typing import Iterator, Optional, Sequence, Union
 import numpy as np
 
 from moe_jax import data
+from moe_jax.serve import chat
 
 KINDS = ("add", "mul", "countdown")
 SPLITS = ("train", "heldout")
 # Our short wording of R1-Zero's template: the question, then reasoning inside <think> and the
 # answer inside <answer>. Kept short because the byte-level model sees a few hundred bytes at most.
-PROMPT = "{question} Think in <think></think>, answer in <answer></answer>.\n"
+# The server's "r1_zero" chat template renders the same text, from the same string.
+PROMPT = chat.R1_ZERO_PROMPT
 MAX_EXPRESSION_CHARS = 200  # longer answers are rejected unparsed (also bounds parser recursion)
 _MAX_ATTEMPTS = 10_000      # draws before a split is declared (nearly) empty for a spec
 _MAX_COUNT = {"add": 6, "mul": 3, "countdown": 6}

@@ -188,6 +188,31 @@ class Engine:
         del self.running[job_id], self.jobs[job_id]
     return finished
 
+  def cancel(self, job_id: int) -> bool:
+    """Drops a request whose caller went away (between steps, from the thread that steps): a
+    waiting one leaves the queue; a running one frees its blocks (full ones stay cached) and
+    what it had reserved, and no later step computes it. False if it is unknown or finished."""
+    job = self.jobs.pop(job_id, None)
+    if job is None:
+      return False
+    if self.running.pop(job_id, None) is not None:
+      for seq in job.seqs:
+        for block in seq.blocks:
+          self.pages.release(block)
+      self.reserved -= job.left
+      job.left = 0
+    else:
+      self.waiting.remove(job_id)
+    self.stats["requests_cancelled"] += 1
+    return True
+
+  def load(self) -> dict:
+    """How busy the engine is (for /metrics): requests running and waiting, KV blocks held by
+    running sequences, and the pool's usable blocks."""
+    return {"running": len(self.running), "waiting": len(self.waiting),
+            "blocks_used": self.pages.capacity - self.pages.available(),
+            "blocks_total": self.pages.capacity}
+
   def close(self):
     """Writes the cached prefix blocks to the disk tier, so a new process finds them."""
     self.pages.flush_to_disk()
@@ -376,6 +401,7 @@ class Engine:
       return
     seq.tokens.append(token)
     seq.logprobs.append(logprob)
+    self.stats["tokens_generated"] += 1
     if job.on_token is not None:
       job.on_token(seq.choice, token, logprob)
     generated = seq.tokens[len(job.prompt):]

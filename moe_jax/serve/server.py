@@ -1,13 +1,25 @@
-"""An OpenAI-compatible HTTP server over one Engine (the `serve` extra: fastapi and uvicorn).
+"""An OpenAI-compatible HTTP server over one Engine (the `serve` extra: fastapi, uvicorn, jinja2).
 
-  POST /v1/completions   (openai_api.py: the fields, their defaults, the response)
+  POST /v1/completions        openai_api.py: the fields, their defaults, the response
+  POST /v1/chat/completions   the same engine behind the model's chat template (chat.py), the
+                              thinking apart as `reasoning_content`
   GET  /v1/models
+  GET  /health                200 while the engine serves, 503 once it has stopped
+  GET  /metrics               Prometheus text (monitor.py)
 
-One thread owns the engine (`EngineLoop`): it submits what handlers hand it and calls `step()`
-while anything runs, so a request that arrives while others decode joins the running batch at
-the next step (continuous batching across HTTP requests). Each handler waits on its own queue of
-events from that thread (accepted or refused, tokens when streaming, the completion). A bad
-request is answered 400 in OpenAI's error shape and costs the engine nothing.
+One thread owns the engine (`EngineLoop`): it takes what handlers hand it (requests, and
+cancellations) and calls `step()` while anything runs, so a request that arrives while others
+decode joins the running batch at the next step (continuous batching across HTTP requests). Each
+handler waits on its own queue of events from that thread (accepted or refused, tokens when
+streaming, the completion).
+
+Errors are OpenAI's error object: 400 bad input, naming the field (a prompt longer than the
+context names its length); 404 an unknown model; 413 a body over the size limit, refused before
+it is read; 500 a request that failed, naming the cause (the server keeps serving); 503 once the
+engine has stopped. A client that disconnects, streaming or not, cancels its request: the engine
+drops it before its next step and frees its blocks. If a step fails the engine cannot go on: every
+waiting request gets 500, /health and new requests 503, and `serve` exits non-zero. Ctrl-C or
+SIGTERM stop the server within a few seconds, cutting open streams.
 """
 from __future__ import annotations
 
@@ -19,15 +31,20 @@ import queue
 import threading
 import time
 import traceback
-from typing import Optional
+from typing import Callable, Optional
 
 import fastapi
 import uvicorn
 from fastapi import responses
 
-from moe_jax.serve import openai_api
+from moe_jax.serve import chat, openai_api
 from moe_jax.serve.engine import Engine
-from moe_jax.serve.requests import BadRequest, Request
+from moe_jax.serve.monitor import Monitor
+from moe_jax.serve.requests import BadRequest, Prices, Request
+
+MAX_BODY_BYTES = 8 << 20  # the default body-size limit (serve.max_body_mb)
+GRACE_S = 2.0             # open connections get this long once Ctrl-C or SIGTERM arrives
+STOP_S = 10.0             # and the engine thread this long to finish its step
 
 
 class _Events:
@@ -39,18 +56,19 @@ class _Events:
     self.stream = stream
 
   def put(self, *event):
-    self.loop.call_soon_threadsafe(self.queue.put_nowait, event)
+    with contextlib.suppress(RuntimeError):  # the event loop has closed: nobody is listening
+      self.loop.call_soon_threadsafe(self.queue.put_nowait, event)
 
   async def get(self):
     return await self.queue.get()
 
 
 class EngineLoop(threading.Thread):
-  """The engine's only user: submits, steps, and reports back to each request's events."""
+  """The engine's only user: submits, cancels, steps, and reports to each request's events."""
 
-  def __init__(self, engine: Engine):
+  def __init__(self, engine: Engine, monitor: Monitor, on_failure: Optional[Callable] = None):
     super().__init__(name="engine", daemon=True)
-    self.engine = engine
+    self.engine, self.monitor, self.on_failure = engine, monitor, on_failure
     self.inbox: queue.Queue = queue.Queue()
     self.stopping = threading.Event()
     self.failure: Optional[str] = None
@@ -59,62 +77,148 @@ class EngineLoop(threading.Thread):
   def submit(self, request: Request, events: _Events):
     with self._failing:
       if self.failure is None:
-        self.inbox.put((request, events))
+        self.inbox.put(("submit", request, events))
         return
-    events.put("failed", self.failure)
+    events.put("stopped", self.failure)
 
-  def stop(self):
+  def cancel(self, events: _Events):
+    """The request of `events` is dropped before the engine's next step."""
+    self.inbox.put(("cancel", events))
+
+  def stop(self, timeout: Optional[float] = None) -> bool:
     self.stopping.set()
     self.inbox.put(None)
-    self.join()
+    self.join(timeout)
+    return not self.is_alive()
 
-  def _take(self, request: Request, events: _Events, waiting: dict):
+  def _take(self, item, jobs: dict, ids: dict):
+    if item[0] == "cancel":
+      job_id = ids.pop(item[1], None)
+      if job_id is not None:
+        del jobs[job_id]
+        self.engine.cancel(job_id)
+        self.monitor.count("cancelled")
+      return
+    _, request, events = item
     on_token = (lambda choice, token, logprob: events.put("token", choice, token, logprob)) \
         if events.stream else None
     try:
-      waiting[self.engine.submit(request, on_token)] = events
+      job_id = self.engine.submit(request, on_token)
     except BadRequest as e:
       events.put("refused", e)
       return
+    except Exception as e:  # pylint: disable=broad-except  (that request's failure alone)
+      events.put("error", f"{type(e).__name__}: {e}")
+      return
+    jobs[job_id], ids[events] = events, job_id
     events.put("accepted")
 
+  def _record(self):
+    self.monitor.stepped(self.engine.load(), self.engine.stats["tokens_generated"])
+
   def run(self):
-    waiting: dict[int, _Events] = {}
+    jobs: dict[int, _Events] = {}
+    ids: dict[_Events, int] = {}
     try:
+      self._record()
       while not self.stopping.is_set():
         try:  # block only when there is nothing to step
           item = self.inbox.get(timeout=None if not self.engine.has_work() else 0)
         except queue.Empty:
           item = False
         while item:
-          self._take(*item, waiting)
+          self._take(item, jobs, ids)
           item = self.inbox.get_nowait() if not self.inbox.empty() else None
-        if self.engine.has_work():
+        if self.engine.has_work() and not self.stopping.is_set():
           for job_id, completion in self.engine.step().items():
-            waiting.pop(job_id).put("done", completion)
+            events = jobs.pop(job_id)
+            del ids[events]
+            self.monitor.finished(completion.usage)
+            events.put("done", completion)
+          self._record()
     except Exception as e:  # pylint: disable=broad-except  (reported to every waiter)
-      with self._failing:
-        self.failure = f"the engine stopped: {type(e).__name__}: {e}"
-      for events in waiting.values():
-        events.put("failed", self.failure)
-      while not self.inbox.empty():
-        item = self.inbox.get_nowait()
-        if item:
-          item[1].put("failed", self.failure)
-      traceback.print_exc()  # the server stays up, answering 500 with the reason
+      self._fail(e, jobs)
+
+  def _fail(self, error: Exception, jobs: dict):
+    with self._failing:
+      self.failure = f"the engine stopped: {type(error).__name__}: {error}"
+    self.monitor.died()
+    for events in jobs.values():
+      events.put("failed", self.failure)
+    while not self.inbox.empty():
+      item = self.inbox.get_nowait()
+      if item and item[0] == "submit":
+        item[2].put("failed", self.failure)
+    traceback.print_exc()
+    if self.on_failure is not None:
+      self.on_failure()
 
 
-def _error(status: int, error: BadRequest, kind: str = "invalid_request_error"):
-  return responses.JSONResponse(openai_api.error_json(error, kind), status_code=status)
+class _Refusal(Exception):
+  """A request answered with an error: its HTTP status and OpenAI error object."""
+
+  def __init__(self, status: int, error: BadRequest, kind: str = "invalid_request_error"):
+    super().__init__(str(error))
+    self.status, self.error, self.kind = status, error, kind
 
 
-def _sse(value) -> str:
-  return f"data: {json.dumps(value)}\n\n"
+class _Gone(Exception):
+  """The client disconnected."""
 
 
-def make_app(engine: Engine, model_name: str) -> fastapi.FastAPI:
-  """The ASGI app; its lifespan starts and stops the engine thread."""
-  worker = EngineLoop(engine)
+async def _read_json(http: fastapi.Request, limit: int):
+  """The body as JSON; 413 as soon as it is known to exceed `limit` bytes, before parsing."""
+  too_big = lambda size: _Refusal(413, openai_api.FieldError(
+      "body", f"<{size} bytes>", f"larger than this server takes ({limit} bytes, "
+      "serve.max_body_mb)"))
+  declared = http.headers.get("content-length", "")
+  if declared.isdigit() and int(declared) > limit:
+    raise too_big(int(declared))
+  chunks, size = [], 0
+  async for chunk in http.stream():
+    size += len(chunk)
+    if size > limit:
+      raise too_big(f"over {limit}")
+    chunks.append(chunk)
+  try:
+    return json.loads(b"".join(chunks))
+  except RecursionError:
+    raise _Refusal(400, BadRequest("body=<JSON>: nested too deeply")) from None
+  except ValueError as e:
+    raise _Refusal(400, BadRequest(f"body=<{size} bytes>: not JSON ({e})")) from None
+
+
+def _parsed(parse, body):
+  try:
+    return parse(body)
+  except BadRequest as e:
+    raise _Refusal(400, e) from None
+  except RecursionError:
+    raise _Refusal(400, BadRequest("body=<JSON>: nested too deeply")) from None
+
+
+async def _disconnected(http: fastapi.Request):
+  """Returns once the client has gone (the body has been read: only a disconnect comes)."""
+  while (await http.receive())["type"] != "http.disconnect":
+    pass
+
+
+async def _next(events: _Events, gone: asyncio.Future):
+  get = asyncio.ensure_future(events.get())
+  done, _ = await asyncio.wait({get, gone}, return_when=asyncio.FIRST_COMPLETED)
+  if get in done:
+    return get.result()
+  get.cancel()
+  raise _Gone()
+
+
+def make_app(engine: Engine, model_name: str, *, template: chat.Template = chat.PLAIN,
+             prices: Optional[Prices] = None, max_body_bytes: int = MAX_BODY_BYTES,
+             on_failure: Optional[Callable] = None) -> fastapi.FastAPI:
+  """The ASGI app; its lifespan starts and stops the engine thread. on_failure() is called from
+  that thread if the engine stops."""
+  monitor = Monitor(prices)
+  worker = EngineLoop(engine, monitor, on_failure)
   ids = itertools.count()
   created = int(time.time())
 
@@ -122,81 +226,150 @@ def make_app(engine: Engine, model_name: str) -> fastapi.FastAPI:
   async def lifespan(_):
     worker.start()
     yield
-    worker.stop()
+    worker.stop(STOP_S)
 
   app = fastapi.FastAPI(title="moe_jax", lifespan=lifespan)
-  app.state.engine_loop = worker
+  app.state.engine_loop, app.state.monitor = worker, monitor
+
+  @app.exception_handler(_Refusal)
+  async def refused(_, e: _Refusal):
+    monitor.count("refused" if e.status < 500 else "failed")
+    return responses.JSONResponse(openai_api.error_json(e.error, e.kind), status_code=e.status)
+
+  @app.exception_handler(Exception)
+  async def crashed(_, e: Exception):  # a bug of ours: still that request's JSON error alone
+    monitor.count("failed")
+    error = BadRequest(f"the server failed on this request: {type(e).__name__}: {e}")
+    return responses.JSONResponse(openai_api.error_json(error, "server_error"), status_code=500)
+
+  @app.get("/health")
+  async def health():
+    if worker.failure is not None:
+      return responses.JSONResponse(openai_api.error_json(BadRequest(worker.failure),
+                                                          "server_error"), status_code=503)
+    return {"status": "ok"}
+
+  @app.get("/metrics")
+  async def metrics():
+    return responses.PlainTextResponse(monitor.render(),
+                                       media_type="text/plain; version=0.0.4; charset=utf-8")
 
   @app.get("/v1/models")
   async def models():
     return {"object": "list", "data": [{"id": model_name, "object": "model", "created": created,
                                         "owned_by": "moe_jax"}]}
 
+  def check_model(name: Optional[str]):
+    if name is not None and name != model_name:
+      raise _Refusal(404, openai_api.FieldError(
+          "model", name, f"no such model; this server has {model_name!r}"))
+
+  async def run(http, request: Request, stream: bool, chunks, whole):
+    """Submits `request`; answers whole(completion), or with `stream` the server-sent events
+    chunks(events) yields. Cancels the request if the client goes before the end."""
+    events, finished = _Events(stream), False
+    worker.submit(request, events)
+    gone = asyncio.ensure_future(_disconnected(http))
+    try:
+      kind, *value = await _next(events, gone)
+      if kind == "accepted" and stream:
+        finished = True  # from here on the stream's own generator cancels
+        return responses.StreamingResponse(_cancelling(chunks(events), worker, events),
+                                           media_type="text/event-stream")
+      if kind == "accepted":
+        kind, *value = await _next(events, gone)
+      finished = True
+      if kind == "done":
+        return whole(value[0])
+      if kind == "refused":
+        raise _Refusal(400, value[0])
+      status = {"stopped": 503}.get(kind, 500)
+      raise _Refusal(status, BadRequest(value[0]), "server_error")
+    except _Gone:
+      return responses.Response(status_code=499)  # nobody reads it
+    finally:
+      gone.cancel()
+      if not finished:
+        worker.cancel(events)
+
+  def head(prefix: str, kind: str) -> dict:
+    return {"id": f"{prefix}-{next(ids)}", "object": kind, "created": int(time.time()),
+            "model": model_name}
+
   @app.post("/v1/completions")
   async def completions(http: fastapi.Request):
+    request, options = _parsed(openai_api.parse, await _read_json(http, max_body_bytes))
+    check_model(options.model)
+    top = head("cmpl", "text_completion")
+    whole = lambda completion: openai_api.completion_json(
+        completion, id=top["id"], model=model_name, created=top["created"],
+        tokenizer=engine.tokenizer, logprobs=options.logprobs, prices=monitor.prices)
+    chunks = lambda events: openai_api.completion_chunks(engine.tokenizer, request, options,
+                                                         events, top, monitor.prices)
+    return await run(http, request, options.stream, chunks, whole)
+
+  @app.post("/v1/chat/completions")
+  async def chat_completions(http: fastapi.Request):
+    parsed = _parsed(openai_api.parse_chat, await _read_json(http, max_body_bytes))
+    check_model(parsed.options.model)
+    prompt = _parsed(template.render, parsed.messages)
     try:
-      body = json.loads(await http.body())
-    except ValueError as e:
-      return _error(400, BadRequest(f"body: not JSON ({e})"))
-    try:
-      request, options = openai_api.parse(body)
-    except BadRequest as e:
-      return _error(400, e)
-    if options.model is not None and options.model != model_name:
-      return _error(404, openai_api.FieldError("model", options.model,
-                                               f"no such model; this server has {model_name!r}"))
-    events = _Events(options.stream)
-    worker.submit(request, events)
-    kind, *value = await events.get()
-    if kind == "refused":
-      return _error(400, value[0])
-    if kind == "failed":
-      return _error(500, BadRequest(value[0]), "server_error")
-    head = {"id": f"cmpl-{next(ids)}", "object": "text_completion", "created": int(time.time()),
-            "model": model_name}
-    if options.stream:
-      return responses.StreamingResponse(_stream(engine, request, options, events, head),
-                                         media_type="text/event-stream")
-    kind, *value = await events.get()
-    if kind == "failed":
-      return _error(500, BadRequest(value[0]), "server_error")
-    return openai_api.completion_json(value[0], id=head["id"], model=model_name,
-                                      created=head["created"], tokenizer=engine.tokenizer,
-                                      logprobs=options.logprobs)
+      prompt_ids = await asyncio.to_thread(engine.tokenizer.encode, prompt)
+    except UnicodeError as e:
+      raise _Refusal(400, BadRequest(f"messages=<...>: the prompt cannot be encoded ({e})"))
+    request = _chat_request(parsed, prompt_ids, engine.model_cfg.max_seq_len, template)
+    opened = chat.opens_thinking(prompt, template)
+    top = head("chatcmpl", "chat.completion.chunk")
+    options = parsed.options
+    whole = lambda completion: chat.completion_json(
+        completion, template, opened, id=top["id"], model=model_name, created=top["created"],
+        tokenizer=engine.tokenizer, logprobs=options.logprobs, prices=monitor.prices)
+    chunks = lambda events: chat.chunks(
+        chat.ChatStream(engine.tokenizer, request.stop, template, opened, request.n,
+                        options.logprobs), events, top, options, monitor.prices)
+    return await run(http, request, options.stream, chunks, whole)
 
   return app
 
 
-async def _stream(engine: Engine, request: Request, options, events: _Events, head: dict):
-  """Server-sent events: a chunk per sendable piece of text, the finish reasons, the usage if
-  asked (stream_options.include_usage), then [DONE]."""
-  texts = [openai_api.TextStream(engine.tokenizer, request.stop) for _ in range(request.n)]
-
-  def chunk(index: int, delta: dict, finish: Optional[str]) -> str:
-    return _sse({**head, "choices": [{
-        "index": index, "text": delta["text"], "token_ids": delta["token_ids"],
-        "logprobs": delta["logprobs"] if options.logprobs else None, "finish_reason": finish}]})
-  while True:
-    kind, *value = await events.get()
-    if kind == "token":
-      choice, token, logprob = value
-      delta = texts[choice].push(token, logprob)
-      if delta is not None:
-        yield chunk(choice, delta, None)
-    elif kind == "done":
-      completion = value[0]
-      for choice in completion.choices:
-        yield chunk(choice.index, texts[choice.index].finish(choice), choice.finish_reason)
-      if options.include_usage:
-        yield _sse({**head, "choices": [], "usage": openai_api.usage_json(completion.usage)})
-      break
-    else:
-      yield _sse(openai_api.error_json(BadRequest(value[0]), "server_error"))
-      break
-  yield "data: [DONE]\n\n"
+def _chat_request(parsed: openai_api.ChatRequest, ids: list, max_len: int,
+                  template: chat.Template) -> Request:
+  if len(ids) >= max_len:
+    raise _Refusal(400, openai_api.FieldError(
+        "messages", f"<a {len(ids)}-token prompt>", f"the prompt is {len(ids)} tokens; this "
+        f"model's context (max_model_len, model.max_seq_len) is {max_len}, which leaves no "
+        "room for a completion"))
+  max_tokens = parsed.max_tokens if parsed.max_tokens is not None else max_len - len(ids)
+  sampling = dict(parsed.sampling, stop=tuple(parsed.sampling["stop"]) + template.stop)
+  return Request(ids, max_tokens=max_tokens, **sampling)
 
 
-def serve(engine: Engine, port: int, model_name: str, host: str = "127.0.0.1"):
-  """Serves until interrupted (Ctrl-C or SIGTERM)."""
-  print(f"serving {model_name!r} on http://{host}:{port}/v1 (Ctrl-C stops)", flush=True)
-  uvicorn.run(make_app(engine, model_name), host=host, port=port, log_level="warning")
+async def _cancelling(chunks, worker: EngineLoop, events: _Events):
+  """The stream's chunks; if it is closed early (the client went away, or the server stops),
+  the request is cancelled."""
+  done = False
+  try:
+    async for chunk in chunks:
+      yield chunk
+    done = True
+  finally:
+    if not done:
+      worker.cancel(events)
+
+
+def serve(engine: Engine, port: int, model_name: str, *, template: chat.Template = chat.PLAIN,
+          prices: Optional[Prices] = None, max_body_bytes: int = MAX_BODY_BYTES,
+          host: str = "127.0.0.1"):
+  """Serves until interrupted (Ctrl-C or SIGTERM). SystemExit (status 1) if the engine stopped."""
+  server: list[uvicorn.Server] = []
+  app = make_app(engine, model_name, template=template, prices=prices,
+                 max_body_bytes=max_body_bytes,
+                 on_failure=lambda: setattr(server[0], "should_exit", True))
+  server.append(uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning",
+                                              timeout_graceful_shutdown=GRACE_S)))
+  print(f"serving {model_name!r} on http://{host}:{port}/v1 with the {template.name!r} chat "
+        "template (Ctrl-C stops)", flush=True)
+  server[0].run()
+  failure = app.state.engine_loop.failure
+  if failure is not None:
+    raise SystemExit(f"{failure}: the server has stopped")
