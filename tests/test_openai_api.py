@@ -1,8 +1,16 @@
-"""The OpenAI request and response format shared by the batch and HTTP front doors (no model)."""
+"""The OpenAI request and response formats shared by the batch and HTTP front doors, and the
+chat templates (no model)."""
+import dataclasses
+import json
+
 import pytest
 
-from moe_jax.serve import ByteTokenizer, Choice, Usage
-from moe_jax.serve.openai_api import FieldError, TextStream, error_json, parse, usage_json
+from moe_jax.rl import tasks
+from moe_jax.serve import BadRequest, ByteTokenizer, Choice, Prices, Usage, chat
+from moe_jax.serve.openai_api import (FieldError, TextStream, error_json, parse, parse_chat,
+                                      usage_json)
+
+_PROBLEM = tasks.Problem("add", (1, 2), 3, "q", "3")
 
 
 def test_parse_takes_openai_defaults_and_shapes():
@@ -54,3 +62,122 @@ def test_a_stream_never_sends_a_stop_string_or_half_a_character():
   assert sum(len(d["token_ids"]) for d in deltas) == len("añb ".encode())
   offsets = [o for d in deltas for o in d["logprobs"]["text_offset"]]
   assert offsets == [0, 1, 1, 2, 3]  # ñ's two bytes both start at its character
+
+
+# ---------------------------------------------------------------------------- chat
+
+# A template in DeepSeek-V3's format (written for this test): system prompt after BOS, then
+# <｜User｜> and <｜Assistant｜> turns, answers closed by EOS, the generation prompt last.
+V3_STYLE = ("{{ bos_token }}{% for m in messages %}{% if m['role'] == 'system' %}"
+            "{{ m['content'] }}{% endif %}{% endfor %}\n"
+            "{% for m in messages %}\n"
+            "  {% if m['role'] == 'user' %}{{ '<｜User｜>' + m['content'] }}"
+            "{% elif m['role'] == 'assistant' %}{{ '<｜Assistant｜>' + m['content'] + eos_token }}"
+            "{% elif m['role'] == 'system' %}{% else %}{{ raise_exception('bad role') }}"
+            "{% endif %}\n"
+            "{% endfor %}\n"
+            "{% if add_generation_prompt %}{{ '<｜Assistant｜>' }}{% endif %}")
+MESSAGES = [{"role": "system", "content": "Be terse."}, {"role": "user", "content": "Hi"},
+            {"role": "assistant", "content": "Hello"}, {"role": "user", "content": "2+2?"}]
+
+
+def _checkpoint(tmp_path, template, **extra):
+  config = {"bos_token": {"content": "<｜begin▁of▁sentence｜>"},
+            "eos_token": "<｜end▁of▁sentence｜>", "chat_template": template, **extra}
+  (tmp_path / "tokenizer_config.json").write_text(json.dumps(config), encoding="utf-8")
+  return str(tmp_path)
+
+
+def test_a_checkpoints_jinja_template_renders_without_its_bos(tmp_path):
+  pytest.importorskip("jinja2", reason="the serve extra (jinja2) is not installed")
+  template = chat.load("", _checkpoint(tmp_path, V3_STYLE))
+  assert template.render(MESSAGES) == ("Be terse.<｜User｜>Hi<｜Assistant｜>Hello"
+                                       "<｜end▁of▁sentence｜><｜User｜>2+2?<｜Assistant｜>")
+  assert not template.thinks
+  with pytest.raises(BadRequest, match="bad role"):
+    template.render([{"role": "tool", "content": "x"}])
+  named = chat.load("", _checkpoint(tmp_path, [{"name": "tool_use", "template": "x"},
+                                               {"name": "default", "template": V3_STYLE}]))
+  assert named.render(MESSAGES) == template.render(MESSAGES)
+  with pytest.raises(ValueError, match="tokenizer_config.json.*not valid Jinja"):
+    chat.load("", _checkpoint(tmp_path, "{% if %}"))
+  assert chat.load("", str(tmp_path / "nowhere")) is chat.PLAIN
+  assert chat.load("r1_zero", _checkpoint(tmp_path, V3_STYLE)) is chat.R1_ZERO
+  with pytest.raises(ValueError, match="serve.chat_template='chatml'"):
+    chat.load("chatml")
+
+
+def test_an_r1_style_template_that_opens_thinking_splits_from_the_start(tmp_path):
+  pytest.importorskip("jinja2", reason="the serve extra (jinja2) is not installed")
+  template = chat.load("", _checkpoint(tmp_path, V3_STYLE.replace(
+      "{{ '<｜Assistant｜>' }}{% endif %}", "{{ '<｜Assistant｜><think>\\n' }}{% endif %}") +
+      "{# answers are stripped of what precedes </think> #}"))
+  prompt = template.render(MESSAGES)
+  assert template.thinks and chat.opens_thinking(prompt, template)
+  assert chat.split("2 and 2\n</think>\n\n4", template, opened=True) == ("2 and 2\n", "4")
+
+
+def test_the_r1_zero_template_is_the_training_prompt():
+  assert chat.R1_ZERO_PROMPT is tasks.PROMPT
+  assert chat.R1_ZERO.render([{"role": "user", "content": "1+2?"}]) == \
+      tasks.prompt(dataclasses.replace(_PROBLEM, question="1+2?"))
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("<think>a b</think> <answer>7</answer>", ("a b", "7")),
+    ("  <think>a</think>\n<answer>7</answer>\n", ("a", "7")),
+    ("<think>a</think> <answer>7</answer> more", ("a", "7 more")),
+    ("<think>a</think> 7", ("a", "7")),
+    ("<think>still thinking", ("still thinking", "")),
+    ("no tags at all", (None, "no tags at all")),
+    ("<think>a</think> <answer>7", ("a", "7"))])
+def test_r1_zero_responses_split_into_reasoning_and_content(text, expected):
+  assert chat.split(text, chat.R1_ZERO) == expected
+
+
+@pytest.mark.parametrize("text", [
+    "<think>a b</think> <answer>7</answer>\n", "  <think> x </think>  <answer> 7 </answer> y",
+    "plain <think> text", "<think>a</think>b", "<thinking>", "<think>a</think> <answerx",
+    "<think>x</think> <ans", "<think>1 < 2 </thin</think> <answer><</answer>"])
+def test_streamed_reasoning_and_content_only_grow(text):
+  final = chat.split(text, chat.R1_ZERO)
+  for end in range(len(text) + 1):
+    reasoning, content = chat.split(text[:end], chat.R1_ZERO, final=False)
+    assert (final[0] or "").startswith(reasoning or "") and final[1].startswith(content), end
+
+
+def test_parse_chat_takes_openai_fields_and_refuses_what_it_cannot_honour():
+  parsed = parse_chat({"messages": [{"role": "developer", "content": "s"},
+                                    {"role": "user", "content": [{"type": "text", "text": "a"},
+                                                                 {"type": "text", "text": "b"}]},
+                                    {"role": "assistant", "content": None,
+                                     "reasoning_content": "r"}],
+                       "max_completion_tokens": 5, "logprobs": True, "stop": "\n"})
+  assert parsed.messages == [{"role": "system", "content": "s"}, {"role": "user", "content": "ab"},
+                             {"role": "assistant", "content": ""}]
+  assert parsed.max_tokens == 5 and parsed.options.logprobs and parsed.sampling["stop"] == ("\n",)
+  assert parse_chat({"messages": [{"role": "user", "content": "x"}]}).max_tokens is None
+  for body, param in (({"messages": []}, "messages"),
+                      ({"messages": [{"role": "user", "content": 3}]}, "messages[0].content"),
+                      ({"messages": [{"role": "user", "content": "x", "tool_calls": []}]},
+                       "messages[0].tool_calls"),
+                      ({"messages": [{"role": "user", "content": "x"}], "top_logprobs": 2},
+                       "top_logprobs"),
+                      ({"messages": [{"role": "user", "content": "x"}], "max_tokens": 3,
+                        "max_completion_tokens": 4}, "max_completion_tokens"),
+                      ({"messages": [{"role": "user", "content": "x"}],
+                        "response_format": {"type": "json_object"}}, "response_format"),
+                      ({"prompt": "x"}, "prompt")):
+    with pytest.raises(FieldError) as error:
+      parse_chat(body)
+    assert error.value.param == param
+
+
+def test_usage_carries_the_cost_and_the_thinking_share():
+  usage = usage_json(Usage(10, 8, 2, 5), Prices(hit=1.0, miss=2.0, output=4.0), 3)
+  assert usage["cost"] == pytest.approx((8 * 1.0 + 2 * 2.0 + 5 * 4.0) / 1e6)
+  assert usage["completion_tokens_details"] == {"reasoning_tokens": 3}
+  tok = ByteTokenizer()
+  ids = list("<think>ab</think> <answer>1</answer>".encode())
+  assert chat.reasoning_tokens(tok, ids, chat.R1_ZERO, False) == len("<think>ab</think>")
+  assert chat.reasoning_tokens(tok, list(b"12"), chat.R1_ZERO, False) == 0
