@@ -312,6 +312,8 @@ class _ScriptedEngine:
     self.stats = collections.Counter()
 
   def submit(self, request, on_token=None):
+    if request.temperature == 0.25:  # a request this engine fails on, not with BadRequest
+      raise ZeroDivisionError("a quarter")
     self.prompts.append(list(request.prompt))
     self.jobs[len(self.prompts)] = (request, on_token, [])
     return len(self.prompts)
@@ -359,6 +361,13 @@ def test_reasoning_content_comes_apart_for_an_r1_zero_model():
     # The thinking streams before the answer is written, not all at the end.
     assert sum(1 for d in deltas if (d.model_extra or {}).get("reasoning_content")) > 3
     assert chunks[-1].usage.completion_tokens_details.reasoning_tokens == thinking
+    # One request's failure is its own 500, naming the cause; the next is served.
+    with pytest.raises(openai.InternalServerError) as error:
+      r1.chat.completions.create(model=NAME, messages=messages, temperature=0.25)
+    assert "ZeroDivisionError: a quarter" in error.value.response.json()["error"]["message"]
+    assert r1.chat.completions.create(model=NAME, messages=messages).choices[0].message.content \
+        == answer
+    assert _http(r1, "GET", "/health")[0] == 200
 
 
 # ---------------------------------------------------------------------------- bad HTTP

@@ -19,7 +19,8 @@ it is read; 500 a request that failed, naming the cause (the server keeps servin
 engine has stopped. A client that disconnects, streaming or not, cancels its request: the engine
 drops it before its next step and frees its blocks. If a step fails the engine cannot go on: every
 waiting request gets 500, /health and new requests 503, and `serve` exits non-zero. Ctrl-C or
-SIGTERM stop the server within a few seconds, cutting open streams.
+SIGTERM stop the server: open streams are cut after GRACE_S, and the engine thread gets up to
+STOP_S to finish the step under way.
 """
 from __future__ import annotations
 
@@ -369,7 +370,8 @@ def serve(engine: Engine, port: int, model_name: str, *, template: chat.Template
                                               timeout_graceful_shutdown=GRACE_S)))
   print(f"serving {model_name!r} on http://{host}:{port}/v1 with the {template.name!r} chat "
         "template (Ctrl-C stops)", flush=True)
-  server[0].run()
+  with contextlib.suppress(KeyboardInterrupt):  # uvicorn re-raises Ctrl-C once it has stopped
+    server[0].run()
   failure = app.state.engine_loop.failure
   if failure is not None:
     raise SystemExit(f"{failure}: the server has stopped")
