@@ -5,6 +5,7 @@ import json
 
 import pytest
 
+from moe_jax.config import ConfigError, ServeConfig
 from moe_jax.rl import tasks
 from moe_jax.serve import BadRequest, ByteTokenizer, Choice, Prices, Usage, chat
 from moe_jax.serve.openai_api import (FieldError, TextStream, error_json, parse, parse_chat,
@@ -181,3 +182,11 @@ def test_usage_carries_the_cost_and_the_thinking_share():
   ids = list("<think>ab</think> <answer>1</answer>".encode())
   assert chat.reasoning_tokens(tok, ids, chat.R1_ZERO, False) == len("<think>ab</think>")
   assert chat.reasoning_tokens(tok, list(b"12"), chat.R1_ZERO, False) == 0
+
+
+def test_serve_config_checks_the_chat_template_and_the_body_limit():
+  assert ServeConfig(chat_template="r1_zero", max_body_mb=0.5).max_body_mb == 0.5
+  with pytest.raises(ConfigError, match="chat_template='chatml'"):
+    ServeConfig(chat_template="chatml")
+  with pytest.raises(ConfigError, match="max_body_mb=0"):
+    ServeConfig(max_body_mb=0)

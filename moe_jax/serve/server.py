@@ -213,69 +213,57 @@ async def _next(events: _Events, gone: asyncio.Future):
   raise _Gone()
 
 
-def make_app(engine: Engine, model_name: str, *, template: chat.Template = chat.PLAIN,
-             prices: Optional[Prices] = None, max_body_bytes: int = MAX_BODY_BYTES,
-             on_failure: Optional[Callable] = None) -> fastapi.FastAPI:
-  """The ASGI app; its lifespan starts and stops the engine thread. on_failure() is called from
-  that thread if the engine stops."""
-  monitor = Monitor(prices)
-  worker = EngineLoop(engine, monitor, on_failure)
-  ids = itertools.count()
-  created = int(time.time())
+class _Handlers:
+  """The endpoints of one app, over one engine thread."""
 
-  @contextlib.asynccontextmanager
-  async def lifespan(_):
-    worker.start()
-    yield
-    worker.stop(STOP_S)
+  def __init__(self, engine: Engine, model_name: str, template: chat.Template,
+               monitor: Monitor, worker: EngineLoop, max_body_bytes: int):
+    self.engine, self.model_name, self.template = engine, model_name, template
+    self.monitor, self.worker, self.max_body_bytes = monitor, worker, max_body_bytes
+    self.ids = itertools.count()
+    self.created = int(time.time())
 
-  app = fastapi.FastAPI(title="moe_jax", lifespan=lifespan)
-  app.state.engine_loop, app.state.monitor = worker, monitor
-
-  @app.exception_handler(_Refusal)
-  async def refused(_, e: _Refusal):
-    monitor.count("refused" if e.status < 500 else "failed")
+  async def refused(self, _, e: _Refusal):
+    self.monitor.count("refused" if e.status < 500 else "failed")
     return responses.JSONResponse(openai_api.error_json(e.error, e.kind), status_code=e.status)
 
-  @app.exception_handler(Exception)
-  async def crashed(_, e: Exception):  # a bug of ours: still that request's JSON error alone
-    monitor.count("failed")
+  async def crashed(self, _, e: Exception):  # a bug of ours: still that request's error alone
+    self.monitor.count("failed")
     error = BadRequest(f"the server failed on this request: {type(e).__name__}: {e}")
     return responses.JSONResponse(openai_api.error_json(error, "server_error"), status_code=500)
 
-  @app.get("/health")
-  async def health():
-    if worker.failure is not None:
-      return responses.JSONResponse(openai_api.error_json(BadRequest(worker.failure),
+  async def health(self):
+    if self.worker.failure is not None:
+      return responses.JSONResponse(openai_api.error_json(BadRequest(self.worker.failure),
                                                           "server_error"), status_code=503)
     return {"status": "ok"}
 
-  @app.get("/metrics")
-  async def metrics():
-    return responses.PlainTextResponse(monitor.render(),
+  async def metrics(self):
+    return responses.PlainTextResponse(self.monitor.render(),
                                        media_type="text/plain; version=0.0.4; charset=utf-8")
 
-  @app.get("/v1/models")
-  async def models():
-    return {"object": "list", "data": [{"id": model_name, "object": "model", "created": created,
-                                        "owned_by": "moe_jax"}]}
+  async def models(self):
+    return {"object": "list", "data": [{"id": self.model_name, "object": "model",
+                                        "created": self.created, "owned_by": "moe_jax"}]}
 
-  def check_model(name: Optional[str]):
-    if name is not None and name != model_name:
+  def _head(self, model: Optional[str], prefix: str, kind: str) -> dict:
+    if model is not None and model != self.model_name:
       raise _Refusal(404, openai_api.FieldError(
-          "model", name, f"no such model; this server has {model_name!r}"))
+          "model", model, f"no such model; this server has {self.model_name!r}"))
+    return {"id": f"{prefix}-{next(self.ids)}", "object": kind, "created": int(time.time()),
+            "model": self.model_name}
 
-  async def run(http, request: Request, stream: bool, chunks, whole):
+  async def _run(self, http, request: Request, stream: bool, chunks, whole):
     """Submits `request`; answers whole(completion), or with `stream` the server-sent events
     chunks(events) yields. Cancels the request if the client goes before the end."""
     events, finished = _Events(stream), False
-    worker.submit(request, events)
+    self.worker.submit(request, events)
     gone = asyncio.ensure_future(_disconnected(http))
     try:
       kind, *value = await _next(events, gone)
       if kind == "accepted" and stream:
         finished = True  # from here on the stream's own generator cancels
-        return responses.StreamingResponse(_cancelling(chunks(events), worker, events),
+        return responses.StreamingResponse(_cancelling(chunks(events), self.worker, events),
                                            media_type="text/event-stream")
       if kind == "accepted":
         kind, *value = await _next(events, gone)
@@ -291,45 +279,63 @@ def make_app(engine: Engine, model_name: str, *, template: chat.Template = chat.
     finally:
       gone.cancel()
       if not finished:
-        worker.cancel(events)
+        self.worker.cancel(events)
 
-  def head(prefix: str, kind: str) -> dict:
-    return {"id": f"{prefix}-{next(ids)}", "object": kind, "created": int(time.time()),
-            "model": model_name}
-
-  @app.post("/v1/completions")
-  async def completions(http: fastapi.Request):
-    request, options = _parsed(openai_api.parse, await _read_json(http, max_body_bytes))
-    check_model(options.model)
-    top = head("cmpl", "text_completion")
+  async def completions(self, http: fastapi.Request):
+    request, options = _parsed(openai_api.parse, await _read_json(http, self.max_body_bytes))
+    head = self._head(options.model, "cmpl", "text_completion")
+    tokenizer, prices = self.engine.tokenizer, self.monitor.prices
     whole = lambda completion: openai_api.completion_json(
-        completion, id=top["id"], model=model_name, created=top["created"],
-        tokenizer=engine.tokenizer, logprobs=options.logprobs, prices=monitor.prices)
-    chunks = lambda events: openai_api.completion_chunks(engine.tokenizer, request, options,
-                                                         events, top, monitor.prices)
-    return await run(http, request, options.stream, chunks, whole)
+        completion, id=head["id"], model=self.model_name, created=head["created"],
+        tokenizer=tokenizer, logprobs=options.logprobs, prices=prices)
+    chunks = lambda events: openai_api.completion_chunks(tokenizer, request, options, events,
+                                                         head, prices)
+    return await self._run(http, request, options.stream, chunks, whole)
 
-  @app.post("/v1/chat/completions")
-  async def chat_completions(http: fastapi.Request):
-    parsed = _parsed(openai_api.parse_chat, await _read_json(http, max_body_bytes))
-    check_model(parsed.options.model)
+  async def chat_completions(self, http: fastapi.Request):
+    parsed = _parsed(openai_api.parse_chat, await _read_json(http, self.max_body_bytes))
+    options, template, tokenizer = parsed.options, self.template, self.engine.tokenizer
+    head = self._head(options.model, "chatcmpl", "chat.completion.chunk")
     prompt = _parsed(template.render, parsed.messages)
     try:
-      prompt_ids = await asyncio.to_thread(engine.tokenizer.encode, prompt)
+      prompt_ids = await asyncio.to_thread(tokenizer.encode, prompt)
     except UnicodeError as e:
       raise _Refusal(400, BadRequest(f"messages=<...>: the prompt cannot be encoded ({e})"))
-    request = _chat_request(parsed, prompt_ids, engine.model_cfg.max_seq_len, template)
-    opened = chat.opens_thinking(prompt, template)
-    top = head("chatcmpl", "chat.completion.chunk")
-    options = parsed.options
+    request = _chat_request(parsed, prompt_ids, self.engine.model_cfg.max_seq_len, template)
+    opened, prices = chat.opens_thinking(prompt, template), self.monitor.prices
     whole = lambda completion: chat.completion_json(
-        completion, template, opened, id=top["id"], model=model_name, created=top["created"],
-        tokenizer=engine.tokenizer, logprobs=options.logprobs, prices=monitor.prices)
+        completion, template, opened, id=head["id"], model=self.model_name,
+        created=head["created"], tokenizer=tokenizer, logprobs=options.logprobs, prices=prices)
     chunks = lambda events: chat.chunks(
-        chat.ChatStream(engine.tokenizer, request.stop, template, opened, request.n,
-                        options.logprobs), events, top, options, monitor.prices)
-    return await run(http, request, options.stream, chunks, whole)
+        chat.ChatStream(tokenizer, request.stop, template, opened, request.n, options.logprobs),
+        events, head, options, prices)
+    return await self._run(http, request, options.stream, chunks, whole)
 
+
+def make_app(engine: Engine, model_name: str, *, template: chat.Template = chat.PLAIN,
+             prices: Optional[Prices] = None, max_body_bytes: int = MAX_BODY_BYTES,
+             on_failure: Optional[Callable] = None) -> fastapi.FastAPI:
+  """The ASGI app; its lifespan starts and stops the engine thread. on_failure() is called from
+  that thread if the engine stops."""
+  monitor = Monitor(prices)
+  worker = EngineLoop(engine, monitor, on_failure)
+  handlers = _Handlers(engine, model_name, template, monitor, worker, max_body_bytes)
+
+  @contextlib.asynccontextmanager
+  async def lifespan(_):
+    worker.start()
+    yield
+    worker.stop(STOP_S)
+
+  app = fastapi.FastAPI(title="moe_jax", lifespan=lifespan)
+  app.state.engine_loop, app.state.monitor = worker, monitor
+  app.add_exception_handler(_Refusal, handlers.refused)
+  app.add_exception_handler(Exception, handlers.crashed)
+  app.get("/health")(handlers.health)
+  app.get("/metrics")(handlers.metrics)
+  app.get("/v1/models")(handlers.models)
+  app.post("/v1/completions")(handlers.completions)
+  app.post("/v1/chat/completions")(handlers.chat_completions)
   return app
 
 
