@@ -393,7 +393,7 @@ def test_deeply_nested_json_is_a_json_400(client):
 
 def test_metrics_are_prometheus_text_with_the_named_series(client):
   before = _metrics(client)
-  reply = _complete(client, temperature=0, max_tokens=4, extra_body=GO_ON)
+  replies = [_complete(client, temperature=0, max_tokens=4, extra_body=GO_ON) for _ in range(2)]
   after = _metrics(client)
   for name in ("moe_jax_num_requests_running", "moe_jax_num_requests_waiting",
                "moe_jax_kv_blocks_used", "moe_jax_kv_blocks_total",
@@ -403,12 +403,13 @@ def test_metrics_are_prometheus_text_with_the_named_series(client):
   assert after["moe_jax_kv_blocks_total"] == 95
   assert after["moe_jax_generation_tokens_per_second"] > 0
   assert after["moe_jax_cost_total"] - before["moe_jax_cost_total"] == pytest.approx(
-      reply.usage.model_extra["cost"])
+      sum(r.usage.model_extra["cost"] for r in replies))
   assert after["moe_jax_requests_total{outcome=finished}"] == \
-      before["moe_jax_requests_total{outcome=finished}"] + 1
+      before["moe_jax_requests_total{outcome=finished}"] + 2
   assert after["moe_jax_prompt_tokens_total{source=cache}"] - before[
-      "moe_jax_prompt_tokens_total{source=cache}"] == reply.usage.prompt_tokens_details.cached_tokens
-  assert 0 < after["moe_jax_prefix_cache_hit_rate"] < 1
+      "moe_jax_prompt_tokens_total{source=cache}"] == sum(
+          r.usage.prompt_tokens_details.cached_tokens for r in replies)
+  assert 0 < after["moe_jax_prefix_cache_hit_rate"] < 1  # the second prompt hit the cache
 
 
 # ---------------------------------------------------------------------------- disconnects
@@ -467,6 +468,10 @@ def test_a_client_that_disconnects_is_cancelled_within_one_step(slow, stream):
   assert engine.pages.available() == engine.pages.capacity  # every block free or cached
   assert engine.reserved == 0
   assert engine.stats["decode_steps"] < 30 * len(engine.log)
+  deadline = time.monotonic() + 10
+  while _metrics(client)["moe_jax_num_requests_running"] and time.monotonic() < deadline:
+    time.sleep(0.02)
   samples = _metrics(client)
   assert samples["moe_jax_requests_total{outcome=cancelled}"] >= 1
+  assert samples["moe_jax_num_requests_running"] == samples["moe_jax_kv_blocks_used"] == 0
   assert _complete(client, max_tokens=2, extra_body=GO_ON).usage.completion_tokens == 2

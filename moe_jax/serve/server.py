@@ -136,7 +136,7 @@ class EngineLoop(threading.Thread):
             del ids[events]
             self.monitor.finished(completion.usage)
             events.put("done", completion)
-          self._record()
+        self._record()  # after a step, or a cancellation that emptied the engine
     except Exception as e:  # pylint: disable=broad-except  (reported to every waiter)
       self._fail(e, jobs)
 
