@@ -253,7 +253,8 @@ class ChatStream:
   become certain, then each choice's last chunk with its finish_reason."""
 
   def __init__(self, tokenizer, stop, template: Template, opened: bool, n: int, logprobs: bool):
-    self.tokenizer, self.template, self.opened, self.logprobs = tokenizer, template, opened, logprobs
+    self.tokenizer, self.template = tokenizer, template
+    self.opened, self.logprobs = opened, logprobs
     self.texts = [openai_api.TextStream(tokenizer, stop) for _ in range(n)]
     self.sent = [("", "") for _ in range(n)]  # (reasoning, content) sent per choice
 

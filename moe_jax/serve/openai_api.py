@@ -273,8 +273,9 @@ def choice_json(choice: Choice, tokenizer, logprobs: bool) -> dict:
                        if logprobs else None), "finish_reason": choice.finish_reason}
 
 
+# pylint: disable-next=redefined-builtin
 def completion_json(completion: Completion, *, id: str, model: str, created: int, tokenizer,
-                    logprobs: bool, prices: Optional[Prices] = None) -> dict:  # pylint: disable=redefined-builtin
+                    logprobs: bool, prices: Optional[Prices] = None) -> dict:
   return {"id": id, "object": "text_completion", "created": created, "model": model,
           "choices": [choice_json(c, tokenizer, logprobs) for c in completion.choices],
           "usage": usage_json(completion.usage, prices)}
