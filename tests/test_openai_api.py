@@ -111,8 +111,7 @@ def test_a_checkpoints_jinja_template_renders_without_its_bos(tmp_path):
 def test_an_r1_style_template_that_opens_thinking_splits_from_the_start(tmp_path):
   pytest.importorskip("jinja2", reason="the serve extra (jinja2) is not installed")
   template = chat.load("", _checkpoint(tmp_path, V3_STYLE.replace(
-      "{{ '<｜Assistant｜>' }}{% endif %}", "{{ '<｜Assistant｜><think>\\n' }}{% endif %}") +
-      "{# answers are stripped of what precedes </think> #}"))
+      "{{ '<｜Assistant｜>' }}{% endif %}", "{{ '<｜Assistant｜><think>\\n' }}{% endif %}")))
   prompt = template.render(MESSAGES)
   assert template.thinks and chat.opens_thinking(prompt, template)
   assert chat.split("2 and 2\n</think>\n\n4", template, opened=True) == ("2 and 2\n", "4")

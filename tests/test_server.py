@@ -370,6 +370,23 @@ def test_reasoning_content_comes_apart_for_an_r1_zero_model():
     assert _http(r1, "GET", "/health")[0] == 200
 
 
+def test_a_checkpoints_r1_style_jinja_template_thinks_from_the_prompt(tmp_path):
+  """The template of a Hugging Face checkpoint's tokenizer_config.json, in DeepSeek-R1's format
+  (written for this test): the generation prompt opens <think>, the reply closes it."""
+  template = ("{{ bos_token }}{% for m in messages %}{% if m['role'] == 'user' %}"
+              "{{ '<｜User｜>' + m['content'] }}{% else %}{{ '<｜Assistant｜>' + m['content'] + "
+              "eos_token }}{% endif %}{% endfor %}{{ '<｜Assistant｜><think>\\n' }}")
+  (tmp_path / "tokenizer_config.json").write_text(json.dumps({
+      "chat_template": template, "bos_token": "<｜begin▁of▁sentence｜>",
+      "eos_token": "<｜end▁of▁sentence｜>"}), encoding="utf-8")
+  engine = _ScriptedEngine("3 and 4 is 7\n</think>\n\n7")
+  with _serving(engine, template=chat.load("", str(tmp_path))) as r1:
+    reply = r1.chat.completions.create(model=NAME, messages=[{"role": "user", "content": "3+4?"}])
+  assert engine.prompts[0] == ByteTokenizer().encode("<｜User｜>3+4?<｜Assistant｜><think>\n")
+  message = reply.choices[0].message
+  assert (message.model_extra["reasoning_content"], message.content) == ("3 and 4 is 7\n", "7")
+
+
 # ---------------------------------------------------------------------------- bad HTTP
 
 def test_a_body_over_the_limit_is_413_before_it_is_parsed(client):

@@ -19,9 +19,9 @@ lstrip_blocks, loop controls, raise_exception, a JSON `tojson`), with `messages`
 since the tokenizer adds one.
 
 Thinking: an "r1_zero" response is "<think>T</think> <answer>A</answer>": T is the reasoning,
-A the content. With a Jinja template that mentions "</think>" (DeepSeek-R1's), what precedes
-"</think>" is the reasoning (from the prompt's own "<think>" if it ends with one) and the rest,
-leading whitespace stripped, the content. A response without the tags is all content.
+A the content. With a Jinja template that mentions <think> or </think> (DeepSeek-R1's), what
+precedes "</think>" is the reasoning (from the prompt's own "<think>" if it ends with one) and
+the rest, leading whitespace stripped, the content. A response without the tags is all content.
 """
 from __future__ import annotations
 
@@ -102,7 +102,7 @@ def jinja_template(source: str, bos_token: str = "", eos_token: str = "",
       raise BadRequest(f"messages=<{len(messages)} messages>: the model's chat template failed "
                        f"on them ({type(e).__name__}: {e})") from None
     return text[len(bos_token):] if bos_token and text.startswith(bos_token) else text
-  return Template(name, render, thinks=END_THINK in source)
+  return Template(name, render, thinks=THINK in source or END_THINK in source)
 
 
 def _token_text(value) -> str:
