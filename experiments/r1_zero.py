@@ -40,7 +40,6 @@ CORPUS = "corpus.tokens"
 RL_CONFIG = os.path.join("rl", "rl_config.json")
 # rl.* keys a resumed RL run may change; any other change would mix two runs in one curve.
 RESUMABLE = ("steps", "checkpoint_every", "eval_problems", "eval_k")
-MAX_DRAWS = 4  # dynamic sampling: rollout rounds per step before uniform groups fill the batch
 CURVES = ("reward", "pass@1", "cons@k", "response_length", "kl", "clip_fraction", "entropy",
           "format_rate")
 
@@ -100,17 +99,17 @@ def rl_step(state, ref, step: int, *, cfg: ExperimentConfig, rl: rl_config.RLCon
 
   def draw(n):
     d, draws[0] = draws[0], draws[0] + 1
-    first = (step * MAX_DRAWS + d) * rl.prompts_per_step  # problems no other draw uses
+    first = (step * rl.max_draws + d) * rl.prompts_per_step  # problems no other draw uses
     problems = tasks.problems(spec, "train", n, rl.seed, start=first)
     return rollout.sample_groups(engine, problems, rl.group_size, max_tokens=rl.max_tokens,
                                  temperature=rl.temperature, top_p=rl.top_p,
-                                 seed=((rl.seed * 1_000_003 + step) * MAX_DRAWS + d) *
+                                 seed=((rl.seed * 1_000_003 + step) * rl.max_draws + d) *
                                  rl.prompts_per_step,
                                  reward_fn=reward_fn)
 
   groups, stats = rl_batch.fill_groups(draw, rl.prompts_per_step,
                                        drop_uniform=rl.drop_uniform_groups,
-                                       max_draws=MAX_DRAWS)
+                                       max_draws=rl.max_draws)
   rollout_s = time.perf_counter() - start
   full = rl_batch.make_batch(groups, rl, T, pad_id=cfg.model.pad_id)
   order = np.random.default_rng([rl.seed, step, 5]).permutation(rows)
