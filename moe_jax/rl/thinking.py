@@ -71,7 +71,8 @@ def other_sizes(spec: ThinkSpec) -> list[ThinkSpec]:
   """The untrained sizes every held-out report includes."""
   lo, hi = _SIZES[spec.kind]
   if spec.kind == "parity":
-    sizes = [s for s in (spec.size - 4, spec.size + 4, spec.size + 8) if lo <= s <= hi]
+    # below 8 bits a held-out split (10% of 2^d problems) is too small to report on
+    sizes = [s for s in (spec.size - 4, spec.size + 4, spec.size + 8) if 8 <= s <= hi]
     return [dataclasses.replace(spec, size=s) for s in sizes]
   out = [dataclasses.replace(spec, size=s) for s in (spec.size - 1, spec.size + 1)
          if lo <= s <= hi]
