@@ -14,7 +14,8 @@ trained size (pass@1, cons@16, the unbiased pass@k for k = 1..eval_k, format rat
 form figures) and 16 samples of other sizes (thinking.other_sizes).
 
 The NTP-only control continues the base's pre-training on the same corpus for as long (wall
-clock) as the RL phase took, at the base's final learning rate, in <workdir>/ntp, and is
+clock: RL steps x the median RL step's seconds, so compilation does not count; over the base's
+median seconds per step) as the RL phase took, at the base's final learning rate, in <workdir>/ntp, and is
 evaluated alike. Outputs: r1_thinking.md/.json and r1_thinking.png in the workdir.
 """
 from __future__ import annotations
@@ -128,7 +129,8 @@ def ntp_control(cfg: ExperimentConfig, rl, study, workdir: str) -> dict:
            if r.get("tokens_per_s")]
   t = base_cfg.train
   if not os.path.exists(path):
-    rl_s = float(sum(r["step_s"] for r in records))
+    # the median step, not the sum: the first steps' compilation is no training time
+    rl_s = float(np.median([r["step_s"] for r in records])) * len(records)
     s_per_step = t.batch_size * t.seq_len / float(np.median(rates))
     extra = max(1, int(round(rl_s / s_per_step)))
     os.makedirs(ntp_dir, exist_ok=True)
