@@ -2,7 +2,7 @@
 does a base pre-trained on the mixture write the format and the long form, and how right is
 each form; and what a base step and an RL step cost. One JSON object per line.
 
-  python bench/r1_thinking_trial.py --variant=parity --steps=400 --long_share=0.1
+  PYTHONPATH=. python bench/r1_thinking_trial.py --variant=parity --steps=400 --long_share=0.1
 
 configs/r1_thinking.py's model and base settings (train.steps replaced by --steps). Samples at
 the RL temperature (1.0) on train problems the corpus did not use (indices after it). Times are

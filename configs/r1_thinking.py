@@ -5,7 +5,7 @@ wall clock.
   python -m experiments.run --config=configs/r1_thinking.py:parity --workdir=/tmp/think_parity
   python -m experiments.run --config=configs/r1_thinking.py:addition --workdir=/tmp/think_add
   python -m experiments.run --config=configs/r1_thinking.py:parity,self_check --workdir=...
-  python -m experiments.run --config=configs/r1_thinking.py:parity,no_long --workdir=...  (control b)
+  python -m experiments.run --config=configs/r1_thinking.py:parity,no_long --workdir=... (ctrl b)
   python -m experiments.run --config=configs/r1_thinking.py:parity,seed1 --workdir=...
   python -m experiments.run --config=configs/r1_thinking.py:runlocal --workdir=/tmp/think_smoke
 
@@ -41,7 +41,9 @@ def get_config(arg=None):
   config.experiment = "r1_thinking"
   m, t = config.model, config.train
   m.max_seq_len = 256                   # prompt + the long form, and the larger held-out sizes
-  t.steps, t.batch_size, t.seq_len = 1500, 32, 128  # base pre-training on the mixture
+  # base pre-training on the mixture. Windows of the token file are aligned, not per document:
+  # 256 tokens hold a whole long document (~150-170 tokens) in about half the windows, 128 never
+  t.steps, t.batch_size, t.seq_len = 1500, 16, 256
   t.warmup_steps, t.eval_every, t.checkpoint_every, t.log_every = 30, 500, 500, 50
   config.data.source = "synthetic"      # replaced by the run's own corpus
 
@@ -77,8 +79,8 @@ def get_config(arg=None):
   r.seed = 0
 
   if "addition" in names:
-    r.task_kind, r.task_digits, r.task_count = "add", 4, 2
-    r.max_tokens = 64
+    r.task_kind, r.task_digits, r.task_count = "add", 6, 2
+    r.max_tokens = 100
   if "self_check" in names:
     r.self_check_share = 0.3
     r.max_tokens += 12

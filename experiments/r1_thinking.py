@@ -15,8 +15,8 @@ form figures) and 16 samples of other sizes (thinking.other_sizes).
 
 The NTP-only control continues the base's pre-training on the same corpus for as long (wall
 clock: RL steps x the median RL step's seconds, so compilation does not count; over the base's
-median seconds per step) as the RL phase took, at the base's final learning rate, in <workdir>/ntp, and is
-evaluated alike. Outputs: r1_thinking.md/.json and r1_thinking.png in the workdir.
+median seconds per step) as the RL phase took, at the base's final learning rate, in
+<workdir>/ntp, and is evaluated alike. Outputs: r1_thinking.md/.json and r1_thinking.png in the workdir.
 """
 from __future__ import annotations
 
@@ -150,8 +150,9 @@ def ntp_control(cfg: ExperimentConfig, rl, study, workdir: str) -> dict:
   T = r1_zero.seq_len(cfg, rl, study.spec)
   key = {"eval_problems": rl.eval_problems, "eval_k": rl.eval_k, "seed": rl.seed,
          "max_tokens": rl.max_tokens, "extra_steps": extra}
-  return r1_zero._cached(os.path.join(ntp_dir, "eval_final.json"),  # pylint: disable=protected-access
-                         lambda: r1_zero.evaluate_policy(state, cfg, study, setup.mesh, T), key)
+  cached = r1_zero._cached  # pylint: disable=protected-access
+  return cached(os.path.join(ntp_dir, "eval_final.json"),
+                lambda: r1_zero.evaluate_policy(state, cfg, study, setup.mesh, T), key)
 
 
 ROWS = ("pass@1", "cons@16", "format_rate", "mean_length", "long_share", "long_accuracy",

@@ -52,8 +52,13 @@ def test_long_form_steps_compute_the_answer(spec):
       assert [s[0] for s in work] == [str(b) for b in p.numbers]
       assert work[-1][1] == p.answer
     else:
-      digits = "".join(s[0] for s in reversed(work))
-      assert int(work[-1][1] + digits) == p.target
+      sums = [int(s.split("=")[1]) for s in work]
+      carries = [int(s.split("=")[0].split("+")[-1]) for s in work]
+      assert carries == [0] + [x // 10 for x in sums[:-1]]
+      assert [s.split("=")[0].split("+")[:-1] for s in work] == [
+          [str(x // 10 ** c % 10) for x in p.numbers] for c in range(len(work))]
+      digits = "".join(str(x % 10) for x in reversed(sums))
+      assert int(str(sums[-1] // 10) + digits) == p.target
 
 
 def test_a_self_check_writes_one_wrong_step_the_phrase_and_the_fix():
@@ -61,10 +66,16 @@ def test_a_self_check_writes_one_wrong_step_the_phrase_and_the_fix():
   for p in thinking.problems(ADD, "train", 50, seed=0) + \
       thinking.problems(PARITY, "train", 50, seed=0):
     plain, checked = thinking.long_think(p), thinking.long_think(p, rng, self_check=True)
-    wrong, phrase, rest = checked.partition(thinking.SELF_CHECK)
+    before, phrase, rest = checked.partition(thinking.SELF_CHECK)
     assert phrase and thinking.self_checks(checked) == 1
-    k = len(wrong) - 2  # the wrong step is the two characters before the phrase
-    assert wrong[:k] + rest == plain and wrong[k:] != plain[k:k + 2]
+    # before the phrase: the right steps so far, then the next step with its last digit wrong;
+    # after it: that step right and the rest
+    assert plain.endswith(rest)
+    done = plain[:len(plain) - len(rest)]
+    assert before.startswith(done)
+    wrong = before[len(done):]
+    right = rest[:len(wrong)]
+    assert wrong[:-1] == right[:-1] and wrong[-1] != right[-1] and wrong[-1].isdigit()
 
 
 @pytest.mark.parametrize("long_share", [0.0, 0.05, 0.3])

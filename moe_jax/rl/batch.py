@@ -3,8 +3,8 @@
 Row b is one completion: prompt ids, then the completion's ids, then padding to a fixed T, so
 the jitted step compiles once. Position t holds the log-prob of tokens[t] given tokens[:t], as
 learner.logprobs computes it: completion token j sits at P + j (P = prompt length) and its
-behaviour log-prob (the engine's) at the same position. The EOS that ended a completion (Group.stops)
-follows its last token and is trained like any other: stopping gets its gradient. The mask is 1
+behaviour log-prob (the engine's) at the same position. The EOS that ended a completion
+(Group.stops) follows its last token and is trained like any other: stopping gets its gradient. The mask is 1
 exactly on the completion's tokens and that EOS.
 """
 from __future__ import annotations

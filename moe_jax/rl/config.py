@@ -63,7 +63,8 @@ class RLConfig:
         _fail(field.name, value, "must be " + {bool: "True or False", str: "a string",
                                                 int: "an integer",
                                                 float: "a finite number"}[hint])
-    for name in ("steps", "prompts_per_step", "group_size", "minibatches", "max_tokens", "max_draws",
+    for name in ("steps", "prompts_per_step", "group_size", "minibatches", "max_tokens",
+                 "max_draws",
                  "corpus_docs", "eval_problems", "eval_k", "checkpoint_every"):
       if getattr(self, name) < 1:
         _fail(name, getattr(self, name), "must be an integer >= 1")

@@ -6,8 +6,8 @@ Two tasks, each hard to answer directly for a tiny model and easy with written w
           Long form: per bit, the bit copied and the running parity after it (2 characters a
           step: "0110" -> "00 11 10 00" written without spaces, "00111000").
   add     "What is 4718+8529?": the sum. Long form: per column, least significant first, the
-          column's digit and the carry out (2 characters a column: 4718+8529 -> "73 41 22 31",
-          written "73412231"), then the answer.
+          column's digits and the carry in, and their sum ("8+9+0=17 1+2+1=04 7+5+0=12
+          4+8+1=13"): every digit the step needs is copied next to it, so a step is local work.
 
 A document is R1-Zero's template (tasks.PROMPT and tasks.completion) with a short think
 section (empty: no work) or, with probability `long_share`, the long derivation; with
@@ -141,7 +141,7 @@ def problems(spec: ThinkSpec, split: str, count: int, seed: int, *, start: int =
 # ---- The two forms ------------------------------------------------------------------------------
 
 def steps(p: tasks.Problem) -> list[str]:
-  """The long form's steps, 2 characters each (module docstring)."""
+  """The long form's steps (module docstring); each ends with its result digit(s)."""
   out = []
   if p.kind == "parity":
     running = 0
@@ -153,31 +153,34 @@ def steps(p: tasks.Problem) -> list[str]:
     _bad("problem.kind", p.kind, "must be 'parity' or 'add'")
   width, carry = max(len(str(x)) for x in p.numbers), 0
   for col in range(width):
-    total = carry + sum(x // 10 ** col % 10 for x in p.numbers)
-    out.append(f"{total % 10}{total // 10}")
+    digits = [x // 10 ** col % 10 for x in p.numbers]
+    total = carry + sum(digits)
+    out.append("+".join(map(str, digits + [carry])) + f"={total:02d}")
     carry = total // 10
   return out
 
 
-def _wrong(step: str, rng: np.random.Generator) -> str:
-  """The step with its result (second character for parity, first for a column) off."""
-  if len(step) == 2 and step[1] in "01" and step[0] in "01" and rng.random() < 0.5:
+def _join(p: tasks.Problem) -> str:
+  return "" if p.kind == "parity" else " "
+
+
+def _wrong(p: tasks.Problem, step: str, rng: np.random.Generator) -> str:
+  """The step with its result off: the running parity flipped; a column's last digit moved."""
+  if p.kind == "parity":
     return step[0] + str(1 - int(step[1]))
-  return str((int(step[0]) + int(rng.integers(1, 10))) % 10) + step[1]
+  return step[:-1] + str((int(step[-1]) + int(rng.integers(1, 10))) % 10)
 
 
 def long_think(p: tasks.Problem, rng: Optional[np.random.Generator] = None,
                self_check: bool = False) -> str:
   """The worked derivation; with self_check, one step written wrong, SELF_CHECK, then right."""
-  work = steps(p)
+  work, sep = steps(p), _join(p)
   if not self_check:
-    return "".join(work)
+    return sep.join(work)
   rng = rng if rng is not None else np.random.default_rng(0)
   k = int(rng.integers(len(work)))
-  wrong = _wrong(work[k], rng)
-  while wrong == work[k]:
-    wrong = _wrong(work[k], rng)
-  return "".join(work[:k]) + wrong + SELF_CHECK + "".join(work[k:])
+  done = sep.join(work[:k]) + (sep if k else "")
+  return done + _wrong(p, work[k], rng) + SELF_CHECK + sep.join(work[k:])
 
 
 def long_length(p: tasks.Problem) -> int:
@@ -186,12 +189,12 @@ def long_length(p: tasks.Problem) -> int:
 
 
 def form(p: tasks.Problem, text: str) -> Optional[str]:
-  """'long' when the response's think section holds at least one character per step of the
-  derivation (half its length), 'short' otherwise; None when the response is not well formed."""
+  """'long' when the response's think section is at least half as long as the derivation,
+  'short' otherwise; None when the response is not well formed."""
   parsed = rewards.parse_response(text)
   if parsed is None:
     return None
-  return "long" if len(parsed[0].strip()) >= len(steps(p)) else "short"
+  return "long" if 2 * len(parsed[0].strip()) >= len(long_think(p)) else "short"
 
 
 def self_checks(text: str) -> int:
