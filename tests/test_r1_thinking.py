@@ -1,5 +1,7 @@
 """Thinking tasks and their corpus (moe_jax/rl/thinking.py), the importance ratio at temperature
 0.6 / top-p 0.9, the EOS's loss, and experiment=r1_thinking's :runlocal run end to end."""
+import dataclasses
+import importlib.util
 import os
 import time
 
@@ -8,9 +10,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from moe_jax import model
-from moe_jax.config import MoEConfig, ModelConfig
+from experiments import r1_thinking, r1_thinking_sweep
+from moe_jax import config, model
+from moe_jax.config import ConfigError, MoEConfig, ModelConfig
 from moe_jax.rl import batch as rl_batch
+from moe_jax.rl import config as rl_config
 from moe_jax.rl import learner, objective, rewards, rollout, tasks, thinking
 from moe_jax.rl.config import RLConfig
 from moe_jax.serve import Engine, sampling
@@ -183,7 +187,6 @@ MOE = MoEConfig(embed_dim=32, num_experts=4, top_k=2, expert_ffn_dim=16)
 
 
 def _experiment():
-  from moe_jax import config  # pylint: disable=import-outside-toplevel
   return config.ExperimentConfig(model=CFG, moe=MOE,
                                  train=config.TrainConfig(batch_size=8, seq_len=64))
 
@@ -243,3 +246,38 @@ def test_runlocal_end_to_end(env, tmp_path):
   assert "NTP-only" in text and "parity12" in text
   print(f"runlocal end to end: {elapsed:.1f}s")
   assert elapsed < 120
+
+
+def _thinking_config(arg, **rl):
+  path = os.path.join(runs.REPO, "configs", "r1_thinking.py")
+  spec = importlib.util.spec_from_file_location("_think_cfg", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  values = module.get_config(arg)
+  values.rl.update(rl)
+  return config.from_config_dict(values)
+
+
+@pytest.mark.parametrize("arg, rl, message", [
+    ("parity", {"max_tokens": 40}, r"rl.max_tokens=40: the long form of parity16 needs 67"),
+    ("parity", {"task_digits": 99}, r"rl.task_digits=99: must be an integer in \[2, 64\]"),
+    ("addition", {"task_count": 12}, r"rl.task_count=12: must be an integer in \[2, 9\]"),
+    ("parity", {"long_share": 1.5}, r"rl.long_share=1.5: must be in \[0, 1\]"),
+    ("parity", {"long_shares": [0.1, 0.1]}, r"rl.long_shares=\[0.1, 0.1\]: must be a list"),
+])
+def test_bad_thinking_settings_fail_with_one_line(arg, rl, message):
+  cfg = _thinking_config(arg, **rl)
+  with pytest.raises(ConfigError, match=message):
+    if "long_shares" in rl:
+      r1_thinking_sweep.runs_of(cfg)
+    else:
+      r1_thinking.make_study(cfg, rl_config.from_dict(cfg.rl))
+
+
+def test_sweep_runs_one_config_per_share_and_seed():
+  cfg = dataclasses.replace(_thinking_config("parity", long_shares=[0.0, 0.1]), seeds=(0, 3))
+  points = r1_thinking_sweep.runs_of(cfg)
+  assert [(s, seed) for s, seed, _ in points] == [(0.0, 0), (0.0, 3), (0.1, 0), (0.1, 3)]
+  for share, seed, run in points:
+    assert run.experiment == "r1_thinking" and "long_shares" not in run.rl
+    assert run.rl["long_share"] == share and run.rl["seed"] == seed == run.train.seed
