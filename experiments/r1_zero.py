@@ -13,6 +13,9 @@
    and stops, as training does);
 4. the final policy evaluated alike (rl/eval_final.json), then r1_zero.md/.json (before/after)
    and r1_zero.png (curves against RL step) in the workdir.
+
+Another RL study on this loop passes a `Study` (its corpus, evaluation, per-step figures and
+report) to `run`: experiments/r1_thinking.py.
 """
 from __future__ import annotations
 
@@ -336,9 +339,12 @@ def write_report(workdir: str, before: dict, after: dict, rl: rl_config.RLConfig
   plt = report.pyplot()
   fig, axes = plt.subplots(2, 4, figsize=(16, 7))
   for ax, name in zip(axes.flat, CURVES):
-    points = [(r["step"], r[name]) for r in records if r.get(name) is not None]
-    if points:
-      ax.plot(*zip(*points), marker="." if len(points) < 50 else None)
+    for key in (name, f"{name}_all"):  # reward, pass@1: kept groups and all groups drawn
+      points = [(r["step"], r[key]) for r in records if r.get(key) is not None]
+      if points:
+        ax.plot(*zip(*points), marker="." if len(points) < 50 else None, label=key)
+    if any(r.get(f"{name}_all") is not None for r in records):
+      ax.legend()
     ax.set_title(name if name != "cons@k" else f"cons@{rl.group_size} (batch)")
     ax.set_xlabel("RL step")
   fig.tight_layout()
