@@ -14,7 +14,7 @@ trained size (pass@1, cons@16, the unbiased pass@k for k = 1..eval_k, format rat
 form figures) and 16 samples of other sizes (thinking.other_sizes).
 
 The NTP-only control continues the base's pre-training on the same corpus for as long (wall
-clock: RL steps x the median RL step's seconds, so compilation does not count; over the base's
+clock: RL steps x the median RL step's seconds after the first, so compilation does not count; over the base's
 median seconds per step) as the RL phase took, at the base's final learning rate, in
 <workdir>/ntp, and is evaluated alike. Outputs: r1_thinking.md/.json and r1_thinking.png in the workdir.
 """
@@ -66,11 +66,22 @@ def check(cfg: ExperimentConfig, rl: rl_config.RLConfig, spec: thinking.ThinkSpe
                         f"{other.name} needs {total} (prompt + its long form)")
 
 
+def eval_len(cfg, rl, spec) -> int:
+  """One engine length for every evaluation (the trained size's and the other sizes'): one
+  cache pool shape, so the evaluation engines compile once."""
+  need = [r1_zero.seq_len(cfg, rl, spec)]
+  for other in thinking.other_sizes(spec):
+    longest = max(len(tasks.prompt(p).encode("utf-8"))
+                  for p in thinking.problems(other, "heldout", 16, rl.seed, unique=True))
+    need.append(rl_batch.bucket(longest + 1 + 8 + budget(other, rl)))
+  return min(max(need), cfg.model.max_seq_len)
+
+
 def _figures(spec, engine_for, rl, count, k, ks, seed, budget_=None) -> dict:
   problems = thinking.problems(spec, "heldout", count, rl.seed, unique=True)
   tokens = budget_ or rl.max_tokens
-  longest = max(len(tasks.prompt(p).encode("utf-8")) for p in problems)
-  engine = engine_for(min(64, count * k), rl_batch.bucket(longest + 1 + 8 + tokens))
+  # the rollout engine's rows: the same batch buckets as RL's
+  engine = engine_for(rl.prompts_per_step * rl.group_size)
   groups = rollout.sample_groups(engine, problems, k, max_tokens=tokens,
                                  temperature=0.6, top_p=0.95, seed=seed)
   texts = [g.texts for g in groups]
@@ -84,8 +95,10 @@ def _figures(spec, engine_for, rl, count, k, ks, seed, budget_=None) -> dict:
 def make_study(cfg: ExperimentConfig, rl: rl_config.RLConfig) -> r1_zero.Study:
   spec = think_spec(rl)
   check(cfg, rl, spec)
+  length = eval_len(cfg, rl, spec)
 
-  def evaluate_(engine_for):
+  def evaluate_(engine_for_T):
+    engine_for = lambda rows: engine_for_T(rows, length)
     out = {"heldout": _figures(spec, engine_for, rl, rl.eval_problems, rl.eval_k,
                                sorted({min(16, rl.eval_k), rl.eval_k}), rl.seed + 12345)}
     count, k = min(SIZES_PROBLEMS, rl.eval_problems), min(SIZES_K, rl.eval_k)
@@ -94,7 +107,8 @@ def make_study(cfg: ExperimentConfig, rl: rl_config.RLConfig) -> r1_zero.Study:
                     for o in thinking.other_sizes(spec)}
     return out
 
-  def during(engine_for):
+  def during(engine_for_T):
+    engine_for = lambda rows: engine_for_T(rows, length)
     count, k = min(DURING_PROBLEMS, rl.eval_problems), min(DURING_K, rl.eval_k)
     f = _figures(spec, engine_for, rl, count, k, (k,), rl.seed + 777)
     return {"heldout_pass@1": f["pass@1"], f"heldout_cons@{DURING_K}": f[f"cons@{k}"],
@@ -129,8 +143,9 @@ def ntp_control(cfg: ExperimentConfig, rl, study, workdir: str) -> dict:
            if r.get("tokens_per_s")]
   t = base_cfg.train
   if not os.path.exists(path):
-    # the median step, not the sum: the first steps' compilation is no training time
-    rl_s = float(np.median([r["step_s"] for r in records])) * len(records)
+    # the median step after the first, not the sum: compilation is no training time
+    times = [r["step_s"] for r in records]
+    rl_s = float(np.median(times[1:] or times)) * len(records)
     s_per_step = t.batch_size * t.seq_len / float(np.median(rates))
     extra = max(1, int(round(rl_s / s_per_step)))
     os.makedirs(ntp_dir, exist_ok=True)
