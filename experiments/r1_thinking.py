@@ -13,10 +13,11 @@ Held-out evaluation (before and after RL): rl.eval_problems problems x rl.eval_k
 trained size (pass@1, cons@16, the unbiased pass@k for k = 1..eval_k, format rate, length, per
 form figures) and 16 samples of other sizes (thinking.other_sizes).
 
-The NTP-only control continues the base's pre-training on the same corpus for as long (wall
-clock: RL steps x the median RL step's seconds after the first, so compilation does not count; over the base's
-median seconds per step) as the RL phase took, at the base's final learning rate, in
-<workdir>/ntp, and is evaluated alike. Outputs: r1_thinking.md/.json and r1_thinking.png in the workdir.
+The NTP-only control continues the base's pre-training on the same corpus for as long as the
+RL phase took (wall clock: RL steps x the median RL step's seconds after the first, so
+compilation does not count, over the base's median seconds per step), at the base's final
+learning rate, in <workdir>/ntp, and is evaluated alike. Outputs: r1_thinking.md/.json and
+r1_thinking.png in the workdir.
 """
 from __future__ import annotations
 
