@@ -244,8 +244,7 @@ def test_runlocal_end_to_end(env, tmp_path):
     assert os.path.exists(os.path.join(workdir, name)), name
   text = open(os.path.join(workdir, "r1_thinking.md")).read()
   assert "NTP-only" in text and "parity12" in text
-  print(f"runlocal end to end: {elapsed:.1f}s")
-  assert elapsed < 120
+  print(f"runlocal end to end: {elapsed:.1f}s")  # timed here, not asserted (STYLE: bench/)
 
 
 def _thinking_config(arg, **rl):
