@@ -175,6 +175,11 @@ ROWS = ("pass@1", "cons@16", "format_rate", "mean_length", "long_share", "long_a
         "short_accuracy", "self_check_rate")
 
 
+def _fmt(x, spec=".3f") -> str:
+  """A figure; '-' for one without a value (NaN, stored in JSON as null: no response of a form)."""
+  return "-" if x is None or x != x else format(x, spec)
+
+
 def write_report(workdir, rl, spec, before, after, ntp) -> dict:
   k = rl.eval_k
   arms = (("base", before), (f"RL ({rl.steps} steps)", after), ("NTP-only", ntp))
@@ -183,13 +188,14 @@ def write_report(workdir, rl, spec, before, after, ntp) -> dict:
            f"{rl.self_check_share}; held-out {rl.eval_problems} problems x {k} samples "
            "(T 0.6, top-p 0.95)", ""]
   lines += report.table(["figure"] + [a for a, _ in arms],
-                        [[n] + [f"{d['heldout'][n]:.3f}" for _, d in arms] for n in names])
+                        [[n] + [_fmt(d["heldout"][n]) for _, d in arms] for n in names])
   lines += ["", f"Other sizes ({min(SIZES_PROBLEMS, rl.eval_problems)} problems x "
             f"{min(SIZES_K, k)} samples): pass@1 / long "
             "share / length", ""]
   lines += report.table(["size"] + [a for a, _ in arms], [
-      [name] + [f"{d['sizes'][name]['pass@1']:.3f} / {d['sizes'][name]['long_share']:.2f} / "
-                f"{d['sizes'][name]['mean_length']:.0f}" for _, d in arms]
+      [name] + [" / ".join(_fmt(d["sizes"][name][key], f) for key, f in
+                           (("pass@1", ".3f"), ("long_share", ".2f"), ("mean_length", ".0f")))
+                for _, d in arms]
       for name in before["sizes"]])
   text = "\n".join(lines) + "\n"
   with open(os.path.join(workdir, "r1_thinking.md"), "w") as f:
