@@ -1,6 +1,6 @@
-"""R1-Zero-style RL (experiments/r1_zero.py): a noisy base pre-trained on sums of four digits with
-60% of its answers written backwards, then GRPO with the rule rewards, evaluated on held-out
-problems.
+"""R1-Zero-style RL (experiments/r1_zero.py): a noisy base pre-trained on sums of four digits whose
+answers are wrong with probability 0.6 (39% right, 52% written backwards, 9% near misses where
+backwards reads the same), then GRPO with the rule rewards, evaluated on held-out problems.
 
   python -m experiments.run --config=configs/r1_zero.py --workdir=/tmp/r1          (~33 min on 2 cores)
   python -m experiments.run --config=configs/r1_zero.py:runlocal --workdir=/tmp/r1_smoke
@@ -56,7 +56,7 @@ def get_config(arg=None):
   r.task_digits = 1                     # digits per operand
   r.task_count = 4                      # operands
   r.corpus_docs = 100000                # noisy pre-training documents
-  r.corpus_error_rate = 0.6             # share with a wrong (backwards) answer
+  r.corpus_error_rate = 0.6             # share with a wrong answer (backwards, or a near miss)
   r.eval_problems = 64                  # held-out problems
   r.eval_k = 16                         # samples per problem
   r.checkpoint_every = 10               # RL steps between checkpoints

@@ -23,6 +23,8 @@ EXPERIMENTS = {
     "mtp_study": "experiments.design_study:run",
     "serve": "experiments.serve:run",
     "r1_zero": "experiments.r1_zero:run",
+    "r1_thinking": "experiments.r1_thinking:run",
+    "r1_thinking_sweep": "experiments.r1_thinking_sweep:run",
 }
 
 

@@ -13,6 +13,9 @@
    and stops, as training does);
 4. the final policy evaluated alike (rl/eval_final.json), then r1_zero.md/.json (before/after)
    and r1_zero.png (curves against RL step) in the workdir.
+
+Another RL study on this loop passes a `Study` (its corpus, evaluation, per-step figures and
+report) to `run`: experiments/r1_thinking.py.
 """
 from __future__ import annotations
 
@@ -22,7 +25,7 @@ import json
 import os
 import signal
 import time
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 import jax
 import jax.numpy as jnp
@@ -33,16 +36,52 @@ from moe_jax import checkpoint, metrics, sharding, train, workdir as workdirs
 from moe_jax.config import ConfigError, DataConfig, ExperimentConfig
 from moe_jax.rl import batch as rl_batch
 from moe_jax.rl import config as rl_config
-from moe_jax.rl import evaluate, learner, rollout, tasks
+from moe_jax.rl import evaluate, learner, rollout, tasks, thinking
 from moe_jax.serve import Engine
 
 CORPUS = "corpus.tokens"
 RL_CONFIG = os.path.join("rl", "rl_config.json")
 # rl.* keys a resumed RL run may change; any other change would mix two runs in one curve.
 RESUMABLE = ("steps", "checkpoint_every", "eval_problems", "eval_k")
-MAX_DRAWS = 4  # dynamic sampling: rollout rounds per step before uniform groups fill the batch
 CURVES = ("reward", "pass@1", "cons@k", "response_length", "kl", "clip_fraction", "entropy",
           "format_rate")
+
+
+# Problems of a spec: the noisy tasks' or the thinking tasks' (experiments/r1_thinking.py).
+PROBLEMS = {tasks.TaskSpec: tasks.problems, thinking.ThinkSpec: thinking.problems}
+
+
+def problems_of(spec, split: str, count: int, seed: int, **kw) -> list[tasks.Problem]:
+  return PROBLEMS[type(spec)](spec, split, count, seed, **kw)
+
+
+@dataclasses.dataclass
+class Study:
+  """What differs between RL studies on this loop (r1_thinking builds another one):
+  write_corpus(path); evaluate(engine_for) -> the held-out figures, engine_for(rows, T=None)
+  giving an engine on the policy; step_record(groups, all_groups) -> more per-step figures;
+  during(engine_for) -> figures every rl.eval_every steps; report(workdir, before, after)."""
+  spec: Any
+  write_corpus: Callable[[str], Any]
+  evaluate: Callable[[Callable], dict]
+  report: Callable[[str, dict, dict], None]
+  step_record: Callable[[list, list], dict] = lambda groups, all_groups: {}
+  during: Optional[Callable[[Callable], dict]] = None
+
+
+def noisy_study(rl: rl_config.RLConfig) -> Study:
+  """r1_zero's own: the noisy corpus, held-out pass@1 / cons@k / answer kinds, r1_zero.md."""
+  spec = task_spec(rl)
+
+  def evaluate_(engine_for):
+    problems = tasks.problems(spec, "heldout", rl.eval_problems, rl.seed, unique=True)
+    return rollout.evaluate_problems(engine_for(min(64, rl.eval_problems * rl.eval_k)),
+                                     problems, rl.eval_k, max_tokens=rl.max_tokens,
+                                     seed=rl.seed + 12345)
+
+  return Study(spec, lambda path: tasks.write_noisy_corpus(path, spec, rl.corpus_docs, rl.seed,
+                                                           error_rate=rl.corpus_error_rate),
+               evaluate_, lambda workdir, before, after: write_report(workdir, before, after, rl))
 
 
 def task_spec(rl: rl_config.RLConfig) -> tasks.TaskSpec:
@@ -54,8 +93,8 @@ def task_spec(rl: rl_config.RLConfig) -> tasks.TaskSpec:
 
 def seq_len(cfg: ExperimentConfig, rl: rl_config.RLConfig, spec: tasks.TaskSpec) -> int:
   """The fixed T of every learner batch: the longest prompt seen (+ BOS) and the budget."""
-  sample = tasks.problems(spec, "train", 256, rl.seed) + \
-      tasks.problems(spec, "heldout", rl.eval_problems, rl.seed, unique=True)
+  sample = problems_of(spec, "train", 256, rl.seed) + \
+      problems_of(spec, "heldout", rl.eval_problems, rl.seed, unique=True)
   need = max(len(tasks.prompt(p).encode("utf-8")) for p in sample) + 1 + 8 + rl.max_tokens
   if need > cfg.model.max_seq_len:
     raise ConfigError(f"model.max_seq_len={cfg.model.max_seq_len}: must be >= {need} (the "
@@ -89,28 +128,32 @@ class Learner:
 
 
 def rl_step(state, ref, step: int, *, cfg: ExperimentConfig, rl: rl_config.RLConfig,
-            spec: tasks.TaskSpec, T: int, update: Learner, mesh,
-            reward_fn: Optional[Callable] = None) -> tuple[dict, dict]:
+            spec, T: int, update: Learner, mesh, reward_fn: Optional[Callable] = None,
+            study: Optional[Study] = None) -> tuple[dict, dict]:
   """One RL step: rollouts (fresh train prompts, a pure function of (rl.seed, step)), the batch,
-  rl.minibatches updates. Returns the new state and the step's record."""
+  rl.minibatches updates. Returns the new state and the step's record: reward and pass@1 on the
+  kept groups (what the update saw) and on all groups drawn (`*_all`: what the policy does;
+  dynamic sampling's kept groups are biased towards the undecided)."""
   start = time.perf_counter()
   rows = rl.prompts_per_step * rl.group_size
   engine = make_engine(state, cfg, mesh, rows, T, rl.router_replay)
-  draws = [0]
+  draws, drawn = [0], []
 
   def draw(n):
     d, draws[0] = draws[0], draws[0] + 1
-    first = (step * MAX_DRAWS + d) * rl.prompts_per_step  # problems no other draw uses
-    problems = tasks.problems(spec, "train", n, rl.seed, start=first)
-    return rollout.sample_groups(engine, problems, rl.group_size, max_tokens=rl.max_tokens,
-                                 temperature=rl.temperature, top_p=rl.top_p,
-                                 seed=((rl.seed * 1_000_003 + step) * MAX_DRAWS + d) *
-                                 rl.prompts_per_step,
-                                 reward_fn=reward_fn)
+    first = (step * rl.max_draws + d) * rl.prompts_per_step  # problems no other draw uses
+    problems = problems_of(spec, "train", n, rl.seed, start=first)
+    new = rollout.sample_groups(engine, problems, rl.group_size, max_tokens=rl.max_tokens,
+                                temperature=rl.temperature, top_p=rl.top_p,
+                                seed=((rl.seed * 1_000_003 + step) * rl.max_draws + d) *
+                                rl.prompts_per_step,
+                                reward_fn=reward_fn)
+    drawn.extend(new)
+    return new
 
   groups, stats = rl_batch.fill_groups(draw, rl.prompts_per_step,
                                        drop_uniform=rl.drop_uniform_groups,
-                                       max_draws=MAX_DRAWS)
+                                       max_draws=rl.max_draws)
   rollout_s = time.perf_counter() - start
   full = rl_batch.make_batch(groups, rl, T, pad_id=cfg.model.pad_id)
   order = np.random.default_rng([rl.seed, step, 5]).permutation(rows)
@@ -125,9 +168,14 @@ def rl_step(state, ref, step: int, *, cfg: ExperimentConfig, rl: rl_config.RLCon
                                [[len(t) for t in g.token_ids] for g in groups],
                                ks=(rl.group_size,))
   mean = lambda key: float(np.mean([o[key] for o in outs]))
+  every = evaluate.summarize([g.problem for g in drawn], [g.texts for g in drawn],
+                             [[len(t) for t in g.token_ids] for g in drawn])
   record = {"step": step + 1, "loss": mean("loss"),
             "reward": float(np.mean([g.rewards for g in groups])),
-            "pass@1": summary["pass@1"], "cons@k": summary[f"cons@{rl.group_size}"],
+            "reward_all": float(np.mean([g.rewards for g in drawn])),
+            "pass@1": summary["pass@1"], "pass@1_all": every["pass@1"],
+            "response_length_all": every["mean_length"], "max_draws": rl.max_draws,
+            "cons@k": summary[f"cons@{rl.group_size}"],
             "format_rate": summary["format_rate"], "response_length": summary["mean_length"],
             "kl": mean("kl"), "clip_fraction": mean("clip_fraction"), "entropy": mean("entropy"),
             "grad_norm": mean("grad_norm"), "applied": mean("applied"),
@@ -141,14 +189,14 @@ def rl_step(state, ref, step: int, *, cfg: ExperimentConfig, rl: rl_config.RLCon
     record["rollout_route_agreement"] = float(outs[0]["route_agreement"])  # the engine's vs own
     record["rollout_kl_without_replay"] = float(outs[0]["behaviour_kl_without_replay"])
     record["rollout_gap_without_replay"] = float(outs[0]["behaviour_gap_without_replay"])
+  if study is not None:
+    record.update(study.step_record(groups, drawn))
   return state, record
 
 
-def evaluate_policy(state, cfg, rl, spec, mesh, T) -> dict:
-  problems = tasks.problems(spec, "heldout", rl.eval_problems, rl.seed, unique=True)
-  engine = make_engine(state, cfg, mesh, min(64, rl.eval_problems * rl.eval_k), T, False)
-  return rollout.evaluate_problems(engine, problems, rl.eval_k, max_tokens=rl.max_tokens,
-                                   seed=rl.seed + 12345)
+def evaluate_policy(state, cfg, study: Study, mesh, T, during=False) -> dict:
+  engine_for = lambda rows, length=None: make_engine(state, cfg, mesh, rows, length or T, False)
+  return (study.during if during else study.evaluate)(engine_for)
 
 
 def _cached(path: str, compute: Callable[[], dict], key: dict) -> dict:
@@ -168,28 +216,28 @@ def base_config(cfg: ExperimentConfig, workdir: str) -> ExperimentConfig:
                                              heldout_fraction=cfg.data.heldout_fraction))
 
 
-def run(cfg: ExperimentConfig, workdir: str):
+def run(cfg: ExperimentConfig, workdir: str, study: Optional[Study] = None):
+  """The whole run (module doc); `study` (default noisy_study) says what differs."""
   rl = rl_config.from_dict(cfg.rl)  # every rl.* key checked before any work
-  spec = task_spec(rl)
-  T = seq_len(cfg, rl, spec)
+  study = study or noisy_study(rl)
+  T = seq_len(cfg, rl, study.spec)
   check_resumable(rl, workdir)
   with workdirs.claim(workdir):
     corpus = os.path.join(workdir, CORPUS)
     if not os.path.exists(corpus):
-      tasks.write_noisy_corpus(corpus + ".tmp", spec, rl.corpus_docs, rl.seed,
-                               error_rate=rl.corpus_error_rate)
+      study.write_corpus(corpus + ".tmp")
       os.replace(corpus + ".tmp", corpus)
     base_cfg, base_dir = base_config(cfg, workdir), os.path.join(workdir, "base")
     train.train(base_cfg, base_dir)  # its own lock, on <workdir>/base
-    _run_rl(base_cfg, base_dir, rl, spec, T, workdir)
+    _run_rl(base_cfg, base_dir, rl, study, T, workdir)
 
 
-def _run_rl(cfg, base_dir, rl, spec, T, workdir):
+def _run_rl(cfg, base_dir, rl, study, T, workdir):
   setup, base, _ = train.load_state(cfg, base_dir)
   mesh, key = setup.mesh, {"eval_problems": rl.eval_problems, "eval_k": rl.eval_k,
                            "seed": rl.seed, "max_tokens": rl.max_tokens}
   before = _cached(os.path.join(workdir, "eval_base.json"),
-                   lambda: evaluate_policy(base, cfg, rl, spec, mesh, T), key)
+                   lambda: evaluate_policy(base, cfg, study, mesh, T), key)
   print(f"base on held-out: {json.dumps(before)}")
   rl_dir = os.path.join(workdir, "rl")
   os.makedirs(rl_dir, exist_ok=True)
@@ -216,8 +264,10 @@ def _run_rl(cfg, base_dir, rl, spec, T, workdir):
     preemption = train._Preemption()  # pylint: disable=protected-access  (training's SIGTERM)
     try:
       for s in range(start, rl.steps):
-        state, record = rl_step(state, ref, s, cfg=cfg, rl=rl, spec=spec, T=T, update=update,
-                                mesh=mesh)
+        state, record = rl_step(state, ref, s, cfg=cfg, rl=rl, spec=study.spec, T=T,
+                                update=update, mesh=mesh, study=study)
+        if study.during is not None and rl.eval_every and (s + 1) % rl.eval_every == 0:
+          record.update(evaluate_policy(state, cfg, study, mesh, T, during=True))
         log.write(record)
         print(f"rl step {s + 1}/{rl.steps}: reward {record['reward']:.3f} pass@1 "
               f"{record['pass@1']:.3f} kl {record['kl']:.4f} len "
@@ -244,9 +294,9 @@ def _run_rl(cfg, base_dir, rl, spec, T, workdir):
   if preempted is not None:
     raise preempted
   after = _cached(os.path.join(rl_dir, "eval_final.json"),
-                  lambda: evaluate_policy(state, cfg, rl, spec, mesh, T),
+                  lambda: evaluate_policy(state, cfg, study, mesh, T),
                   dict(key, rl_step=rl.steps))
-  write_report(workdir, before, after, rl)
+  study.report(workdir, before, after)
 
 
 def check_resumable(rl: rl_config.RLConfig, workdir: str):
@@ -289,9 +339,12 @@ def write_report(workdir: str, before: dict, after: dict, rl: rl_config.RLConfig
   plt = report.pyplot()
   fig, axes = plt.subplots(2, 4, figsize=(16, 7))
   for ax, name in zip(axes.flat, CURVES):
-    points = [(r["step"], r[name]) for r in records if r.get(name) is not None]
-    if points:
-      ax.plot(*zip(*points), marker="." if len(points) < 50 else None)
+    for key in (name, f"{name}_all"):  # reward, pass@1: kept groups and all groups drawn
+      points = [(r["step"], r[key]) for r in records if r.get(key) is not None]
+      if points:
+        ax.plot(*zip(*points), marker="." if len(points) < 50 else None, label=key)
+    if any(r.get(f"{name}_all") is not None for r in records):
+      ax.legend()
     ax.set_title(name if name != "cons@k" else f"cons@{rl.group_size} (batch)")
     ax.set_xlabel("RL step")
   fig.tight_layout()

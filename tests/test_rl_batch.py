@@ -46,7 +46,8 @@ def test_advantages_unscaled_and_uniform_groups_zero():
 
 def test_bad_inputs_fail_with_one_line():
   g = group([1, 2, 3], [[10, 11]] * 2, [1.0, 0.0])
-  with pytest.raises(ValueError, match=r"seq_len=4: must be >= prompt \+ completion = 5"):
+  with pytest.raises(ValueError,
+                     match=r"seq_len=4: must be >= prompt \+ completion \(\+ its EOS\) = 5"):
     rl_batch.make_batch([g], RLConfig(router_replay=False), 4)
   with pytest.raises(ValueError, match=r"rl.router_replay=True: needs the engine's routes"):
     rl_batch.make_batch([g], RLConfig(), 8)

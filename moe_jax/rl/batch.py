@@ -3,8 +3,9 @@
 Row b is one completion: prompt ids, then the completion's ids, then padding to a fixed T, so
 the jitted step compiles once. Position t holds the log-prob of tokens[t] given tokens[:t], as
 learner.logprobs computes it: completion token j sits at P + j (P = prompt length) and its
-behaviour log-prob (the engine's) at the same position. The mask is 1 exactly there. The EOS that
-ended a completion is not in the engine's token_ids and so not trained.
+behaviour log-prob (the engine's) at the same position. The EOS that ended a completion
+(Group.stops) follows its last token and is trained like any other: stopping gets its gradient. The mask is 1
+exactly on the completion's tokens and that EOS.
 """
 from __future__ import annotations
 
@@ -44,15 +45,18 @@ def make_batch(groups: Sequence[Group], rl: RLConfig, seq_len: int, *,
   logp = np.zeros((B, seq_len), np.float32)
   routes = None
   for b, (g, i) in enumerate(rows):
-    P, ids = len(g.prompt_ids), g.token_ids[i]
+    P, ids, old = len(g.prompt_ids), list(g.token_ids[i]), list(g.logprobs[i])
+    if len(old) != len(ids):
+      _bad("logprobs", f"{len(old)} values", f"must match the {len(ids)} tokens")
+    stop = g.stops[i] if g.stops is not None else None
+    if stop is not None:
+      ids, old = ids + [stop[0]], old + [stop[1]]
     n = P + len(ids)
     if n > seq_len:
-      _bad("seq_len", seq_len, f"must be >= prompt + completion = {n} tokens")
-    if len(g.logprobs[i]) != len(ids):
-      _bad("logprobs", f"{len(g.logprobs[i])} values", f"must match the {len(ids)} tokens")
-    tokens[b, :n] = list(g.prompt_ids) + list(ids)
+      _bad("seq_len", seq_len, f"must be >= prompt + completion (+ its EOS) = {n} tokens")
+    tokens[b, :n] = list(g.prompt_ids) + ids
     mask[b, P:n] = 1.0
-    logp[b, P:n] = g.logprobs[i]
+    logp[b, P:n] = old
     if rl.router_replay:
       r = np.asarray(g.routes[i], np.int32)
       if routes is None:

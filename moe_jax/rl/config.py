@@ -30,16 +30,22 @@ class RLConfig:
   scale_advantages: bool = True      # divide by the group's std (False: Dr. GRPO)
   loss_agg: str = "seq_mean_token_mean"  # or "token_mean" (DAPO), "seq_mean_token_sum_norm"
   drop_uniform_groups: bool = False  # dynamic sampling: refill groups with equal rewards
+  max_draws: int = 4                 # ... at most this many rollout rounds per step, then the
+                                     # uniform groups fill the batch (zero advantage)
   router_replay: bool = True         # the learner reuses the rollout's expert choices
   temperature: float = 1.0           # rollout sampling
   top_p: float = 1.0
   max_tokens: int = 64               # generation budget (Dr. GRPO's normaliser too)
   # experiments/r1_zero.py: the task, the noisy base corpus, evaluation and checkpoints
   task_kind: str = "add"             # tasks.TaskSpec: "add", "mul" or "countdown"
-  task_digits: int = 2               # digits per operand
+  task_digits: int = 2               # digits per operand (parity: bits)
   task_count: int = 2                # operands (countdown: numbers given)
   corpus_docs: int = 20000           # noisy pre-training documents
   corpus_error_rate: float = 0.5     # share of them with a wrong answer
+  # experiments/r1_thinking.py (moe_jax/rl/thinking.py): the base corpus's mixture of forms
+  long_share: float = 0.0            # share of documents with a long worked derivation
+  self_check_share: float = 0.0      # share of long ones with a wrong step, "wait" and the fix
+  eval_every: int = 0                # RL steps between small held-out evaluations; 0: none
   eval_problems: int = 64            # held-out problems, evaluated before and after RL
   eval_k: int = 16                   # samples per problem (pass@1, cons@k, pass@k)
   checkpoint_every: int = 10         # RL steps between checkpoints
@@ -58,12 +64,14 @@ class RLConfig:
                                                 int: "an integer",
                                                 float: "a finite number"}[hint])
     for name in ("steps", "prompts_per_step", "group_size", "minibatches", "max_tokens",
+                 "max_draws",
                  "corpus_docs", "eval_problems", "eval_k", "checkpoint_every"):
       if getattr(self, name) < 1:
         _fail(name, getattr(self, name), "must be an integer >= 1")
     if self.group_size < 2:
       _fail("group_size", self.group_size, "must be >= 2 (advantages are relative to the group)")
-    for name in ("learning_rate", "clip_high", "kl_coef", "ref_update_every", "seed"):
+    for name in ("learning_rate", "clip_high", "kl_coef", "ref_update_every", "seed",
+                 "eval_every"):
       if getattr(self, name) < 0:
         _fail(name, getattr(self, name), "must be >= 0")
     if self.clip_low < 0:
@@ -72,8 +80,9 @@ class RLConfig:
       _fail("temperature", self.temperature, "must be in (0, 100] (RL samples; 0 is greedy)")
     if not 0 < self.top_p <= 1:
       _fail("top_p", self.top_p, "must be in (0, 1]")
-    if not 0 <= self.corpus_error_rate <= 1:
-      _fail("corpus_error_rate", self.corpus_error_rate, "must be in [0, 1]")
+    for name in ("corpus_error_rate", "long_share", "self_check_share"):
+      if not 0 <= getattr(self, name) <= 1:
+        _fail(name, getattr(self, name), "must be in [0, 1]")
     if self.loss_agg not in LOSS_AGGS:
       _fail("loss_agg", self.loss_agg, f"must be one of {', '.join(map(repr, LOSS_AGGS))}")
     rollouts = self.prompts_per_step * self.group_size

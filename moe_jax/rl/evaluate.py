@@ -114,9 +114,9 @@ ANSWER_KINDS = ("right", "backwards", "near", "near_backwards", "other", "unform
 
 def answer_kind(problem: tasks.Problem, text: str) -> str:
   """One of ANSWER_KINDS for an add/mul response: `right`; `backwards`, the gold's digits
-  reversed (the noisy corpus's slip, tasks.wrong_answer); `near`, an integer 1-2 from the gold;
-  `near_backwards`, digits that reversed are 1-2 from the gold; `other`; `unformatted` (no
-  answer in the format)."""
+  reversed (the noisy corpus's slip, tasks.wrong_answer); `near`, an integer 1-2 from the gold
+  written without leading zeros; `near_backwards`, such an integer once its digits are reversed;
+  `other`; `unformatted` (no answer in the format)."""
   answer = rewards.extract_answer(text)
   if answer is None:
     return "unformatted"
@@ -125,10 +125,13 @@ def answer_kind(problem: tasks.Problem, text: str) -> str:
   gold = str(problem.target)
   if answer == gold[::-1]:
     return "backwards"
-  digits = answer.isascii() and answer.isdigit()  # str.isdigit alone takes "²", int() does not
-  if digits and abs(int(answer) - problem.target) <= 2:
+  # Near misses are canonical integers (no leading zero: "027" is not 27) of about the gold's
+  # length (int() refuses over 4,300 digits, and a longer answer is not near anyway).
+  near = lambda text: (tasks.answer_key(problem, text) == text and len(text) <= len(gold) + 1
+                       and 1 <= abs(int(text) - problem.target) <= 2)
+  if near(answer):
     return "near"
-  if digits and abs(int(answer[::-1]) - problem.target) <= 2:
+  if near(answer[::-1]):
     return "near_backwards"
   return "other"
 

@@ -7,7 +7,11 @@ rollouts of T positions, arrays aligned with the tokens:
 
   tokens          int32 [B, T]     prompt + completion (+ padding)
   mask            [B, T]           1 on the completion tokens that are trained
-  behaviour_logp  float32 [B, T]   log p(tokens[t]) under the rollout policy (the engine's)
+  behaviour_logp  float32 [B, T]   log p(tokens[t]) under the rollout's sampling distribution
+                                   (the engine's Choice.sample_logprobs: rl.temperature and
+                                   rl.top_p applied); the ratio compares the policy's log-probs
+                                   under the same processing (objective.sampling_logprobs), the
+                                   KL and entropy use the model's own (temperature 1)
   advantages      float32 [B]
   routes          int32 [B, T, L, K]  optional: the rollout's experts (router replay)
 
@@ -51,6 +55,13 @@ def logprobs(params, moe_state, tokens_BxT, cfg: ExperimentConfig, routes=None,
   return jnp.pad(logp_BxT1, ((0, 0), (1, 0))), logits_BxT1xV, aux
 
 
+def sampled_logprobs(logits_BxT1xV, tokens_BxT, rl: RLConfig) -> jax.Array:
+  """[B, T] (0 at t = 0): log-probs under rollout sampling's processing (rl.temperature, top_p)."""
+  logp_BxT1 = objective.sampling_logprobs(logits_BxT1xV, tokens_BxT[:, 1:], rl.temperature,
+                                          rl.top_p)
+  return jnp.pad(logp_BxT1, ((0, 0), (1, 0)))
+
+
 def rl_grads(state: dict, batch: dict, ref_params: Optional[dict], cfg: ExperimentConfig,
              rl: RLConfig, measure_own_routing=True
              ) -> tuple[dict, tuple[jax.Array, dict, jax.Array]]:
@@ -68,8 +79,8 @@ def rl_grads(state: dict, batch: dict, ref_params: Optional[dict], cfg: Experime
     old_BxT = jnp.asarray(batch["behaviour_logp"], jnp.float32)
 
     def measure():
-      own_logp = jax.lax.stop_gradient(
-          logprobs(state["params"], state["moe_state"], tokens, cfg, None, fp8_state)[0])
+      own_logits = logprobs(state["params"], state["moe_state"], tokens, cfg, None, fp8_state)[1]
+      own_logp = jax.lax.stop_gradient(sampled_logprobs(own_logits, tokens, rl))
       return objective.behaviour_mismatch(old_BxT, own_logp, mask_BxT)
 
     skip = lambda: {k: jnp.float32(jnp.nan) for k in ("behaviour_kl", "behaviour_gap")}
@@ -84,7 +95,8 @@ def rl_grads(state: dict, batch: dict, ref_params: Optional[dict], cfg: Experime
     loss, metrics = objective.policy_loss(
         logp_BxT, batch["behaviour_logp"], batch["advantages"], mask_BxT, clip_low=rl.clip_low,
         clip_high=rl.clip_high, kl_coef=rl.kl_coef, ref_logp_BxT=ref_logp,
-        loss_agg=rl.loss_agg, max_len=rl.max_tokens)
+        loss_agg=rl.loss_agg, max_len=rl.max_tokens,
+        ratio_logp_BxT=sampled_logprobs(logits, tokens, rl))
     metrics["entropy"] = jax.lax.stop_gradient(objective.entropy(logits, mask_BxT[:, 1:]))
     if routes is not None:  # how often the learner alone would have picked the rollout's experts
       same_BxT = (jnp.sort(aux["experts"], -1) == jnp.sort(routes, -1)).all(-1).mean(-1)

@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from moe_jax import generate
 from moe_jax.rl.config import LOSS_AGGS
 
 
@@ -66,6 +67,27 @@ def token_logprobs(logits_BxTxV: jax.Array, tokens_BxT: jax.Array) -> jax.Array:
   the model's next-token logits by one)."""
   logp_BxTxV = jax.nn.log_softmax(logits_BxTxV.astype(jnp.float32), axis=-1)
   return jnp.take_along_axis(logp_BxTxV, tokens_BxT[..., None], axis=-1)[..., 0]
+
+
+# A token outside the sampling nucleus gets this log-prob instead of -inf: its ratio is exp of
+# about -1e30, i.e. 0, and no inf or NaN reaches a gradient.
+OUTSIDE_LOGP = -1e30
+
+
+def sampling_logprobs(logits_BxTxV: jax.Array, tokens_BxT: jax.Array, temperature: float,
+                      top_p: float) -> jax.Array:
+  """float32 [B, T]: log-probs of tokens under the distribution the engine samples from
+  (serve/sampling.py): logits / temperature, then the top-p nucleus (generate.top_p_filter),
+  renormalised. A token outside the nucleus gets OUTSIDE_LOGP. temperature > 0."""
+  _number("temperature", temperature, 0.0)
+  if not temperature > 0:
+    _bad("temperature", temperature, "must be > 0 (greedy decoding has no ratio)")
+  _number("top_p", top_p, 0.0, 1.0)
+  B, T, V = logits_BxTxV.shape
+  scaled = logits_BxTxV.astype(jnp.float32).reshape(B * T, V) / temperature
+  kept = generate.top_p_filter(scaled, jnp.float32(top_p))
+  kept = jnp.where(jnp.isfinite(kept), kept, OUTSIDE_LOGP)
+  return token_logprobs(kept.reshape(B, T, V), tokens_BxT)
 
 
 def masked_mean(x_BxT, mask_BxT):
@@ -129,11 +151,14 @@ def aggregate(loss_BxT: jax.Array, mask_BxT: jax.Array, loss_agg: str,
 def policy_loss(logp_BxT: jax.Array, behaviour_logp_BxT: jax.Array, advantages_B: jax.Array,
                 mask_BxT: jax.Array, *, clip_low: float = 0.2, clip_high: float = 0.2,
                 kl_coef: float = 0.0, ref_logp_BxT: Optional[jax.Array] = None,
-                loss_agg: str = "seq_mean_token_mean",
-                max_len: Optional[int] = None) -> tuple[jax.Array, dict]:
+                loss_agg: str = "seq_mean_token_mean", max_len: Optional[int] = None,
+                ratio_logp_BxT: Optional[jax.Array] = None) -> tuple[jax.Array, dict]:
   """(loss, metrics) of the clipped objective with a k3 KL penalty, per token
 
-      ratio = exp(logp - behaviour_logp)
+      ratio = exp(ratio_logp - behaviour_logp)   (ratio_logp: logp unless given; the policy's
+                                                  log-probs under the sampling distribution's
+                                                  processing, sampling_logprobs, when the
+                                                  behaviour's are)
       loss  = -min(ratio * A, clip(ratio, 1 - clip_low, 1 + clip_high) * A) + kl_coef * k3
 
   aggregated by `loss_agg` (see `aggregate`). Metrics, means over masked-in tokens, no
@@ -149,6 +174,8 @@ def policy_loss(logp_BxT: jax.Array, behaviour_logp_BxT: jax.Array, advantages_B
   if len(shape) != 2:
     _bad("logp_BxT.shape", shape, "must be [sequences, tokens]")
   named = [("behaviour_logp_BxT", behaviour_logp_BxT), ("mask_BxT", mask_BxT)]
+  if ratio_logp_BxT is not None:
+    named.append(("ratio_logp_BxT", ratio_logp_BxT))
   for name, x in named + ([("ref_logp_BxT", ref_logp_BxT)] if ref_logp_BxT is not None else []):
     if jnp.shape(x) != shape:
       _bad(f"{name}.shape", jnp.shape(x), f"must equal logp_BxT.shape={shape}")
@@ -159,8 +186,9 @@ def policy_loss(logp_BxT: jax.Array, behaviour_logp_BxT: jax.Array, advantages_B
   # Masked positions are replaced by 0 first, so their NaN/-inf never reach a gradient.
   clean = lambda x: jnp.where(mask_BxT, jnp.asarray(x, jnp.float32), 0.0)
   logp_BxT, old_BxT = clean(logp_BxT), clean(behaviour_logp_BxT)
+  new_BxT = logp_BxT if ratio_logp_BxT is None else clean(ratio_logp_BxT)
   a_Bx1 = jnp.asarray(advantages_B, jnp.float32)[:, None]
-  ratio_BxT = jnp.exp(logp_BxT - old_BxT)
+  ratio_BxT = jnp.exp(new_BxT - old_BxT)
   clipped_BxT = jnp.clip(ratio_BxT, 1.0 - clip_low, 1.0 + clip_high)
   pg_BxT = -jnp.minimum(ratio_BxT * a_Bx1, clipped_BxT * a_Bx1)
   kl_BxT = k3_kl(logp_BxT, clean(ref_logp_BxT)) if ref_logp_BxT is not None else \
@@ -173,7 +201,7 @@ def policy_loss(logp_BxT: jax.Array, behaviour_logp_BxT: jax.Array, advantages_B
   high = masked_mean(((a_Bx1 > 0) & (ratio_BxT > 1.0 + clip_high)).astype(jnp.float32),
                      mask_BxT)
   # before any update: the rollout/learner mismatch that router replay removes
-  mismatch = {k: sg(v) for k, v in behaviour_mismatch(old_BxT, logp_BxT, mask_BxT).items()}
+  mismatch = {k: sg(v) for k, v in behaviour_mismatch(old_BxT, new_BxT, mask_BxT).items()}
   metrics = {
       "pg_loss": sg(aggregate(pg_BxT, mask_BxT, loss_agg, max_len)),
       "kl": sg(masked_mean(kl_BxT, mask_BxT)),

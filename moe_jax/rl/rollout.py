@@ -22,11 +22,15 @@ class Group:
   problem: tasks.Problem
   prompt_ids: list[int]
   token_ids: list[list[int]]   # per completion (the EOS that ended it is not included)
-  logprobs: list[list[float]]  # behaviour log-probs of token_ids
+  logprobs: list[list[float]]  # behaviour log-probs of token_ids: the sampling distribution's
+                               # (Choice.sample_logprobs: temperature and top-p applied)
   texts: list[str]
   rewards: np.ndarray          # [G] float64
   # Engine(record_routes=True): per completion int32 [prompt + completion, L, K] (Choice.routes)
   routes: Optional[list[np.ndarray]] = None
+  # per completion, the EOS (or stop token) that ended it and its behaviour log-prob; None when
+  # it ran out of budget. The learner trains it: stopping is an action too.
+  stops: Optional[list[Optional[tuple[int, float]]]] = None
 
 
 def sample_groups(engine: Engine, problems: Sequence[tasks.Problem], group_size: int, *,
@@ -42,11 +46,13 @@ def sample_groups(engine: Engine, problems: Sequence[tasks.Problem], group_size:
   for p, done in zip(problems, engine.generate(requests)):
     texts = [c.text for c in done.choices]
     routes = [c.routes for c in done.choices]
+    stops = [None if c.stop_token is None else (c.stop_token, c.stop_logprob)
+             for c in done.choices]
     groups.append(Group(p, done.prompt_token_ids, [c.token_ids for c in done.choices],
-                        [c.logprobs for c in done.choices], texts,
+                        [c.sample_logprobs for c in done.choices], texts,
                         np.array([reward_fn(p, t) for t in texts], np.float64) if reward_fn
                         else rewards.rewards([p] * len(texts), texts, **reward_weights),
-                        None if any(r is None for r in routes) else routes))
+                        None if any(r is None for r in routes) else routes, stops))
   return groups
 
 

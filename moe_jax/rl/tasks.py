@@ -246,9 +246,11 @@ def _uses_allowed(used: Sequence[int], numbers: Sequence[int]) -> bool:
   return True
 
 
-def _integer(answer: str) -> Optional[int]:
+def _integer(answer: str) -> Optional[str]:
+  """The answer's canonical decimal text, or None. Compared as text, never int(): int() refuses
+  strings over 4,300 digits (sys.int_max_str_digits), which a sampled answer can be."""
   text = answer.strip()
-  return int(text) if re.fullmatch(r"0|[1-9][0-9]*", text) else None
+  return text if re.fullmatch(r"0|[1-9][0-9]*", text, re.ASCII) else None
 
 
 def answer_key(problem: Problem, answer: str) -> str:
@@ -263,7 +265,7 @@ def answer_key(problem: Problem, answer: str) -> str:
       return "invalid:" + answer.strip()
     return str(value) if _uses_allowed(used, problem.numbers) else "invalid:" + answer.strip()
   value = _integer(answer)
-  return str(value) if value is not None else "invalid:" + answer.strip()
+  return value if value is not None else "invalid:" + answer.strip()
 
 
 def check_answer(problem: Problem, answer: str) -> bool:

@@ -88,6 +88,8 @@ class _Seq:
   finish: Optional[str] = None
   text: Optional[str] = None  # the text before a stop string, once one appeared
   routes: list = dataclasses.field(default_factory=list)  # [n, L, K] per computed run of tokens
+  sample_logprobs: list[float] = dataclasses.field(default_factory=list)  # sampling.sample's
+  stop: Optional[tuple[int, float]] = None  # the stop token that ended it, its sampling log-prob
 
 
 @dataclasses.dataclass
@@ -329,14 +331,15 @@ class Engine:
     logits = np.concatenate([logits, np.zeros((B - len(logits),) + logits.shape[1:],
                                               logits.dtype)])
     with self._on_mesh():
-      tokens, logprobs = sample(
+      tokens, logprobs, sample_logprobs = sample(
           logits, pad((r.temperature for r in reqs), np.float32),
           pad((r.top_p for r in reqs), np.float32, 1.0),
           pad((r.top_k for r in reqs), np.int32), pad((r.seed for r in reqs), np.int32),
           pad((s.choice for _, s in job_seqs), np.int32),
           pad((len(s.tokens) - len(job.prompt) for job, s in job_seqs), np.int32))
-    for (job, seq), token, logprob in zip(job_seqs, _host(tokens), _host(logprobs)):
-      self._append(job, seq, int(token), float(logprob))
+    for (job, seq), token, logprob, slogp in zip(job_seqs, _host(tokens), _host(logprobs),
+                                                 _host(sample_logprobs)):
+      self._append(job, seq, int(token), float(logprob), float(slogp))
 
   # ------------------------------------------------------------------------- prefill / decode
 
@@ -393,14 +396,15 @@ class Engine:
       seq.hashes.append(block_hash(parent, seq.tokens[i * bs:(i + 1) * bs]))
       self.pages.register(seq.blocks[i], seq.hashes[-1])
 
-  def _append(self, job: _Job, seq: _Seq, token: int, logprob: float):
+  def _append(self, job: _Job, seq: _Seq, token: int, logprob: float, sample_logprob: float):
     r = job.request
     eos = getattr(self.tokenizer, "eos_id", None)
     if token in r.stop_token_ids or (token == eos and not r.ignore_eos):
-      seq.finish = "stop"
+      seq.finish, seq.stop = "stop", (token, sample_logprob)
       return
     seq.tokens.append(token)
     seq.logprobs.append(logprob)
+    seq.sample_logprobs.append(sample_logprob)
     self.stats["tokens_generated"] += 1
     if job.on_token is not None:
       job.on_token(seq.choice, token, logprob)
@@ -422,11 +426,14 @@ class Engine:
       if seq.text is not None:
         keep = _tokens_before(self.tokenizer, generated, seq.text)
         generated, seq.logprobs = generated[:keep], seq.logprobs[:keep]
+        seq.sample_logprobs = seq.sample_logprobs[:keep]
         routes = None if routes is None else routes[:len(job.prompt) + keep]
         text = seq.text
       else:
         text = self.tokenizer.decode(generated)
-      choices.append(Choice(seq.choice, text, generated, seq.logprobs, seq.finish, routes))
+      stop_token, stop_logprob = seq.stop or (None, None)
+      choices.append(Choice(seq.choice, text, generated, seq.logprobs, seq.finish, routes,
+                            seq.sample_logprobs, stop_token, stop_logprob))
       job.usage.completion_tokens += len(seq.tokens) - len(job.prompt)
       for block in seq.blocks:
         self.pages.release(block)

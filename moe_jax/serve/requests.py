@@ -67,6 +67,12 @@ class Choice:
   # Engine(record_routes=True): int32 [prompt + len(token_ids), MoE blocks, top_k], the experts
   # each position chose (what router replay feeds model.apply); -1 on a token never fed.
   routes: Optional[Any] = None
+  # For RL (moe_jax/rl): each token's log-prob under the sampling distribution (temperature,
+  # top-k, top-p applied; sampling.sample), and the stop token id (EOS or a stop_token_id) that
+  # ended the choice with its sampling log-prob; None when it ended otherwise.
+  sample_logprobs: list[float] = dataclasses.field(default_factory=list)
+  stop_token: Optional[int] = None
+  stop_logprob: Optional[float] = None
 
 
 @dataclasses.dataclass

@@ -5,8 +5,11 @@ A row's key is fold_in(fold_in(PRNGKey(seed), choice), index of the token): a co
 depend on its request alone, never on which other sequences were in the batch or on whether its
 prompt came from the cache.
 
-The log-probability returned is the model's own, log_softmax of the raw logits (temperature 1,
-no top-p/top-k), the quantity an RL learner recomputes and compares with.
+Two log-probabilities come back per token: the model's own, log_softmax of the raw logits
+(temperature 1, no top-p/top-k: what the OpenAI API reports), and the sampling distribution's,
+log_softmax of the logits after temperature, top-k and top-p (0 when greedy: that choice is
+certain). An RL learner's importance ratio needs the second (rl/objective.sampling_logprobs
+recomputes it under the same processing).
 """
 from __future__ import annotations
 
@@ -27,7 +30,8 @@ def _top_k_filter(logits_BxV: jax.Array, top_k_B: jax.Array) -> jax.Array:
 
 @jax.jit
 def sample(logits_BxV, temperature_B, top_p_B, top_k_B, seed_B, choice_B, index_B):
-  """-> (tokens [B] int32, their log-probabilities [B] float32). temperature 0 is greedy."""
+  """-> (tokens [B] int32, their log-probabilities [B] float32 under the model, and under the
+  sampling distribution [B] float32). temperature 0 is greedy."""
   logits_BxV = logits_BxV.astype(jnp.float32)
   logprobs_BxV = jax.nn.log_softmax(logits_BxV, axis=-1)
   hot_B = temperature_B > 0
@@ -40,4 +44,6 @@ def sample(logits_BxV, temperature_B, top_p_B, top_k_B, seed_B, choice_B, index_
 
   sampled_B = jax.vmap(draw)(seed_B, choice_B, index_B, scaled_BxV).astype(jnp.int32)
   tokens_B = jnp.where(hot_B, sampled_B, jnp.argmax(logits_BxV, axis=-1).astype(jnp.int32))
-  return tokens_B, jnp.take_along_axis(logprobs_BxV, tokens_B[:, None], axis=-1)[:, 0]
+  pick = lambda x_BxV: jnp.take_along_axis(x_BxV, tokens_B[:, None], axis=-1)[:, 0]
+  sampled_logp_B = jnp.where(hot_B, pick(jax.nn.log_softmax(scaled_BxV, axis=-1)), 0.0)
+  return tokens_B, pick(logprobs_BxV), sampled_logp_B
