@@ -35,6 +35,8 @@ import dataclasses
 import hashlib
 import math
 import os
+import secrets
+import warnings
 from typing import Callable, Optional, Sequence
 
 import jax
@@ -42,39 +44,21 @@ import numpy as np
 from jax._src import config as jax_config  # the thread-local setting has no public handle
 from jax.experimental import multihost_utils
 
-from moe_jax import data, sharding
+from moe_jax import sharding
 from moe_jax.config import ModelConfig, MoEConfig
-from moe_jax.serve import kv
-from moe_jax.serve.pages import NULL_BLOCK, DiskTier, Pages, block_hash, prefix_hashes
-from moe_jax.serve.requests import BadRequest, Choice, Completion, Request, Usage
-from moe_jax.serve.sampling import sample
+from moe_jax.serve import keys, kv
+from moe_jax.serve.keys import ByteTokenizer, fingerprint  # pylint: disable=unused-import  (API)
+from moe_jax.serve.pages import (NULL_BLOCK, CacheWarning, DiskTier, Pages, block_hash,
+                                 prefix_hashes)
+from moe_jax.serve.requests import (BadRequest, Choice, Completion, EngineStopped, Request,
+                                    RequestFailed, Usage)
+from moe_jax.serve.sampling import sample, top_logprobs
 
 MIN_PREFILL_BUCKET = 16
 
 
-class ByteTokenizer:
-  """moe_jax's byte tokenizer: a prompt starts with BOS; EOS ends a completion."""
-  eos_id = data.EOS
-
-  def encode(self, text: str) -> list[int]:
-    return [int(t) for t in data.encode(text, bos=True)]
-
-  def decode(self, ids: Sequence[int]) -> str:
-    return data.decode(ids)
-
-
 def _pow2(n: int, floor: int = 1) -> int:
   return max(floor, 1 << max(0, math.ceil(math.log2(max(n, 1)))))
-
-
-def fingerprint(params, moe_state, model_cfg: ModelConfig) -> str:
-  """Names the weights (config, shapes and a sample of every array): the prefix cache's root, so
-  a disk tier never serves one model's cache to another."""
-  h = hashlib.sha256(repr(model_cfg).encode())
-  for path, leaf in jax.tree_util.tree_leaves_with_path((params, moe_state)):
-    h.update(jax.tree_util.keystr(path).encode() + str(leaf.shape).encode())
-    h.update(np.asarray(leaf.reshape(-1)[:64], np.float32).tobytes())
-  return h.hexdigest()[:16]
 
 
 @dataclasses.dataclass
@@ -88,6 +72,7 @@ class _Seq:
   finish: Optional[str] = None
   text: Optional[str] = None  # the text before a stop string, once one appeared
   routes: list = dataclasses.field(default_factory=list)  # [n, L, K] per computed run of tokens
+  top: list = dataclasses.field(default_factory=list)     # {id: log-prob} per sampled token
 
 
 @dataclasses.dataclass
@@ -95,28 +80,36 @@ class _Job:
   request: Request
   prompt: list[int]
   need: int                       # blocks to reserve with nothing cached
+  seed: int = 0                   # the request's, or fresh entropy drawn at submit
   on_token: Optional[Callable] = None
   left: int = 0                   # reserved blocks not yet allocated
+  hashes: Optional[list[str]] = None  # of the prompt's full blocks that can be cached
   seqs: list[_Seq] = dataclasses.field(default_factory=list)
   usage: Usage = dataclasses.field(default_factory=Usage)
+  error: Optional[Exception] = None
 
 
 class Engine:
   """See the module docstring. `stats` counts prefilled and cached prompt tokens, decode steps
-  and the shapes compiled."""
+  and the shapes compiled. `alive` turns False when a failure leaves the engine unable to go on
+  (a model call raised: the pool it donated is gone); `error` then says why, and every later
+  submit or step raises EngineStopped. A failure that belongs to one request (its prompt, its
+  callback, its text) ends that request alone: its Completion carries `error`."""
 
   def __init__(self, params, moe_state, model_cfg: ModelConfig, moe_cfg: MoEConfig, *,
                num_blocks: int = 256, block_size: int = 16, max_batch: int = 16,
                prefill_chunk: int = 512, prefix_cache: bool = True,
                disk_dir: Optional[str] = None, fp8_cache: bool = False, mesh=None,
-               tokenizer=None, record_routes: bool = False):
+               tokenizer=None, record_routes: bool = False, prefill_tokens: int = 4096):
     for name, value, low in (("num_blocks", num_blocks, 2), ("block_size", block_size, 1),
-                             ("max_batch", max_batch, 1), ("prefill_chunk", prefill_chunk, 1)):
+                             ("max_batch", max_batch, 1), ("prefill_chunk", prefill_chunk, 1),
+                             ("prefill_tokens", prefill_tokens, 1)):
       if isinstance(value, bool) or not isinstance(value, int) or value < low:
         raise ValueError(f"serve.{name}={value!r}: must be an integer >= {low}")
     self.params, self.moe_state, self.model_cfg = params, moe_state, model_cfg
     self.moe_cfg = dataclasses.replace(moe_cfg, capacity_factor=None)
     self.block_size, self.max_batch, self.prefill_chunk = block_size, max_batch, prefill_chunk
+    self.prefill_tokens = max(prefill_tokens, prefill_chunk)
     if not isinstance(record_routes, bool):
       raise ValueError(f"serve.record_routes={record_routes!r}: must be True or False")
     self.record_routes = record_routes
@@ -127,26 +120,50 @@ class Engine:
     if mesh is not None:
       replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
       self.pool = jax.device_put(self.pool, replicated)
-    self.root = fingerprint(params, moe_state, model_cfg)
-    disk = DiskTier(os.path.join(disk_dir, self.root)) if disk_dir and self.prefix_cache else None
+    model_id = fingerprint(params, moe_state, model_cfg)
+    fmt = keys.cache_format(self.pool, block_size, self.tokenizer)
+    self.root = keys.root(model_id, fmt)
+    disk = self._disk_tier(os.path.join(disk_dir, model_id), keys.format_name(fmt)) \
+        if disk_dir and self.prefix_cache else None
     self.pages = Pages(num_blocks, disk=disk, read_block=lambda b: kv.read_block(self.pool, b))
     self.reserved = 0
     self.waiting: collections.deque[int] = collections.deque()
     self.running: dict[int, _Job] = {}
     self.jobs: dict[int, _Job] = {}
     self._next_id = 0
+    self._entropy = _shared_entropy()
+    self.error: Optional[str] = None
     self.stats = collections.Counter()
     self.shapes: set[tuple] = set()
 
+  def _disk_tier(self, model_dir: str, name: str) -> DiskTier:
+    """disk_dir/<model>/<cache format>/; blocks of other formats beside it are named once."""
+    others = sorted(e for e in os.listdir(model_dir) if e != name) \
+        if os.path.isdir(model_dir) else []
+    if others:
+      warnings.warn(f"prefix cache: {model_dir} also holds {', '.join(others[:4])}"
+                    f"{' ...' if len(others) > 4 else ''}: this model's blocks in another cache "
+                    f"format (storage dtype, block size, tokenizer) or an older layout; this "
+                    f"engine reads and writes only {name}", CacheWarning, stacklevel=3)
+    return DiskTier(os.path.join(model_dir, name), expected=kv.block_spec(self.pool))
+
   # ------------------------------------------------------------------------- the public calls
 
+  @property
+  def alive(self) -> bool:
+    return self.error is None
+
   def generate(self, requests: Sequence[Request]) -> list[Completion]:
-    """Completions of `requests`, in order (all are checked before any work starts)."""
+    """Completions of `requests`, in order (all are checked before any work starts); a request
+    that failed raises its error."""
     self._checked(requests)
     ids = [self.submit(r) for r in requests]
     done: dict[int, Completion] = {}
     while len(done) < len(ids):
       done.update(self.step())
+    for i in ids:
+      if done[i].error is not None:
+        raise done[i].error
     return [done[i] for i in ids]
 
   def submit(self, request: Request, on_token: Optional[Callable] = None) -> int:
@@ -154,9 +171,12 @@ class Engine:
     token_id, logprob) is called for each sampled token, before stop strings are looked for: a
     streaming caller holds back text that a stop string may still cut. Usage counts every
     generated token, the cut ones included (they were computed)."""
+    if self.error is not None:
+      raise EngineStopped(f"the engine stopped: {self.error}")
     job = self._checked([request])[0]
     job.on_token = on_token
     job_id, self._next_id = self._next_id, self._next_id + 1
+    job.seed = request.seed if request.seed is not None else _request_seed(self._entropy, job_id)
     self.jobs[job_id] = job
     self.waiting.append(job_id)
     return job_id
@@ -166,19 +186,25 @@ class Engine:
 
   def step(self) -> dict[int, Completion]:
     """One round of admission, prefill and decode; returns the requests that finished."""
+    if self.error is not None:
+      raise EngineStopped(f"the engine stopped: {self.error}")
     # JAX's persistent compilation cache crashed (SIGSEGV) writing the engine's step executable
     # in CI, twice, on the main thread and on the server's (BUILD_NOTES.md, "Serving engine"):
     # what the engine compiles is not written there (a thread-local setting; reads still hit).
     with jax_config.persistent_cache_min_compile_time_secs(float("inf")):
-      return self._step()
+      try:
+        return self._step()
+      except Exception as e:
+        self.error = f"{type(e).__name__}: {e}"
+        raise
 
   def _step(self) -> dict[int, Completion]:
-    # Admitted and prefilled one at a time: a prompt finds the blocks the one before it cached.
-    while self.waiting and self._admit(self.waiting[0]):
-      job_id = self.waiting.popleft()
-      self.running[job_id] = self.jobs[job_id]
-      self._prefill(self.jobs[job_id])
-    live = [s for job in self.running.values() for s in job.seqs if s.finish is None]
+    while self.waiting:
+      group = self._admit_group()
+      if not group:
+        break
+      self._prefill(group)
+    live = [(job, s) for job in self.running.values() for s in job.seqs if s.finish is None]
     if live:
       self._decode(live)
     finished = {}
@@ -217,48 +243,81 @@ class Engine:
 
   def _tokens(self, prompt) -> list[int]:
     if isinstance(prompt, str):
-      return self.tokenizer.encode(prompt)
-    ids = list(prompt)
+      try:
+        return [int(t) for t in self.tokenizer.encode(prompt)]
+      except UnicodeError as e:
+        start = getattr(e, "start", 0)
+        raise BadRequest(f"prompt={prompt[max(0, start - 8):start + 8]!r}: not valid Unicode "
+                         f"text at character {start} ({getattr(e, 'reason', e)}; a lone UTF-16 "
+                         "surrogate such as \\ud800 cannot be encoded)") from None
+      except Exception as e:  # pylint: disable=broad-except  (any tokenizer's refusal)
+        raise BadRequest(f"prompt={prompt[:16]!r}...: the tokenizer refused it "
+                         f"({type(e).__name__}: {e})") from None
     V = self.model_cfg.vocab_size
-    if not all(isinstance(t, (int, np.integer)) and not isinstance(t, bool) and 0 <= t < V
-               for t in ids):
-      raise BadRequest(f"prompt={ids[:8]!r}...: token ids must be integers in [0, {V})")
+    ids = list(prompt) if isinstance(prompt, (list, tuple, np.ndarray)) else None
+    if ids is None or not all(isinstance(t, (int, np.integer)) and not isinstance(t, bool)
+                              and 0 <= t < V for t in ids):
+      raise BadRequest(f"prompt={(ids or prompt)!r:.60}...: must be text or token ids, "
+                       f"integers in [0, {V})")
     return [int(t) for t in ids]
 
-  def _admit(self, job_id: int) -> bool:
-    job = self.jobs[job_id]
+  def _hashes(self, job: _Job) -> list[str]:
+    """The chained hashes of the prompt's full blocks that may come from the cache (at least the
+    last token is computed: its logits give the first sampled token)."""
+    if not self.prefix_cache:
+      return []
+    if job.hashes is None:
+      job.hashes = prefix_hashes(self.root, job.prompt, self.block_size,
+                                 (len(job.prompt) - 1) // self.block_size)
+    return job.hashes
+
+  def _admit_group(self) -> list[_Job]:
+    """Admits waiting requests in order while they fit, and stops before one that needs a block
+    an admitted one computes now: prefilled after this group, it finds that block cached."""
+    group, computing = [], set()
+    while self.waiting:
+      job_id = self.waiting[0]
+      job = self.jobs[job_id]
+      if computing.intersection(self._hashes(job)) or not self._admit(job):
+        break
+      self.waiting.popleft()
+      self.running[job_id] = job
+      group.append(job)
+      computing.update(job.hashes[len(job.seqs[0].hashes):] if job.hashes else ())
+    return group
+
+  def _admit(self, job: _Job) -> bool:
     if sum(j.request.n for j in self.running.values()) + job.request.n > self.max_batch:
       return False
-    bs, P = self.block_size, len(job.prompt)
-    # At least the prompt's last token is computed: its logits give the first sampled token.
-    hashes = prefix_hashes(self.root, job.prompt, bs, (P - 1) // bs) if self.prefix_cache else []
-    hits = []
+    bs, P, hashes = self.block_size, len(job.prompt), self._hashes(job)
+    # The longest run of leading blocks cached, each in memory (referenced now) or on disk
+    # (read and verified now, so a bad file shortens the run before anything is reserved).
+    found, loaded = [], {}
     for name in hashes:
       block = self.pages.lookup(name)
       if block is None:
-        break
-      hits.append(block)
-    on_disk = 0
-    if self.pages.disk is not None:
-      while len(hits) + on_disk < len(hashes) and self.pages.disk.has(hashes[len(hits) + on_disk]):
-        on_disk += 1
-    new = job.need - len(hits)
+        arrays = self.pages.disk.get(name) if self.pages.disk and self.pages.disk.has(name) \
+            else None
+        if arrays is None:
+          break
+        loaded[name] = arrays
+      found.append((name, block))
+    in_memory = [block for _, block in found if block is not None]
+    new = job.need - len(in_memory)
     if new > self.pages.available() - self.reserved:
-      for block in hits:
+      for block in in_memory:
         self.pages.release(block)
       return False
     self.reserved += new
     job.left = new
-    for name in hashes[len(hits):len(hits) + on_disk]:
-      arrays = self.pages.disk.get(name)
-      if arrays is None:
-        break
-      block = self._allocate(job)
-      self.pool = kv.write_block(self.pool, block, kv.block_from_host(self.pool, arrays))
-      self.pages.register(block, name)
+    hits = []
+    for name, block in found:
+      if block is None:
+        block = self._allocate(job)
+        self.pool = kv.write_block(self.pool, block, kv.block_from_host(self.pool, loaded[name]))
+        self.pages.register(block, name)
       hits.append(block)
-    seq = _Seq(0, list(job.prompt), hits, hashes[:len(hits)], len(hits) * bs)
-    job.seqs.append(seq)
+    job.seqs.append(_Seq(0, list(job.prompt), hits, hashes[:len(hits)], len(hits) * bs))
     job.usage.prompt_tokens = P
     job.usage.prompt_cache_hit_tokens = len(hits) * bs
     job.usage.prompt_cache_miss_tokens = P - len(hits) * bs
@@ -303,31 +362,78 @@ class Engine:
     logits = np.asarray(logits)
     logits = np.concatenate([logits, np.zeros((B - len(logits),) + logits.shape[1:],
                                               logits.dtype)])
+    k = max(r.top_logprobs for r in reqs)
     with self._on_mesh():
       tokens, logprobs = sample(
           logits, pad((r.temperature for r in reqs), np.float32),
           pad((r.top_p for r in reqs), np.float32, 1.0),
-          pad((r.top_k for r in reqs), np.int32), pad((r.seed for r in reqs), np.int32),
+          pad((r.top_k for r in reqs), np.int32), pad((job.seed for job, _ in job_seqs), np.int32),
           pad((s.choice for _, s in job_seqs), np.int32),
           pad((len(s.tokens) - len(job.prompt) for job, s in job_seqs), np.int32))
-    for (job, seq), token, logprob in zip(job_seqs, _host(tokens), _host(logprobs)):
-      self._append(job, seq, int(token), float(logprob))
+      top = [_host(x) for x in top_logprobs(logits, k)] if k else None
+    for i, ((job, seq), token, logprob) in enumerate(zip(job_seqs, _host(tokens),
+                                                         _host(logprobs))):
+      alternatives = None
+      if top is not None and job.request.top_logprobs:
+        alternatives = {int(t): float(p) for t, p in zip(top[0][i, :job.request.top_logprobs],
+                                                         top[1][i, :job.request.top_logprobs])}
+      try:
+        self._append(job, seq, int(token), float(logprob), alternatives)
+      except Exception as e:  # pylint: disable=broad-except  (its callback or text: its failure)
+        self._fail(job, e)
+
+  def _fail(self, job: _Job, error: Exception):
+    """Ends a request that failed on its own (the others go on): its sequences stop now."""
+    if job.error is None:
+      job.error = RequestFailed(f"the request failed: {type(error).__name__}: {error}")
+    for seq in job.seqs:
+      seq.finish = seq.finish or "error"
 
   # ------------------------------------------------------------------------- prefill / decode
 
-  def _prefill(self, job: _Job):
+  def _prefill(self, group: list[_Job]):
+    """Every job's uncached prompt tokens, rows of several prompts per call (each row up to
+    prefill_chunk tokens, a call up to prefill_tokens padded tokens); then the first tokens of
+    all of them, sampled together."""
+    bs = self.block_size
+    for job in group:
+      seq = job.seqs[0]
+      while len(seq.blocks) < math.ceil(len(job.prompt) / bs):
+        seq.blocks.append(self._allocate(job))
+      self.stats["prompt_tokens_cached"] += seq.computed
+    last = {}
+    pending = list(group)
+    while pending:
+      rows, T = [], MIN_PREFILL_BUCKET
+      for job in pending:
+        seq = job.seqs[0]
+        size = min(len(job.prompt) - seq.computed, self.prefill_chunk)
+        wider = max(T, _pow2(size, MIN_PREFILL_BUCKET))
+        if rows and _pow2(len(rows) + 1, self.min_batch) * wider > self.prefill_tokens:
+          break
+        rows.append((job, seq.tokens[seq.computed:seq.computed + size]))
+        T = wider
+      logits, routes = self._run([(chunk, job.seqs[0].computed, job.seqs[0].blocks)
+                                  for job, chunk in rows], T)
+      for i, (job, chunk) in enumerate(rows):
+        seq = job.seqs[0]
+        if routes is not None:
+          seq.routes.append(routes[i, :len(chunk)])
+        seq.computed += len(chunk)
+        self.stats["prompt_tokens_prefilled"] += len(chunk)
+        last[id(job)] = logits[i]
+      self.stats["prefill_calls"] += 1
+      pending = [job for job in pending if job.seqs[0].computed < len(job.prompt)]
+    job_seqs, rows = [], []
+    for job in group:
+      self._share_prompt(job)
+      job_seqs += [(job, s) for s in job.seqs]
+      rows += [last[id(job)]] * len(job.seqs)
+    self._sample(job_seqs, np.stack(rows))
+
+  def _share_prompt(self, job: _Job):
+    """The prompt's n sequences: its full blocks shared, a copy each of the partial last one."""
     seq, bs, P = job.seqs[0], self.block_size, len(job.prompt)
-    while len(seq.blocks) < math.ceil(P / bs):
-      seq.blocks.append(self._allocate(job))
-    self.stats["prompt_tokens_cached"] += seq.computed
-    while seq.computed < P:
-      chunk = seq.tokens[seq.computed:seq.computed + self.prefill_chunk]
-      logits, routes = self._run([(chunk, seq.computed, seq.blocks)],
-                                 _pow2(len(chunk), MIN_PREFILL_BUCKET))
-      if routes is not None:
-        seq.routes.append(routes[0, :len(chunk)])
-      seq.computed += len(chunk)
-      self.stats["prompt_tokens_prefilled"] += len(chunk)
     self._register_full_blocks(seq)
     for choice in range(1, job.request.n):
       blocks = list(seq.blocks[:P // bs])
@@ -339,24 +445,22 @@ class Engine:
         blocks.append(copy)
       job.seqs.append(_Seq(choice, list(seq.tokens), blocks, list(seq.hashes), P,
                            routes=list(seq.routes)))
-    self._sample([(job, s) for s in job.seqs], np.repeat(logits, len(job.seqs), axis=0))
 
-  def _decode(self, live: list[_Seq]):
-    owner = {id(s): job for job in self.running.values() for s in job.seqs}
+  def _decode(self, live: list[tuple[_Job, _Seq]]):
     rows = []
-    for seq in live:
+    for job, seq in live:
       position = len(seq.tokens) - 1
       if position // self.block_size == len(seq.blocks):
-        seq.blocks.append(self._allocate(owner[id(seq)]))
+        seq.blocks.append(self._allocate(job))
       rows.append(([seq.tokens[-1]], position, seq.blocks))
     logits, routes = self._run(rows, 1)
     self.stats["decode_steps"] += 1
-    for i, seq in enumerate(live):
+    for i, (_, seq) in enumerate(live):
       if routes is not None:
         seq.routes.append(routes[i, :1])
       seq.computed += 1
       self._register_full_blocks(seq)
-    self._sample([(owner[id(s)], s) for s in live], logits)
+    self._sample(live, logits)
 
   def _register_full_blocks(self, seq: _Seq):
     if not self.prefix_cache:
@@ -368,7 +472,7 @@ class Engine:
       seq.hashes.append(block_hash(parent, seq.tokens[i * bs:(i + 1) * bs]))
       self.pages.register(seq.blocks[i], seq.hashes[-1])
 
-  def _append(self, job: _Job, seq: _Seq, token: int, logprob: float):
+  def _append(self, job: _Job, seq: _Seq, token: int, logprob: float, top: Optional[dict]):
     r = job.request
     eos = getattr(self.tokenizer, "eos_id", None)
     if token in r.stop_token_ids or (token == eos and not r.ignore_eos):
@@ -376,6 +480,8 @@ class Engine:
       return
     seq.tokens.append(token)
     seq.logprobs.append(logprob)
+    if top is not None:
+      seq.top.append(top)
     if job.on_token is not None:
       job.on_token(seq.choice, token, logprob)
     generated = seq.tokens[len(job.prompt):]
@@ -389,30 +495,53 @@ class Engine:
       seq.finish = "length"
 
   def _retire(self, job: _Job) -> Completion:
-    choices = []
+    """The job's completion (or its error); its blocks released either way."""
+    try:
+      choices = [] if job.error is not None else [self._choice(job, s) for s in job.seqs]
+    except Exception as e:  # pylint: disable=broad-except  (decoding its text: its failure)
+      self._fail(job, e)
+      choices = []
     for seq in job.seqs:
-      generated = seq.tokens[len(job.prompt):]
-      routes = self._routes(seq) if self.record_routes else None
-      if seq.text is not None:
-        keep = _tokens_before(self.tokenizer, generated, seq.text)
-        generated, seq.logprobs = generated[:keep], seq.logprobs[:keep]
-        routes = None if routes is None else routes[:len(job.prompt) + keep]
-        text = seq.text
-      else:
-        text = self.tokenizer.decode(generated)
-      choices.append(Choice(seq.choice, text, generated, seq.logprobs, seq.finish, routes))
       job.usage.completion_tokens += len(seq.tokens) - len(job.prompt)
       for block in seq.blocks:
         self.pages.release(block)
     self.reserved -= job.left
     job.left = 0
-    return Completion(job.prompt, choices, job.usage)
+    return Completion(job.prompt, choices, job.usage, job.error)
+
+  def _choice(self, job: _Job, seq: _Seq) -> Choice:
+    generated = seq.tokens[len(job.prompt):]
+    routes = self._routes(seq) if self.record_routes else None
+    logprobs, top = seq.logprobs, seq.top if job.request.top_logprobs else None
+    if seq.text is not None:
+      keep = _tokens_before(self.tokenizer, generated, seq.text)
+      generated, logprobs = generated[:keep], logprobs[:keep]
+      top = None if top is None else top[:keep]
+      routes = None if routes is None else routes[:len(job.prompt) + keep]
+      text = seq.text
+    else:
+      text = self.tokenizer.decode(generated)
+    return Choice(seq.choice, text, generated, logprobs, seq.finish, routes, top)
 
   def _routes(self, seq: _Seq) -> np.ndarray:
     """[len(tokens), L, K]: the computed positions' routes, -1 for the token not yet fed."""
     done = np.concatenate(seq.routes).astype(np.int32)
     missing = np.full((len(seq.tokens) - len(done),) + done.shape[1:], -1, np.int32)
     return np.concatenate([done, missing])
+
+
+def _shared_entropy() -> int:
+  """Fresh entropy for requests without a seed; every process draws the same (each runs the
+  same loop on the same requests and must take the same decisions)."""
+  value = secrets.randbits(31)
+  if jax.process_count() > 1:
+    value = int(multihost_utils.broadcast_one_to_all(np.int32(value)))
+  return value
+
+
+def _request_seed(entropy: int, job_id: int) -> int:
+  digest = hashlib.sha256(f"{entropy}:{job_id}".encode()).digest()
+  return int.from_bytes(digest[:4], "little") & 0x7FFFFFFF
 
 
 def _host(x) -> np.ndarray:

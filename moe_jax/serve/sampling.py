@@ -10,6 +10,8 @@ no top-p/top-k), the quantity an RL learner recomputes and compares with.
 """
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 
@@ -41,3 +43,12 @@ def sample(logits_BxV, temperature_B, top_p_B, top_k_B, seed_B, choice_B, index_
   sampled_B = jax.vmap(draw)(seed_B, choice_B, index_B, scaled_BxV).astype(jnp.int32)
   tokens_B = jnp.where(hot_B, sampled_B, jnp.argmax(logits_BxV, axis=-1).astype(jnp.int32))
   return tokens_B, jnp.take_along_axis(logprobs_BxV, tokens_B[:, None], axis=-1)[:, 0]
+
+
+@functools.partial(jax.jit, static_argnums=1)
+def top_logprobs(logits_BxV, k: int):
+  """The k most likely tokens of each row and their log-probs under the model (temperature 1, as
+  the sampled tokens' own): -> (ids [B, k] int32, log-probs [B, k] float32)."""
+  logprobs_BxV = jax.nn.log_softmax(logits_BxV.astype(jnp.float32), axis=-1)
+  values_BxK, ids_BxK = jax.lax.top_k(logprobs_BxV, k)
+  return ids_BxK.astype(jnp.int32), values_BxK
