@@ -5,13 +5,14 @@
 
 Each `step()`:
   1. admits waiting requests, first come first served, while the batch has room for their n
-     sequences and the pool can reserve every block they may need (prompt, the copies of its
-     partial last block for n > 1, and max_tokens per sequence). A request larger than the whole
-     pool is refused at `submit`; one that does not fit now waits. Reserving up front means a
-     running sequence never finds the pool full, so no sequence's blocks are ever taken from it.
-  2. prefills each admitted prompt once: the longest run of its full blocks already cached (in
-     memory, or in the disk tier) is reused and only the rest is computed, in chunks; its n
-     sequences then share the prompt's full blocks and get a copy of the partial last one.
+     sequences and the pool can reserve every block they may need (admission.py). A request
+     larger than the whole pool is refused at `submit`; one that does not fit now waits.
+     Reserving up front means a running sequence never finds the pool full, so no sequence's
+     blocks are ever taken from it.
+  2. prefills the admitted prompts together, each once: the longest run of its full blocks
+     already cached (each in memory, or in the disk tier, verified) is reused and only the rest
+     is computed, in chunks, one row per prompt in the same calls; each prompt's n sequences
+     then share its full blocks and get a copy of the partial last one.
   3. runs one decode step for every running sequence, batched (the batch padded to a power of
      two: a few compiled shapes serve every mix of requests).
   4. retires finished sequences: their full blocks stay cached (findable by hash), the rest free.
@@ -26,17 +27,22 @@ what else is in the batch.
 MoE block of the main model: `Choice.routes` [prompt + completion tokens, L, K] int32, -1 on a
 last token never fed to the model. It turns the prefix cache off, since blocks served from it
 would come without their routes; a request's n completions still share one prefill.
+
+Failures: a bad request is refused at `submit` (BadRequest, the client's to fix); one that fails
+later on its own (its on_token callback, its tokenizer's text) ends with `Completion.error`
+(RequestFailed) and its blocks freed, while the others go on. A failed model call leaves the
+engine unable to go on: `alive` turns False, `error` names the cause, and every later call
+raises EngineStopped. A cache block is reused only when its hash (rooted in the model's
+fingerprint and the cache format, keys.py) matches, and a disk-tier block only when its file
+passes its checks (pages.DiskTier); a file that fails is reported, set aside and recomputed.
 """
 from __future__ import annotations
 
 import collections
 import contextlib
 import dataclasses
-import hashlib
 import math
 import os
-import secrets
-import warnings
 from typing import Callable, Optional, Sequence
 
 import jax
@@ -47,11 +53,10 @@ from jax.experimental import multihost_utils
 from moe_jax import sharding
 from moe_jax.config import ModelConfig, MoEConfig
 from moe_jax.serve import keys, kv
+from moe_jax.serve.admission import Admission, Job, Seq, request_seed, shared_entropy
 from moe_jax.serve.keys import ByteTokenizer, fingerprint  # pylint: disable=unused-import  (API)
-from moe_jax.serve.pages import (NULL_BLOCK, CacheWarning, DiskTier, Pages, block_hash,
-                                 prefix_hashes)
-from moe_jax.serve.requests import (BadRequest, Choice, Completion, EngineStopped, Request,
-                                    RequestFailed, Usage)
+from moe_jax.serve.pages import NULL_BLOCK, Pages, block_hash
+from moe_jax.serve.requests import Choice, Completion, EngineStopped, Request, RequestFailed
 from moe_jax.serve.sampling import sample, top_logprobs
 
 MIN_PREFILL_BUCKET = 16
@@ -61,40 +66,9 @@ def _pow2(n: int, floor: int = 1) -> int:
   return max(floor, 1 << max(0, math.ceil(math.log2(max(n, 1)))))
 
 
-@dataclasses.dataclass
-class _Seq:
-  choice: int
-  tokens: list[int]
-  blocks: list[int]
-  hashes: list[str]      # of its full blocks, in order, as far as computed
-  computed: int          # tokens whose slots are in the pool
-  logprobs: list[float] = dataclasses.field(default_factory=list)
-  finish: Optional[str] = None
-  text: Optional[str] = None  # the text before a stop string, once one appeared
-  routes: list = dataclasses.field(default_factory=list)  # [n, L, K] per computed run of tokens
-  top: list = dataclasses.field(default_factory=list)     # {id: log-prob} per sampled token
-
-
-@dataclasses.dataclass
-class _Job:
-  request: Request
-  prompt: list[int]
-  need: int                       # blocks to reserve with nothing cached
-  seed: int = 0                   # the request's, or fresh entropy drawn at submit
-  on_token: Optional[Callable] = None
-  left: int = 0                   # reserved blocks not yet allocated
-  hashes: Optional[list[str]] = None  # of the prompt's full blocks that can be cached
-  seqs: list[_Seq] = dataclasses.field(default_factory=list)
-  usage: Usage = dataclasses.field(default_factory=Usage)
-  error: Optional[Exception] = None
-
-
-class Engine:
-  """See the module docstring. `stats` counts prefilled and cached prompt tokens, decode steps
-  and the shapes compiled. `alive` turns False when a failure leaves the engine unable to go on
-  (a model call raised: the pool it donated is gone); `error` then says why, and every later
-  submit or step raises EngineStopped. A failure that belongs to one request (its prompt, its
-  callback, its text) ends that request alone: its Completion carries `error`."""
+class Engine(Admission):
+  """See the module docstring. `stats` counts prefilled and cached prompt tokens, prefill calls,
+  decode steps and the shapes compiled; `alive` / `error` say whether the engine can go on."""
 
   def __init__(self, params, moe_state, model_cfg: ModelConfig, moe_cfg: MoEConfig, *,
                num_blocks: int = 256, block_size: int = 16, max_batch: int = 16,
@@ -123,29 +97,19 @@ class Engine:
     model_id = fingerprint(params, moe_state, model_cfg)
     fmt = keys.cache_format(self.pool, block_size, self.tokenizer)
     self.root = keys.root(model_id, fmt)
-    disk = self._disk_tier(os.path.join(disk_dir, model_id), keys.format_name(fmt)) \
-        if disk_dir and self.prefix_cache else None
-    self.pages = Pages(num_blocks, disk=disk, read_block=lambda b: kv.read_block(self.pool, b))
+    disk = disk_dir and self.prefix_cache and self._disk_tier(os.path.join(disk_dir, model_id),
+                                                              keys.format_name(fmt))
+    self.pages = Pages(num_blocks, disk=disk or None,
+                       read_block=lambda b: kv.read_block(self.pool, b))
     self.reserved = 0
     self.waiting: collections.deque[int] = collections.deque()
-    self.running: dict[int, _Job] = {}
-    self.jobs: dict[int, _Job] = {}
+    self.running: dict[int, Job] = {}
+    self.jobs: dict[int, Job] = {}
     self._next_id = 0
-    self._entropy = _shared_entropy()
+    self._entropy = shared_entropy()
     self.error: Optional[str] = None
     self.stats = collections.Counter()
     self.shapes: set[tuple] = set()
-
-  def _disk_tier(self, model_dir: str, name: str) -> DiskTier:
-    """disk_dir/<model>/<cache format>/; blocks of other formats beside it are named once."""
-    others = sorted(e for e in os.listdir(model_dir) if e != name) \
-        if os.path.isdir(model_dir) else []
-    if others:
-      warnings.warn(f"prefix cache: {model_dir} also holds {', '.join(others[:4])}"
-                    f"{' ...' if len(others) > 4 else ''}: this model's blocks in another cache "
-                    f"format (storage dtype, block size, tokenizer) or an older layout; this "
-                    f"engine reads and writes only {name}", CacheWarning, stacklevel=3)
-    return DiskTier(os.path.join(model_dir, name), expected=kv.block_spec(self.pool))
 
   # ------------------------------------------------------------------------- the public calls
 
@@ -176,7 +140,7 @@ class Engine:
     job = self._checked([request])[0]
     job.on_token = on_token
     job_id, self._next_id = self._next_id, self._next_id + 1
-    job.seed = request.seed if request.seed is not None else _request_seed(self._entropy, job_id)
+    job.seed = request.seed if request.seed is not None else request_seed(self._entropy, job_id)
     self.jobs[job_id] = job
     self.waiting.append(job_id)
     return job_id
@@ -220,115 +184,6 @@ class Engine:
 
   # ------------------------------------------------------------------------- admission
 
-  def _checked(self, requests: Sequence[Request]) -> list[_Job]:
-    jobs = []
-    for r in requests:
-      if not isinstance(r, Request):
-        raise BadRequest(f"request={r!r}: must be a moe_jax.serve.Request")
-      prompt = self._tokens(r.prompt)
-      r.check(self.model_cfg.max_seq_len, len(prompt), self.model_cfg.vocab_size)
-      bs, P = self.block_size, len(prompt)
-      full = P // bs
-      if r.n > self.max_batch:
-        raise BadRequest(f"n={r.n}: more completions than the engine's batch holds "
-                         f"(serve.max_batch={self.max_batch})")
-      need = full + r.n * (math.ceil((P + r.max_tokens - 1) / bs) - full)
-      if need > self.pages.capacity:
-        raise BadRequest(
-            f"n={r.n}, max_tokens={r.max_tokens}: the request's {P}-token prompt and "
-            f"completions need {need} KV blocks of {bs} tokens; the pool has "
-            f"{self.pages.capacity} (serve.num_blocks)")
-      jobs.append(_Job(r, prompt, need))
-    return jobs
-
-  def _tokens(self, prompt) -> list[int]:
-    if isinstance(prompt, str):
-      try:
-        return [int(t) for t in self.tokenizer.encode(prompt)]
-      except UnicodeError as e:
-        start = getattr(e, "start", 0)
-        raise BadRequest(f"prompt={prompt[max(0, start - 8):start + 8]!r}: not valid Unicode "
-                         f"text at character {start} ({getattr(e, 'reason', e)}; a lone UTF-16 "
-                         "surrogate such as \\ud800 cannot be encoded)") from None
-      except Exception as e:  # pylint: disable=broad-except  (any tokenizer's refusal)
-        raise BadRequest(f"prompt={prompt[:16]!r}...: the tokenizer refused it "
-                         f"({type(e).__name__}: {e})") from None
-    V = self.model_cfg.vocab_size
-    ids = list(prompt) if isinstance(prompt, (list, tuple, np.ndarray)) else None
-    if ids is None or not all(isinstance(t, (int, np.integer)) and not isinstance(t, bool)
-                              and 0 <= t < V for t in ids):
-      raise BadRequest(f"prompt={(ids or prompt)!r:.60}...: must be text or token ids, "
-                       f"integers in [0, {V})")
-    return [int(t) for t in ids]
-
-  def _hashes(self, job: _Job) -> list[str]:
-    """The chained hashes of the prompt's full blocks that may come from the cache (at least the
-    last token is computed: its logits give the first sampled token)."""
-    if not self.prefix_cache:
-      return []
-    if job.hashes is None:
-      job.hashes = prefix_hashes(self.root, job.prompt, self.block_size,
-                                 (len(job.prompt) - 1) // self.block_size)
-    return job.hashes
-
-  def _admit_group(self) -> list[_Job]:
-    """Admits waiting requests in order while they fit, and stops before one that needs a block
-    an admitted one computes now: prefilled after this group, it finds that block cached."""
-    group, computing = [], set()
-    while self.waiting:
-      job_id = self.waiting[0]
-      job = self.jobs[job_id]
-      if computing.intersection(self._hashes(job)) or not self._admit(job):
-        break
-      self.waiting.popleft()
-      self.running[job_id] = job
-      group.append(job)
-      computing.update(job.hashes[len(job.seqs[0].hashes):] if job.hashes else ())
-    return group
-
-  def _admit(self, job: _Job) -> bool:
-    if sum(j.request.n for j in self.running.values()) + job.request.n > self.max_batch:
-      return False
-    bs, P, hashes = self.block_size, len(job.prompt), self._hashes(job)
-    # The longest run of leading blocks cached, each in memory (referenced now) or on disk
-    # (read and verified now, so a bad file shortens the run before anything is reserved).
-    found, loaded = [], {}
-    for name in hashes:
-      block = self.pages.lookup(name)
-      if block is None:
-        arrays = self.pages.disk.get(name) if self.pages.disk and self.pages.disk.has(name) \
-            else None
-        if arrays is None:
-          break
-        loaded[name] = arrays
-      found.append((name, block))
-    in_memory = [block for _, block in found if block is not None]
-    new = job.need - len(in_memory)
-    if new > self.pages.available() - self.reserved:
-      for block in in_memory:
-        self.pages.release(block)
-      return False
-    self.reserved += new
-    job.left = new
-    hits = []
-    for name, block in found:
-      if block is None:
-        block = self._allocate(job)
-        self.pool = kv.write_block(self.pool, block, kv.block_from_host(self.pool, loaded[name]))
-        self.pages.register(block, name)
-      hits.append(block)
-    job.seqs.append(_Seq(0, list(job.prompt), hits, hashes[:len(hits)], len(hits) * bs))
-    job.usage.prompt_tokens = P
-    job.usage.prompt_cache_hit_tokens = len(hits) * bs
-    job.usage.prompt_cache_miss_tokens = P - len(hits) * bs
-    return True
-
-  def _allocate(self, job: _Job) -> int:
-    assert job.left > 0, "allocation beyond the request's reservation"
-    job.left -= 1
-    self.reserved -= 1
-    return self.pages.allocate()
-
   # ------------------------------------------------------------------------- model calls
 
   def _on_mesh(self):
@@ -353,7 +208,7 @@ class Engine:
                                            self.record_routes)
     return _host(logits)[:len(rows)], _host(routes[0])[:len(rows)] if routes else None
 
-  def _sample(self, job_seqs: list[tuple[_Job, _Seq]], logits) -> None:
+  def _sample(self, job_seqs: list[tuple[Job, Seq]], logits) -> None:
     B = _pow2(len(job_seqs), self.min_batch)
     def pad(values, dtype, fill=0):
       values = list(values)
@@ -382,7 +237,7 @@ class Engine:
       except Exception as e:  # pylint: disable=broad-except  (its callback or text: its failure)
         self._fail(job, e)
 
-  def _fail(self, job: _Job, error: Exception):
+  def _fail(self, job: Job, error: Exception):
     """Ends a request that failed on its own (the others go on): its sequences stop now."""
     if job.error is None:
       job.error = RequestFailed(f"the request failed: {type(error).__name__}: {error}")
@@ -391,7 +246,7 @@ class Engine:
 
   # ------------------------------------------------------------------------- prefill / decode
 
-  def _prefill(self, group: list[_Job]):
+  def _prefill(self, group: list[Job]):
     """Every job's uncached prompt tokens, rows of several prompts per call (each row up to
     prefill_chunk tokens, a call up to prefill_tokens padded tokens); then the first tokens of
     all of them, sampled together."""
@@ -431,7 +286,7 @@ class Engine:
       rows += [last[id(job)]] * len(job.seqs)
     self._sample(job_seqs, np.stack(rows))
 
-  def _share_prompt(self, job: _Job):
+  def _share_prompt(self, job: Job):
     """The prompt's n sequences: its full blocks shared, a copy each of the partial last one."""
     seq, bs, P = job.seqs[0], self.block_size, len(job.prompt)
     self._register_full_blocks(seq)
@@ -443,10 +298,10 @@ class Engine:
         copy = self._allocate(job)
         self.pool = kv.copy_block(self.pool, seq.blocks[-1], copy)
         blocks.append(copy)
-      job.seqs.append(_Seq(choice, list(seq.tokens), blocks, list(seq.hashes), P,
+      job.seqs.append(Seq(choice, list(seq.tokens), blocks, list(seq.hashes), P,
                            routes=list(seq.routes)))
 
-  def _decode(self, live: list[tuple[_Job, _Seq]]):
+  def _decode(self, live: list[tuple[Job, Seq]]):
     rows = []
     for job, seq in live:
       position = len(seq.tokens) - 1
@@ -462,7 +317,7 @@ class Engine:
       self._register_full_blocks(seq)
     self._sample(live, logits)
 
-  def _register_full_blocks(self, seq: _Seq):
+  def _register_full_blocks(self, seq: Seq):
     if not self.prefix_cache:
       return
     bs = self.block_size
@@ -472,7 +327,7 @@ class Engine:
       seq.hashes.append(block_hash(parent, seq.tokens[i * bs:(i + 1) * bs]))
       self.pages.register(seq.blocks[i], seq.hashes[-1])
 
-  def _append(self, job: _Job, seq: _Seq, token: int, logprob: float, top: Optional[dict]):
+  def _append(self, job: Job, seq: Seq, token: int, logprob: float, top: Optional[dict]):
     r = job.request
     eos = getattr(self.tokenizer, "eos_id", None)
     if token in r.stop_token_ids or (token == eos and not r.ignore_eos):
@@ -494,7 +349,7 @@ class Engine:
     if len(generated) >= r.max_tokens:
       seq.finish = "length"
 
-  def _retire(self, job: _Job) -> Completion:
+  def _retire(self, job: Job) -> Completion:
     """The job's completion (or its error); its blocks released either way."""
     try:
       choices = [] if job.error is not None else [self._choice(job, s) for s in job.seqs]
@@ -509,7 +364,7 @@ class Engine:
     job.left = 0
     return Completion(job.prompt, choices, job.usage, job.error)
 
-  def _choice(self, job: _Job, seq: _Seq) -> Choice:
+  def _choice(self, job: Job, seq: Seq) -> Choice:
     generated = seq.tokens[len(job.prompt):]
     routes = self._routes(seq) if self.record_routes else None
     logprobs, top = seq.logprobs, seq.top if job.request.top_logprobs else None
@@ -523,25 +378,11 @@ class Engine:
       text = self.tokenizer.decode(generated)
     return Choice(seq.choice, text, generated, logprobs, seq.finish, routes, top)
 
-  def _routes(self, seq: _Seq) -> np.ndarray:
+  def _routes(self, seq: Seq) -> np.ndarray:
     """[len(tokens), L, K]: the computed positions' routes, -1 for the token not yet fed."""
     done = np.concatenate(seq.routes).astype(np.int32)
     missing = np.full((len(seq.tokens) - len(done),) + done.shape[1:], -1, np.int32)
     return np.concatenate([done, missing])
-
-
-def _shared_entropy() -> int:
-  """Fresh entropy for requests without a seed; every process draws the same (each runs the
-  same loop on the same requests and must take the same decisions)."""
-  value = secrets.randbits(31)
-  if jax.process_count() > 1:
-    value = int(multihost_utils.broadcast_one_to_all(np.int32(value)))
-  return value
-
-
-def _request_seed(entropy: int, job_id: int) -> int:
-  digest = hashlib.sha256(f"{entropy}:{job_id}".encode()).digest()
-  return int.from_bytes(digest[:4], "little") & 0x7FFFFFFF
 
 
 def _host(x) -> np.ndarray:
