@@ -48,7 +48,6 @@ from typing import Callable, Optional, Sequence
 import jax
 import numpy as np
 from jax._src import config as jax_config  # the thread-local setting has no public handle
-from jax.experimental import multihost_utils
 
 from moe_jax import sharding
 from moe_jax.config import ModelConfig, MoEConfig
@@ -206,7 +205,7 @@ class Engine(Admission):
       logits, self.pool, *routes = kv.step(self.params, self.moe_state, self.pool, tokens, pos, n,
                                            tables, self.model_cfg, self.moe_cfg,
                                            self.record_routes)
-    return _host(logits)[:len(rows)], _host(routes[0])[:len(rows)] if routes else None
+    return kv.host(logits)[:len(rows)], kv.host(routes[0])[:len(rows)] if routes else None
 
   def _sample(self, job_seqs: list[tuple[Job, Seq]], logits) -> None:
     B = _pow2(len(job_seqs), self.min_batch)
@@ -225,9 +224,9 @@ class Engine(Admission):
           pad((r.top_k for r in reqs), np.int32), pad((job.seed for job, _ in job_seqs), np.int32),
           pad((s.choice for _, s in job_seqs), np.int32),
           pad((len(s.tokens) - len(job.prompt) for job, s in job_seqs), np.int32))
-      top = [_host(x) for x in top_logprobs(logits, k)] if k else None
-    for i, ((job, seq), token, logprob) in enumerate(zip(job_seqs, _host(tokens),
-                                                         _host(logprobs))):
+      top = [kv.host(x) for x in top_logprobs(logits, k)] if k else None
+    for i, ((job, seq), token, logprob) in enumerate(zip(job_seqs, kv.host(tokens),
+                                                         kv.host(logprobs))):
       alternatives = None
       if top is not None and job.request.top_logprobs:
         alternatives = {int(t): float(p) for t, p in zip(top[0][i, :job.request.top_logprobs],
@@ -383,14 +382,6 @@ class Engine(Admission):
     done = np.concatenate(seq.routes).astype(np.int32)
     missing = np.full((len(seq.tokens) - len(done),) + done.shape[1:], -1, np.int32)
     return np.concatenate([done, missing])
-
-
-def _host(x) -> np.ndarray:
-  """A step's output on this host; with several processes, gathered from all of them (every
-  process runs the same loop on the same requests, so all take the same decisions)."""
-  if jax.process_count() > 1:
-    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
-  return np.asarray(x)
 
 
 def _tokens_before(tokenizer, generated: list[int], text: str) -> int:

@@ -18,6 +18,7 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental import multihost_utils
 
 from moe_jax import attention, generate
 from moe_jax.config import ModelConfig, MoEConfig
@@ -166,3 +167,11 @@ def block_from_host(pool, arrays: dict[str, np.ndarray]) -> dict:
       value = arrays[f"{layer_name}/{name}"]
       data[layer_name][name] = value.view(leaf.dtype) if value.dtype != leaf.dtype else value
   return data
+
+
+def host(x) -> np.ndarray:
+  """A step's output on this host; with several processes, gathered from all of them (every
+  process runs the same loop on the same requests, so all take the same decisions)."""
+  if jax.process_count() > 1:
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+  return np.asarray(x)

@@ -2,9 +2,9 @@
 request's JSON fields -> `Request`, a `Completion` -> the response's JSON. No web dependencies.
 
 Fields and defaults are OpenAI's /v1/completions (temperature 1, top_p 1, max_tokens 16, n 1),
-plus vLLM's top_k, stop_token_ids and ignore_eos. seed defaults to 0: a request without one gives
-the same completion every time. logprobs (0..5) returns each sampled token's log-probability;
-top_logprobs is null, because the engine keeps only the sampled token's. Fields that OpenAI
+plus vLLM's top_k, stop_token_ids and ignore_eos. A request without a seed samples with fresh
+entropy (two such requests differ); a seed reproduces. logprobs=k (0..5) returns each sampled
+token's log-probability and, in top_logprobs, the k most likely tokens' (none for k=0). Fields that OpenAI
 defines but the engine cannot honour (echo, suffix, best_of, penalties, logit_bias) are refused by
 name rather than silently ignored.
 """
@@ -20,7 +20,7 @@ _INT, _NUMBER, _STR, _BOOL = ((int,), "an integer"), ((int, float), "a number"),
 # field -> ((types, their name), default); None (JSON null) always means the default.
 _FIELDS = {"prompt": (None, None), "model": (_STR, None), "max_tokens": (_INT, 16),
            "temperature": (_NUMBER, 1.0), "top_p": (_NUMBER, 1.0), "top_k": (_INT, 0),
-           "n": (_INT, 1), "seed": (_INT, 0), "stop": (None, ()),
+           "n": (_INT, 1), "seed": (_INT, None), "stop": (None, ()),
            "stop_token_ids": (((list,), "a list"), ()), "ignore_eos": (_BOOL, False),
            "logprobs": (_INT, None), "stream": (_BOOL, False),
            "stream_options": (((dict,), "an object"), None), "user": (_STR, None)}
@@ -113,7 +113,8 @@ def parse(body: Any) -> tuple[Request, Options]:
   request = Request(_prompt(body["prompt"]), max_tokens=get["max_tokens"],
                     temperature=get["temperature"], top_p=get["top_p"], top_k=get["top_k"],
                     n=get["n"], seed=get["seed"], stop=tuple(stop),
-                    stop_token_ids=tuple(ids), ignore_eos=get["ignore_eos"])
+                    stop_token_ids=tuple(ids), ignore_eos=get["ignore_eos"],
+                    top_logprobs=logprobs or 0)
   return request, Options(get["model"], logprobs is not None, get["stream"],
                           stream_options.get("include_usage", False))
 
@@ -132,22 +133,24 @@ def usage_json(usage: Usage) -> dict:
           "prompt_cache_miss_tokens": usage.prompt_cache_miss_tokens}
 
 
-def logprobs_json(tokenizer, token_ids, logprobs, context=()) -> dict:
+def logprobs_json(tokenizer, token_ids, logprobs, context=(), top=None) -> dict:
   """OpenAI's logprobs object for `token_ids`, which follow the tokens `context` of the same
   choice. A token's text offset counts from the choice's start; the bytes of one character all
-  start where it does."""
+  start where it does. top: per token {token id: log-prob} (Choice.top_logprobs) or None."""
   context = list(context)
   offsets = [len(tokenizer.decode(context + list(token_ids[:i])).rstrip("\ufffd"))
              for i in range(len(token_ids))]
   return {"tokens": [tokenizer.decode([t]) for t in token_ids],
           "token_logprobs": [float(x) for x in logprobs], "text_offset": offsets,
-          "top_logprobs": None}
+          "top_logprobs": None if top is None else [
+              {tokenizer.decode([t]): float(p) for t, p in alternatives.items()}
+              for alternatives in top]}
 
 
 def choice_json(choice: Choice, tokenizer, logprobs: bool) -> dict:
   return {"index": choice.index, "text": choice.text, "token_ids": list(choice.token_ids),
-          "logprobs": (logprobs_json(tokenizer, choice.token_ids, choice.logprobs)
-                       if logprobs else None), "finish_reason": choice.finish_reason}
+          "logprobs": (logprobs_json(tokenizer, choice.token_ids, choice.logprobs,
+                                     top=choice.top_logprobs) if logprobs else None), "finish_reason": choice.finish_reason}
 
 
 def completion_json(completion: Completion, *, id: str, model: str, created: int, tokenizer,
