@@ -196,9 +196,9 @@ def test_a_prompt_longer_than_the_context_is_blamed_on_the_prompt(weights):
 
 
 def test_cold_prompts_are_prefilled_together_with_the_tokens_of_each_alone(weights):
-  prompts = [PROMPT[:n] for n in (5, 21, 13)] + [[256, 3, 4]]
+  prompts = [PROMPT[:n] for n in (5, 21, 13, 9)] + [[256, 3, 4]]  # 4 rows of 16, 1 of 32
   requests = [Request(p[::-1], max_tokens=5, ignore_eos=True) for p in prompts]
   alone = [_engine(weights).generate([r])[0].choices[0].token_ids for r in requests]
   engine = _engine(weights)
   together = [c.choices[0].token_ids for c in engine.generate(requests)]
-  assert together == alone and engine.stats["prefill_calls"] == 1
+  assert together == alone and engine.stats["prefill_calls"] == 2

@@ -82,7 +82,7 @@ class Engine(Admission):
     self.params, self.moe_state, self.model_cfg = params, moe_state, model_cfg
     self.moe_cfg = dataclasses.replace(moe_cfg, capacity_factor=None)
     self.block_size, self.max_batch, self.prefill_chunk = block_size, max_batch, prefill_chunk
-    self.prefill_tokens = max(prefill_tokens, prefill_chunk)
+    self.prefill_tokens = prefill_tokens  # padded tokens per prefill call (one row always fits)
     if not isinstance(record_routes, bool):
       raise ValueError(f"serve.record_routes={record_routes!r}: must be True or False")
     self.record_routes = record_routes
@@ -246,9 +246,9 @@ class Engine(Admission):
   # ------------------------------------------------------------------------- prefill / decode
 
   def _prefill(self, group: list[Job]):
-    """Every job's uncached prompt tokens, rows of several prompts per call (each row up to
-    prefill_chunk tokens, a call up to prefill_tokens padded tokens); then the first tokens of
-    all of them, sampled together."""
+    """Every job's uncached prompt tokens, one row per prompt in shared calls (a row up to
+    prefill_chunk tokens, a call up to prefill_tokens padded tokens, its rows of one length
+    bucket); then the first tokens of all of them, sampled together."""
     bs = self.block_size
     for job in group:
       seq = job.seqs[0]
@@ -258,15 +258,17 @@ class Engine(Admission):
     last = {}
     pending = list(group)
     while pending:
-      rows, T = [], MIN_PREFILL_BUCKET
+      # One call per length bucket: rows are padded only as far as each would be alone.
+      size = lambda job: min(len(job.prompt) - job.seqs[0].computed, self.prefill_chunk)
+      T = _pow2(size(pending[0]), MIN_PREFILL_BUCKET)
+      rows = []
       for job in pending:
-        seq = job.seqs[0]
-        size = min(len(job.prompt) - seq.computed, self.prefill_chunk)
-        wider = max(T, _pow2(size, MIN_PREFILL_BUCKET))
-        if rows and _pow2(len(rows) + 1, self.min_batch) * wider > self.prefill_tokens:
+        if _pow2(size(job), MIN_PREFILL_BUCKET) != T:
+          continue
+        if rows and _pow2(len(rows) + 1, self.min_batch) * T > self.prefill_tokens:
           break
-        rows.append((job, seq.tokens[seq.computed:seq.computed + size]))
-        T = wider
+        rows.append((job, job.seqs[0].tokens[job.seqs[0].computed:][:size(job)]))
+      del rows[max(self.min_batch, 1 << (len(rows).bit_length() - 1)):]  # no padding rows
       logits, routes = self._run([(chunk, job.seqs[0].computed, job.seqs[0].blocks)
                                   for job, chunk in rows], T)
       for i, (job, chunk) in enumerate(rows):
