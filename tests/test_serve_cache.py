@@ -202,3 +202,15 @@ def test_cold_prompts_are_prefilled_together_with_the_tokens_of_each_alone(weigh
   engine = _engine(weights)
   together = [c.choices[0].token_ids for c in engine.generate(requests)]
   assert together == alone and engine.stats["prefill_calls"] == 2
+
+
+def test_the_openai_format_leaves_seed_unset_and_fills_top_logprobs(weights):
+  from moe_jax.serve import openai_api  # pylint: disable=import-outside-toplevel
+  request, options = openai_api.parse({"prompt": PROMPT, "max_tokens": 4, "logprobs": 2,
+                                       "temperature": 0})
+  assert request.seed is None and request.top_logprobs == 2 and options.logprobs
+  engine = _engine(weights)
+  body = openai_api.completion_json(engine.generate([request])[0], id="c", model="m", created=0,
+                                    tokenizer=engine.tokenizer, logprobs=True)
+  top = body["choices"][0]["logprobs"]["top_logprobs"]
+  assert len(top) == 4 and all(1 <= len(t) <= 2 for t in top)  # two ids may share a text
