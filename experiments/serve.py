@@ -11,8 +11,9 @@ and completions.jsonl gets one answer per non-blank line, in order: its completi
 included), or {"error": {...}} naming the line and the field. It prints two JSON lines
 (throughput and cache hit rate, then the cost report) and exits 2 with one line on stderr if any
 line failed. A file that is not UTF-8 is refused whole, naming the byte position.
-serve.port > 0 serves the same requests over HTTP instead (moe_jax/serve/server.py). Either way the engine's cached prefix blocks are
-flushed to the disk tier at the end, so the next run starts warm.
+serve.port > 0 serves the same requests over HTTP instead (moe_jax/serve/server.py). Either way
+the engine's cached prefix blocks are flushed to the disk tier at the end, so the next run starts
+warm.
 """
 from __future__ import annotations
 

@@ -4,9 +4,9 @@ request's JSON fields -> `Request`, a `Completion` -> the response's JSON. No we
 Fields and defaults are OpenAI's /v1/completions (temperature 1, top_p 1, max_tokens 16, n 1),
 plus vLLM's top_k, stop_token_ids and ignore_eos. A request without a seed samples with fresh
 entropy (two such requests differ); a seed reproduces. logprobs=k (0..5) returns each sampled
-token's log-probability and, in top_logprobs, the k most likely tokens' (none for k=0). Fields that OpenAI
-defines but the engine cannot honour (echo, suffix, best_of, penalties, logit_bias) are refused by
-name rather than silently ignored.
+token's log-probability and, in top_logprobs, the k most likely tokens' (none for k=0). Fields
+that OpenAI defines but the engine cannot honour (echo, suffix, best_of, penalties, logit_bias)
+are refused by name rather than silently ignored.
 """
 from __future__ import annotations
 
@@ -150,7 +150,8 @@ def logprobs_json(tokenizer, token_ids, logprobs, context=(), top=None) -> dict:
 def choice_json(choice: Choice, tokenizer, logprobs: bool) -> dict:
   return {"index": choice.index, "text": choice.text, "token_ids": list(choice.token_ids),
           "logprobs": (logprobs_json(tokenizer, choice.token_ids, choice.logprobs,
-                                     top=choice.top_logprobs) if logprobs else None), "finish_reason": choice.finish_reason}
+                                     top=choice.top_logprobs) if logprobs else None),
+          "finish_reason": choice.finish_reason}
 
 
 def completion_json(completion: Completion, *, id: str, model: str, created: int, tokenizer,
