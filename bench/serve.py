@@ -5,6 +5,9 @@
   no_sharing    a workload with no shared prefixes, prefix caching on vs off (target: <= 2% slower)
   decode_batch  decode tokens/s at batch 16 against batch 1
   cost          many requests sharing a system prompt, with and without the prefix cache
+  cold_batch    16 and 64 concurrent cold prompts (96-224 tokens, no shared prefix, max_tokens 1:
+                the time to every first token), prefilled together against one prompt per call
+                (serial, as before issue #26) (target at 16: >= 1.5x faster)
   fp8_cache     float8 latent storage against the float cache: bytes per token, the largest logit
                 difference and greedy agreement over --fp8_steps teacher-forced decode steps (also
                 on an all-dense copy of the shape, which has no expert choices to flip)
@@ -170,6 +173,33 @@ def cost(m, args, rng):
                                     "prices_per_million")})
 
 
+def cold_batch(m, args, rng):
+  """Same prompts to both engines each round, new ones every round; either engine goes first in
+  turn. Serial is the same engine with one prompt per prefill call (prefill_tokens=1)."""
+  lengths = [96, 160, 224, 128]
+  for count in (16, 64):
+    engines = {mode: Engine(*m, num_blocks=count * 15 + 2, block_size=16, max_batch=count,
+                            prefix_cache=False, prefill_tokens=tokens)
+               for mode, tokens in (("batched", 4096), ("serial", 1))}
+    times = {mode: [] for mode in engines}
+    calls = {}
+    for i in range(args.rounds + 1):  # the first round compiles
+      requests = [Request(_prompt(rng, lengths[j % 4]), max_tokens=1) for j in range(count)]
+      for mode in (("batched", "serial") if i % 2 == 0 else ("serial", "batched")):
+        before = engines[mode].stats["prefill_calls"]
+        seconds = _timed(engines[mode], requests)
+        calls[mode] = engines[mode].stats["prefill_calls"] - before
+        if i:
+          times[mode].append(seconds)
+    ratios = [s / b for s, b in zip(times["serial"], times["batched"])]
+    _line("cold_batch", concurrent=count, prompt_tokens=sum(lengths) * count // 4,
+          batched_s=round(statistics.median(times["batched"]), 4),
+          serial_s=round(statistics.median(times["serial"]), 4),
+          speedup=round(statistics.median(ratios), 2), round_speedups=[round(r, 2) for r in ratios],
+          prefill_calls_batched=calls["batched"], prefill_calls_serial=calls["serial"],
+          target=">= 1.5 at 16")
+
+
 def _teacher_forced(m, pool, prompt: list[int], tokens: list[int], block_size: int):
   """Logits [len(tokens) + 1, V] of the prompt's last token, then of each forced token."""
   params, moe_state, model_cfg, moe_cfg = m
@@ -228,7 +258,7 @@ def _fp8_compare(variant, m, prompt, steps):
 
 
 BENCHES = {"ttft": ttft, "no_sharing": no_sharing, "decode_batch": decode_batch, "cost": cost,
-           "fp8_cache": fp8_cache}
+           "cold_batch": cold_batch, "fp8_cache": fp8_cache}
 
 
 def main():

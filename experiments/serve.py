@@ -6,20 +6,25 @@
 The model: the latest checkpoint of the training run in the workdir (with the model its
 config.json names) or the Hugging Face checkpoint at hf_path (with its tokenizer.json if it has
 one). Batch mode reads one OpenAI completion request per line (moe_jax/serve/openai_api.py says
-which fields), checks every line before any work, writes one response per line to
-completions.jsonl (line i answers line i, log-probs included) and prints two JSON lines:
-throughput and cache hit rate, then the cost report. serve.port > 0 serves the same requests
-over HTTP instead (moe_jax/serve/server.py). Either way the engine's cached prefix blocks are
-flushed to the disk tier at the end, so the next run starts warm.
+which fields) and checks each line alone, as OpenAI's Batch API does: the good lines are served,
+and completions.jsonl gets one answer per non-blank line, in order: its completion (log-probs
+included), or {"error": {...}} naming the line and the field. It prints two JSON lines
+(throughput and cache hit rate, then the cost report) and exits 2 with one line on stderr if any
+line failed. A file that is not UTF-8 is refused whole, naming the byte position.
+serve.port > 0 serves the same requests over HTTP instead (moe_jax/serve/server.py). Either way
+the engine's cached prefix blocks are flushed to the disk tier at the end, so the next run starts
+warm.
 """
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import importlib.util
 import json
 import os
 import tempfile
 import time
+from typing import Optional
 
 import jax
 
@@ -31,24 +36,51 @@ from moe_jax.serve import BadRequest, ByteTokenizer, Engine, Prices, Usage, cost
 from moe_jax.serve import chat, openai_api
 
 
-def read_requests(path: str) -> list[tuple[int, object, openai_api.Options]]:
-  """(line number, Request, Options) of each non-blank line; ConfigError names the line."""
+@dataclasses.dataclass
+class Line:
+  """One non-blank line of a requests file: what it asks, or why it cannot be served."""
+  number: int
+  request: Optional[object] = None
+  options: Optional[openai_api.Options] = None
+  error: Optional[dict] = None  # OpenAI's error object, naming the line and the field
+
+
+def _line_error(source: str, number: int, error: Exception, kind: str = "invalid_request_error",
+                param: Optional[str] = None) -> dict:
+  if param is None and isinstance(error, BadRequest):
+    param = openai_api.error_param(error)
+  return {"message": f"{source}:{number}: {error}", "type": kind, "param": param, "code": None,
+          "line": number}
+
+
+def read_requests(path: str) -> list[Line]:
+  """Every non-blank line, each checked alone (OpenAI's Batch API: a bad line is that line's
+  error, the good ones are served). ConfigError only when the file itself cannot be read."""
   if not os.path.isfile(path):
     raise ConfigError(f"serve.input={path!r}: no such file")
+  with open(path, "rb") as f:
+    raw = f.read()
+  try:
+    text = raw.decode("utf-8")
+  except UnicodeDecodeError as e:
+    line = raw.count(b"\n", 0, e.start) + 1
+    raise ConfigError(f"serve.input={path!r}: not UTF-8 text: byte 0x{raw[e.start]:02x} at byte "
+                      f"position {e.start} (line {line}); requests files are JSON lines in "
+                      "UTF-8") from None
   out = []
-  with open(path, encoding="utf-8") as f:
-    for number, line in enumerate(f, 1):
-      if not line.strip():
-        continue
-      try:
-        request, options = openai_api.parse(json.loads(line))
-      except json.JSONDecodeError as e:
-        raise ConfigError(f"{path}:{number}: not a JSON object ({e.msg})") from None
-      except BadRequest as e:
-        raise ConfigError(f"{path}:{number}: {e}") from None
+  for number, line in enumerate(text.splitlines(), 1):
+    if not line.strip():
+      continue
+    try:
+      request, options = openai_api.parse(json.loads(line))
       if options.stream:
-        raise ConfigError(f"{path}:{number}: stream=True: only the HTTP server streams")
-      out.append((number, request, options))
+        raise openai_api.FieldError("stream", True, "only the HTTP server streams")
+      out.append(Line(number, request, options))
+    except json.JSONDecodeError as e:
+      out.append(Line(number, error=_line_error(path, number, ValueError(
+          f"body: not a JSON object ({e.msg} at column {e.colno})"), param="body")))
+    except (BadRequest, RecursionError) as e:
+      out.append(Line(number, error=_line_error(path, number, e)))
   if not out:
     raise ConfigError(f"serve.input={path!r}: holds no request")
   return out
@@ -59,11 +91,15 @@ class HFTokenizer:
 
   def __init__(self, path: str):
     import tokenizers  # pylint: disable=import-outside-toplevel  (the interop extra)
-    self._tok = tokenizers.Tokenizer.from_file(os.path.join(path, "tokenizer.json"))
+    file = os.path.join(path, "tokenizer.json")
+    self._tok = tokenizers.Tokenizer.from_file(file)
+    with open(file, "rb") as f:  # the prefix cache's key covers the tokenizer (serve/keys.py)
+      self.fingerprint = "tokenizer.json:" + hashlib.sha256(f.read()).hexdigest()[:16]
     config = read_hf_config(path)
     self._bos = config.get("bos_token_id")
     eos = config.get("eos_token_id")
     self.eos_id = eos[0] if isinstance(eos, list) and eos else eos
+    self.fingerprint += f":bos={self._bos}"
 
   def encode(self, text: str) -> list[int]:
     bos = [self._bos] if isinstance(self._bos, int) else []
@@ -140,34 +176,46 @@ def _write_lines(path: str, lines: list[dict]):
     raise
 
 
-def batch(engine: Engine, requests, source: str, output: str, model_name: str,
+def batch(engine: Engine, lines: list[Line], source: str, output: str, model_name: str,
           prices: Prices) -> dict:
-  """Runs every request (all queued at once: the engine batches them) and writes the answers."""
-  ids = []
-  for number, request, _ in requests:
-    try:
-      ids.append(engine.submit(request))
-    except BadRequest as e:  # nothing has run yet: each line is checked before the first step
-      raise ConfigError(f"{source}:{number}: {e}") from None
+  """Runs every good line (all queued at once: the engine batches them) and writes one answer
+  per line: its completion, or {"error": ...} naming the line and the field."""
+  ids = {}
+  for line in lines:
+    if line.error is None:
+      try:
+        ids[line.number] = engine.submit(line.request)
+      except BadRequest as e:
+        line.error = _line_error(source, line.number, e)
   start = time.perf_counter()
   done = {}
   while len(done) < len(ids):
     done.update(engine.step())
   seconds = time.perf_counter() - start
   created = int(time.time())
-  lines = [openai_api.completion_json(done[i], id=f"cmpl-{number}", model=model_name,
-                                      created=created, tokenizer=engine.tokenizer, logprobs=True)
-           for i, (number, _, _) in zip(ids, requests)]
+  answers, usage = [], Usage()
+  for line in lines:
+    completion = done.get(ids.get(line.number))
+    if completion is not None and completion.error is not None:
+      line.error = _line_error(source, line.number, completion.error, "server_error")
+    if line.error is not None:
+      answers.append({"id": f"cmpl-{line.number}", "object": "error", "error": line.error})
+      continue
+    usage += completion.usage
+    answers.append(openai_api.completion_json(completion, id=f"cmpl-{line.number}",
+                                              model=model_name, created=created,
+                                              tokenizer=engine.tokenizer, logprobs=True))
   if jax.process_index() == 0:  # every process ran the same requests; one writes them
-    _write_lines(output, lines)
-  usage = sum((done[i].usage for i in ids), Usage())
-  summary = {"requests": len(ids), "prompt_tokens": usage.prompt_tokens,
+    _write_lines(output, answers)
+  failed = [line.error for line in lines if line.error is not None]
+  summary = {"requests": len(lines) - len(failed), "failed": len(failed),
+             "prompt_tokens": usage.prompt_tokens,
              "completion_tokens": usage.completion_tokens, "seconds": round(seconds, 3),
              "tokens_per_second": usage.completion_tokens / max(seconds, 1e-9),
              "prompt_tokens_per_second": usage.prompt_tokens / max(seconds, 1e-9),
              "cache_hit_rate": usage.prompt_cache_hit_tokens / max(usage.prompt_tokens, 1),
              "output": output}
-  return {"summary": summary, "cost": cost_report(usage, prices)}
+  return {"summary": summary, "cost": cost_report(usage, prices), "failed": failed}
 
 
 def run(cfg: ExperimentConfig, workdir: str) -> dict:
@@ -213,4 +261,8 @@ def run(cfg: ExperimentConfig, workdir: str) -> dict:
   if jax.process_index() == 0:
     print(json.dumps(result["summary"]))
     print(json.dumps(result["cost"]))
+  failed = result["failed"]
+  if failed:  # after the good lines' answers are written: a non-zero exit, one line
+    raise ConfigError(f"{len(failed)} of {len(requests)} request lines failed (first: "
+                      f"{failed[0]['message']}); each has an error record in {output}")
   return result

@@ -157,6 +157,9 @@ def test_parse_chat_takes_openai_fields_and_refuses_what_it_cannot_honour():
                              {"role": "assistant", "content": ""}]
   assert parsed.max_tokens == 5 and parsed.options.logprobs and parsed.sampling["stop"] == ("\n",)
   assert parse_chat({"messages": [{"role": "user", "content": "x"}]}).max_tokens is None
+  top = parse_chat({"messages": [{"role": "user", "content": "x"}], "logprobs": True,
+                    "top_logprobs": 3})
+  assert top.sampling["top_logprobs"] == 3  # carried to Request: the engine fills k per token
   for body, param in (({"messages": []}, "messages"),
                       ({"messages": [{"role": "user", "content": 3}]}, "messages[0].content"),
                       ({"messages": [{"role": "user", "content": "x", "tool_calls": []}]},

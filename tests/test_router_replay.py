@@ -208,7 +208,8 @@ def test_replayed_learner_logprobs_equal_the_engines():
 
 def test_expert_parallel_engine_records_the_single_device_routes():
   params, state = model.init(jax.random.key(0), ROLLOUT_MODEL, MOE)
-  requests = [Request([1, 5, 9, 2, 7], max_tokens=6, n=2, temperature=0.7, ignore_eos=True),
+  requests = [Request([1, 5, 9, 2, 7], max_tokens=6, n=2, temperature=0.7, seed=0,
+                      ignore_eos=True),  # a seed: two engines draw the same tokens
               Request([3, 8, 4], max_tokens=6, ignore_eos=True)]
   kw = dict(num_blocks=64, block_size=4, max_batch=8, record_routes=True)
   single = Engine(params, state, ROLLOUT_MODEL, MOE, **kw).generate(requests)

@@ -64,7 +64,10 @@ def test_batch_serve_writes_completions_and_a_restart_reads_the_disk_tier(env, r
       logprobs = choice["logprobs"]
       assert len(logprobs["token_logprobs"]) == len(choice["token_ids"])
       assert all(lp <= 0 for lp in logprobs["token_logprobs"])
-      assert logprobs["text_offset"][0] == 0 and logprobs["top_logprobs"] is None
+      assert logprobs["text_offset"][0] == 0
+      top = logprobs["top_logprobs"]  # logprobs=k: the k most likely tokens at each step
+      assert top is None if "logprobs" not in request else \
+          [len(t) for t in top] == [request["logprobs"]] * len(choice["token_ids"])
   # Cold, request 2 already reuses the blocks request 1 cached (admitted one after the other).
   assert [line["usage"]["prompt_cache_hit_tokens"] for line in cold] == [0, 12, 0]
   a, b = cold[1]["choices"]
@@ -80,19 +83,38 @@ def test_batch_serve_writes_completions_and_a_restart_reads_the_disk_tier(env, r
   assert cost["cache_hit_rate"] == 24 / 34 and cost["cost"] < cost["cost_without_cache"]
 
 
-def test_bad_request_lines_are_named_before_any_work(env, reference, tmp_path):
+def test_bad_lines_get_error_records_and_the_good_ones_are_served(env, reference, tmp_path):
+  """OpenAI's Batch API: every line is checked alone; a failed line makes the exit non-zero."""
   out = tmp_path / "out.jsonl"
-  for bad, message in [('{"prompt": "x", "temperature": "hot"}', ":2: temperature='hot': "),
-                       ('{"prompt": "x", "max_tokens": 40}', ":2: max_tokens=40: "),
-                       ('{"prompt": "x", "best_of": 3}', ":2: best_of=3: "),
-                       ('{"prompt": "x"', ":2: not a JSON object")]:
-    requests = _write(tmp_path / "requests.jsonl", [REQUESTS[0], bad])
-    result, _ = _serve(env, reference, requests, f"--config.serve.output={out}",
-                       f"--config.serve.disk_dir={tmp_path / 'cache'}")
-    assert result.returncode == 2, result.stderr[-3000:]
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and message in lines[0], lines
-    assert not out.exists()
+  bad = [('{"prompt": "x", "temperature": "hot"}', "temperature"),
+         ('{"prompt": "x", "max_tokens": 40}', "max_tokens"),
+         ('{"prompt": "x", "best_of": 3}', "best_of"),
+         ('{"prompt": "x"', "body"),
+         ('{"prompt": "a\\ud800b"}', "prompt"),
+         ('{"prompt": "x", "stream": true}', "stream")]
+  requests = _write(tmp_path / "requests.jsonl", [REQUESTS[0]] + [b for b, _ in bad] +
+                    [REQUESTS[2]])
+  result, (summary, _) = _serve(env, reference, requests, f"--config.serve.output={out}",
+                                f"--config.serve.disk_dir={tmp_path / 'cache'}")
+  assert result.returncode == 2, result.stderr[-3000:]
+  lines = [l for l in result.stderr.strip().splitlines() if l.startswith("error:")]
+  assert len(lines) == 1 and f"6 of 8 request lines failed (first: {requests}:2: " in lines[0]
+  assert summary["requests"] == 2 and summary["failed"] == 6
+  answers = _read(out)
+  assert len(answers) == 8
+  assert [len(a["choices"][0]["token_ids"]) for a in (answers[0], answers[7])] == [6, 4]
+  for number, (answer, (_, param)) in enumerate(zip(answers[1:7], bad), 2):
+    error = answer["error"]
+    assert error["line"] == number and error["param"] == param, error
+    assert error["message"].startswith(f"{requests}:{number}: {param}"), error
+
+  (tmp_path / "latin1.jsonl").write_bytes(b'{"prompt": "x"}\n{"prompt": "caf\xe9"}\n')
+  result, _ = _serve(env, reference, str(tmp_path / "latin1.jsonl"),
+                     f"--config.serve.output={tmp_path / 'none.jsonl'}")
+  assert result.returncode == 2
+  lines = result.stderr.strip().splitlines()
+  assert len(lines) == 1 and "latin1.jsonl" in lines[0] and "byte position 31 (line 2)" in \
+      lines[0], lines
   result = run(env, SERVE, reference)
   assert result.returncode == 2 and "serve.input=''" in result.stderr
   result = run(env, SERVE, reference, "--config.serve.port=8000",

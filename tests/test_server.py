@@ -127,7 +127,8 @@ def test_n_completions_and_logprobs(client):
   for choice in response.choices:
     logprobs = choice.logprobs
     assert len(logprobs.tokens) == len(logprobs.token_logprobs) == 8
-    assert all(lp <= 0 for lp in logprobs.token_logprobs) and logprobs.top_logprobs is None
+    assert all(lp <= 0 for lp in logprobs.token_logprobs)
+    assert [len(top) for top in logprobs.top_logprobs] == [1] * 8  # logprobs=1: k=1 each
     assert logprobs.text_offset[0] == 0 and logprobs.text_offset == sorted(logprobs.text_offset)
 
 

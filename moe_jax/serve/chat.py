@@ -217,10 +217,13 @@ def reasoning_tokens(tokenizer, token_ids, template: Template, opened: bool) -> 
 
 # ---------------------------------------------------------------------------- responses
 
-def logprobs_json(tokenizer, token_ids, logprobs) -> dict:
-  """Chat's logprobs object: each token's text and log-prob (bytes unknown: null)."""
-  return {"content": [{"token": tokenizer.decode([t]), "logprob": float(lp), "bytes": None,
-                       "top_logprobs": []} for t, lp in zip(token_ids, logprobs)]}
+def logprobs_json(tokenizer, token_ids, logprobs, top=None) -> dict:
+  """Chat's logprobs object: each token's text and log-prob (bytes unknown: null), and the k
+  most likely tokens' when the request asked for top_logprobs=k (top: Choice.top_logprobs)."""
+  top = top or [{}] * len(token_ids)
+  entry = lambda t, lp: {"token": tokenizer.decode([t]), "logprob": float(lp), "bytes": None}
+  return {"content": [{**entry(t, lp), "top_logprobs": [entry(a, b) for a, b in alts.items()]}
+                      for t, lp, alts in zip(token_ids, logprobs, top)]}
 
 
 def _message(reasoning: Optional[str], content: str, template: Template) -> dict:
@@ -239,8 +242,9 @@ def completion_json(completion, template: Template, opened: bool, *, id: str, mo
     reasoning, content = split(c.text, template, opened)
     thinking += reasoning_tokens(tokenizer, c.token_ids, template, opened)
     choices.append({"index": c.index, "message": _message(reasoning, content, template),
-                    "logprobs": (logprobs_json(tokenizer, c.token_ids, c.logprobs)
-                                 if logprobs else None), "finish_reason": c.finish_reason})
+                    "logprobs": (logprobs_json(tokenizer, c.token_ids, c.logprobs,
+                                               c.top_logprobs) if logprobs else None),
+                    "finish_reason": c.finish_reason})
   return {"id": id, "object": "chat.completion", "created": created, "model": model,
           "choices": choices,
           "usage": openai_api.usage_json(completion.usage, prices,

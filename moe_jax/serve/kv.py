@@ -18,6 +18,7 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental import multihost_utils
 
 from moe_jax import attention, generate
 from moe_jax.config import ModelConfig, MoEConfig
@@ -130,17 +131,31 @@ def write_block(pool, block, data):
   return jax.tree.map(lambda leaf, new: leaf.at[block].set(new.astype(leaf.dtype)), pool, data)
 
 
+def _stored_dtype(dtype) -> np.dtype:
+  """float8 / bfloat16 (ml_dtypes, numpy kind 'V') as unsigned ints of their width: .npz keeps
+  those, while it would read ml_dtypes back as raw void bytes."""
+  dtype = np.dtype(dtype)
+  return np.dtype(f"u{dtype.itemsize}") if dtype.kind == "V" else dtype
+
+
 def read_block(pool, block: int) -> dict[str, np.ndarray]:
   """A block's data over all layers as host arrays, {"<layer>/<leaf>": [block_size, *slot]}
-  (float8 leaves as their uint8 bits, which .npz can hold)."""
+  (float8 and bfloat16 leaves as their bits, which .npz can hold)."""
   out = {}
   for layer_name, layer in pool.items():
     for name, leaf in layer.items():
       value = np.asarray(leaf[block])
-      if value.dtype == FP8:
-        value = value.view(np.uint8)
-      out[f"{layer_name}/{name}"] = value
+      out[f"{layer_name}/{name}"] = value.view(_stored_dtype(value.dtype))
   return out
+
+
+def block_spec(pool) -> dict[str, tuple[str, tuple[int, ...]]]:
+  """{name: (dtype, shape)} of read_block's arrays: what a block read back must be."""
+  spec = {}
+  for layer_name, layer in pool.items():
+    for name, leaf in layer.items():
+      spec[f"{layer_name}/{name}"] = (_stored_dtype(leaf.dtype), tuple(leaf.shape[1:]))
+  return spec
 
 
 def block_from_host(pool, arrays: dict[str, np.ndarray]) -> dict:
@@ -150,5 +165,13 @@ def block_from_host(pool, arrays: dict[str, np.ndarray]) -> dict:
     data[layer_name] = {}
     for name, leaf in layer.items():
       value = arrays[f"{layer_name}/{name}"]
-      data[layer_name][name] = value.view(FP8) if leaf.dtype == FP8 else value
+      data[layer_name][name] = value.view(leaf.dtype) if value.dtype != leaf.dtype else value
   return data
+
+
+def host(x) -> np.ndarray:
+  """A step's output on this host; with several processes, gathered from all of them (every
+  process runs the same loop on the same requests, so all take the same decisions)."""
+  if jax.process_count() > 1:
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+  return np.asarray(x)

@@ -3,15 +3,15 @@ server): a request's JSON fields -> `Request`, a `Completion` -> the response's 
 dependencies.
 
 Fields and defaults are OpenAI's /v1/completions (temperature 1, top_p 1, max_tokens 16, n 1),
-plus vLLM's top_k, stop_token_ids and ignore_eos. seed defaults to 0: a request without one gives
-the same completion every time. logprobs (0..5) returns each sampled token's log-probability;
-top_logprobs is null, because the engine keeps only the sampled token's. Fields that OpenAI
-defines but the engine cannot honour (echo, suffix, best_of, penalties, logit_bias) are refused by
-name rather than silently ignored.
+plus vLLM's top_k, stop_token_ids and ignore_eos. A request without a seed samples with fresh
+entropy (two such requests differ); a seed reproduces. logprobs=k (0..5) returns each sampled
+token's log-probability and, in top_logprobs, the k most likely tokens' (none for k=0). Fields
+that OpenAI defines but the engine cannot honour (echo, suffix, best_of, penalties, logit_bias)
+are refused by name rather than silently ignored.
 
 /v1/chat/completions takes `messages` instead of `prompt` (roles system, developer, user and
 assistant; content a string or a list of text parts), max_tokens or max_completion_tokens
-(default: the rest of the model's context), `logprobs: true` (top_logprobs 0 only); tools and
+(default: the rest of the model's context), `logprobs: true` with top_logprobs 0..5; tools and
 response formats other than text are refused. The template that turns messages into a prompt is
 chat.py's. Usage is OpenAI's with DeepSeek's prompt_cache_hit_tokens / prompt_cache_miss_tokens,
 completion_tokens_details.reasoning_tokens for a thinking template, and `cost` at the server's
@@ -23,15 +23,15 @@ import dataclasses
 import json
 from typing import Any, Optional
 
-from moe_jax.serve.requests import (BadRequest, Choice, Completion, Prices, Request, Usage,
-                                    cost_report)
+from moe_jax.serve.requests import (MAX_TOP_LOGPROBS, BadRequest, Choice, Completion, Prices,
+                                    Request, Usage, cost_report)
 
 _INT, _NUMBER, _STR, _BOOL = ((int,), "an integer"), ((int, float), "a number"), \
     ((str,), "a string"), ((bool,), "true or false")
 # field -> ((types, their name), default); None (JSON null) always means the default.
 _FIELDS = {"prompt": (None, None), "model": (_STR, None), "max_tokens": (_INT, 16),
            "temperature": (_NUMBER, 1.0), "top_p": (_NUMBER, 1.0), "top_k": (_INT, 0),
-           "n": (_INT, 1), "seed": (_INT, 0), "stop": (None, ()),
+           "n": (_INT, 1), "seed": (_INT, None), "stop": (None, ()),
            "stop_token_ids": (((list,), "a list"), ()), "ignore_eos": (_BOOL, False),
            "logprobs": (_INT, None), "stream": (_BOOL, False),
            "stream_options": (((dict,), "an object"), None), "user": (_STR, None)}
@@ -150,7 +150,8 @@ def parse(body: Any) -> tuple[Request, Options]:
   prompt = _prompt(get["prompt"])
   if isinstance(prompt, str):
     _check_utf8("prompt", prompt)
-  request = Request(prompt, max_tokens=get["max_tokens"], **_sampling(get))
+  request = Request(prompt, max_tokens=get["max_tokens"], top_logprobs=logprobs or 0,
+                    **_sampling(get))
   return request, Options(get["model"], logprobs is not None, get["stream"],
                           get["include_usage"])
 
@@ -219,13 +220,14 @@ def parse_chat(body: Any) -> ChatRequest:
   limit, alias = get["max_tokens"], get["max_completion_tokens"]
   if limit is not None and alias is not None and limit != alias:
     raise FieldError("max_completion_tokens", alias, f"differs from max_tokens={limit}; give one")
-  if get["top_logprobs"] not in (None, 0):
-    raise FieldError("top_logprobs", get["top_logprobs"], "only 0 or null: this server returns "
-                     "the sampled token's log-prob alone")
-  if get["top_logprobs"] is not None and not get["logprobs"]:
-    raise FieldError("top_logprobs", get["top_logprobs"], "only allowed with logprobs=true")
+  top = get["top_logprobs"]
+  if top is not None and not 0 <= top <= MAX_TOP_LOGPROBS:
+    raise FieldError("top_logprobs", top, f"must be an integer in [0, {MAX_TOP_LOGPROBS}] or null")
+  if top is not None and not get["logprobs"]:
+    raise FieldError("top_logprobs", top, "only allowed with logprobs=true")
   options = Options(get["model"], get["logprobs"], get["stream"], get["include_usage"])
-  return ChatRequest(messages, limit if limit is not None else alias, _sampling(get), options)
+  sampling = dict(_sampling(get), top_logprobs=top or 0)
+  return ChatRequest(messages, limit if limit is not None else alias, sampling, options)
 
 
 def error_json(error: BadRequest, kind: str = "invalid_request_error") -> dict:
@@ -255,22 +257,25 @@ def cost(usage: Usage, prices: Prices) -> float:
   return cost_report(usage, prices)["cost"]
 
 
-def logprobs_json(tokenizer, token_ids, logprobs, context=()) -> dict:
+def logprobs_json(tokenizer, token_ids, logprobs, context=(), top=None) -> dict:
   """OpenAI's logprobs object for `token_ids`, which follow the tokens `context` of the same
   choice. A token's text offset counts from the choice's start; the bytes of one character all
-  start where it does."""
+  start where it does. top: per token {token id: log-prob} (Choice.top_logprobs) or None."""
   context = list(context)
   offsets = [len(tokenizer.decode(context + list(token_ids[:i])).rstrip("\ufffd"))
              for i in range(len(token_ids))]
   return {"tokens": [tokenizer.decode([t]) for t in token_ids],
           "token_logprobs": [float(x) for x in logprobs], "text_offset": offsets,
-          "top_logprobs": None}
+          "top_logprobs": None if top is None else [
+              {tokenizer.decode([t]): float(p) for t, p in alternatives.items()}
+              for alternatives in top]}
 
 
 def choice_json(choice: Choice, tokenizer, logprobs: bool) -> dict:
   return {"index": choice.index, "text": choice.text, "token_ids": list(choice.token_ids),
-          "logprobs": (logprobs_json(tokenizer, choice.token_ids, choice.logprobs)
-                       if logprobs else None), "finish_reason": choice.finish_reason}
+          "logprobs": (logprobs_json(tokenizer, choice.token_ids, choice.logprobs,
+                                     top=choice.top_logprobs) if logprobs else None),
+          "finish_reason": choice.finish_reason}
 
 
 # pylint: disable-next=redefined-builtin

@@ -7,7 +7,24 @@ from typing import Any, Optional, Sequence, Union
 
 class BadRequest(ValueError):
   """A request the engine cannot serve as given (one line: the field, the value, what is
-  allowed)."""
+  allowed): the client's to fix (HTTP 400)."""
+
+  status = 400
+
+
+class RequestFailed(RuntimeError):
+  """A request the engine accepted but could not finish (HTTP 500): the cause is named; the
+  engine goes on serving the others."""
+
+  status = 500
+
+
+class EngineStopped(RuntimeError):
+  """The engine itself cannot go on (`Engine.error` says why); every request is refused."""
+
+  status = 503
+
+MAX_TOP_LOGPROBS = 20
 
 
 @dataclasses.dataclass
@@ -19,10 +36,11 @@ class Request:
   top_p: float = 1.0
   top_k: int = 0            # 0: no top-k cut
   n: int = 1
-  seed: int = 0
+  seed: Optional[int] = None  # None: fresh entropy per request (OpenAI); an int reproduces
   stop: Sequence[str] = ()
   stop_token_ids: Sequence[int] = ()
   ignore_eos: bool = False
+  top_logprobs: int = 0     # per token, the k most likely tokens' log-probs (Choice.top_logprobs)
 
   def check(self, max_len: int, prompt_len: int, vocab_size: int):
     def bad(field, value, allowed):
@@ -32,6 +50,10 @@ class Request:
     if isinstance(self.max_tokens, bool) or not isinstance(self.max_tokens, int) or \
         self.max_tokens < 1:
       bad("max_tokens", self.max_tokens, "must be an integer >= 1")
+    if prompt_len >= max_len:
+      bad("prompt", f"<{prompt_len} tokens>",
+          f"the prompt is {prompt_len} tokens; max_model_len={max_len} (the model's "
+          f"max_seq_len) holds at most {max_len - 1} prompt tokens and one generated token")
     if prompt_len + self.max_tokens > max_len:
       bad("max_tokens", self.max_tokens,
           f"the prompt's {prompt_len} tokens plus max_tokens exceed the model's "
@@ -45,9 +67,12 @@ class Request:
       bad("top_k", self.top_k, "must be an integer >= 0 (0 = off)")
     if isinstance(self.n, bool) or not isinstance(self.n, int) or not 1 <= self.n <= 128:
       bad("n", self.n, "must be an integer in [1, 128]")
-    if isinstance(self.seed, bool) or not isinstance(self.seed, int) or \
-        not 0 <= self.seed < 2**31:
-      bad("seed", self.seed, "must be an integer in [0, 2**31)")
+    if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)
+                                  or not 0 <= self.seed < 2**31):
+      bad("seed", self.seed, "must be an integer in [0, 2**31), or None (fresh entropy)")
+    if isinstance(self.top_logprobs, bool) or not isinstance(self.top_logprobs, int) or \
+        not 0 <= self.top_logprobs <= MAX_TOP_LOGPROBS:
+      bad("top_logprobs", self.top_logprobs, f"must be an integer in [0, {MAX_TOP_LOGPROBS}]")
     if isinstance(self.stop, str) or not all(isinstance(s, str) and s for s in self.stop):
       bad("stop", self.stop, "must be a list of non-empty strings")
     if isinstance(self.stop_token_ids, (str, bytes)) or not all(
@@ -73,6 +98,8 @@ class Choice:
   sample_logprobs: list[float] = dataclasses.field(default_factory=list)
   stop_token: Optional[int] = None
   stop_logprob: Optional[float] = None
+  # Request.top_logprobs = k > 0: per token, {token id: log-prob} of the k most likely tokens.
+  top_logprobs: Optional[list] = None
 
 
 @dataclasses.dataclass
@@ -91,6 +118,8 @@ class Completion:
   prompt_token_ids: list[int]
   choices: list[Choice]
   usage: Usage
+  # A request that failed after it was accepted: RequestFailed (its cause named), no choices.
+  error: Optional[Exception] = None
 
 
 @dataclasses.dataclass(frozen=True)

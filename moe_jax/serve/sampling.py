@@ -13,6 +13,8 @@ recomputes it under the same processing).
 """
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 
@@ -47,3 +49,12 @@ def sample(logits_BxV, temperature_B, top_p_B, top_k_B, seed_B, choice_B, index_
   pick = lambda x_BxV: jnp.take_along_axis(x_BxV, tokens_B[:, None], axis=-1)[:, 0]
   sampled_logp_B = jnp.where(hot_B, pick(jax.nn.log_softmax(scaled_BxV, axis=-1)), 0.0)
   return tokens_B, pick(logprobs_BxV), sampled_logp_B
+
+
+@functools.partial(jax.jit, static_argnums=1)
+def top_logprobs(logits_BxV, k: int):
+  """The k most likely tokens of each row and their log-probs under the model (temperature 1, as
+  the sampled tokens' own): -> (ids [B, k] int32, log-probs [B, k] float32)."""
+  logprobs_BxV = jax.nn.log_softmax(logits_BxV.astype(jnp.float32), axis=-1)
+  values_BxK, ids_BxK = jax.lax.top_k(logprobs_BxV, k)
+  return ids_BxK.astype(jnp.int32), values_BxK
