@@ -1,4 +1,5 @@
 """Checkpointer: sharded save, restore onto another mesh, damaged and incomplete checkpoints."""
+import io
 import os
 import shutil
 
@@ -181,3 +182,21 @@ def test_a_cast_is_a_mismatch():
   assert checkpoint.mismatch(stored, stored) is None
   assert checkpoint.mismatch(stored, target) == (
       "opt_state[1]['mu']['w'] has dtype float32, the config needs bfloat16")
+
+
+def test_stderr_filter_drops_only_the_closed_event_loop_tracebacks():
+  out = io.StringIO()
+  quiet = checkpoint._QuietClosedLoop(out)  # pylint: disable=protected-access
+  dropped = ('Traceback (most recent call last):\n  File "x.py", line 1, in f\n    g()\n'
+             "RuntimeError: Event loop is closed\n")
+  kept = ('Traceback (most recent call last):\n  File "serve.py", line 9, in load\n'
+          "    zipfile.ZipFile(path)\nzipfile.BadZipFile: File is not a zip file\n")
+  chained = ('Traceback (most recent call last):\n  File "a.py", line 2, in h\n'
+             "KeyError: 'k'\n\nDuring handling of the above exception, another exception "
+             'occurred:\n\nTraceback (most recent call last):\n  File "a.py", line 4, in h\n'
+             "_private.Error\n")
+  for text in (dropped, kept, "a line of ours\n", chained):
+    quiet.write(text[:17])  # split anywhere, as another thread's writes may be
+    quiet.write(text[17:])
+  quiet.flush()
+  assert out.getvalue() == kept + "a line of ours\n" + chained

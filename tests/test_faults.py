@@ -301,6 +301,27 @@ def test_environment_and_config_file_problems_are_one_line(env, config_file, tmp
   assert not (tmp_path / "run").exists()
 
 
+def test_lock_that_is_a_folder_and_a_token_cache_that_is_a_file_are_one_line(env, config_file,
+                                                                           tmp_path):
+  workdir = tmp_path / "run"
+  os.makedirs(workdir / ".lock")
+  result = run(env, config_file, str(workdir))
+  assert result.returncode == 2
+  assert error_line(result) == (f"error: {workdir / '.lock'}: is a directory, not a lock file; "
+                                "remove it (the run makes its own) and rerun")
+  text = tmp_path / "text.txt"
+  text.write_text("some text to tokenize " * 200)
+  a_file = tmp_path / "cache"
+  a_file.write_text("")
+  result = run(dict(env, MOE_JAX_CACHE=str(a_file)),
+               f"{config_file}:data.source='text';data.path={str(text)!r}",
+               str(tmp_path / "other"))
+  assert result.returncode == 2
+  assert error_line(result).startswith(f"error: MOE_JAX_CACHE={str(a_file)!r}: {a_file} is a "
+                                       "file; the cache must be a directory")
+  assert not (tmp_path / "other").exists()
+
+
 def test_ctrl_c_saves_the_step_like_sigterm(env, config_file, tmp_path):
   workdir = str(tmp_path / "run")
   returncode, stdout, stderr = signal_endless_run(env, config_file, workdir, signal.SIGINT,
