@@ -71,7 +71,26 @@ def _garbage_metadata(step_dir):
     f.write("\x00garbage{")
 
 
+def _flip(path, offset, size=4096):
+  with open(path, "r+b") as f:
+    f.seek(offset)
+    block = f.read(size)
+    f.seek(offset)
+    f.write(bytes(b ^ 0xFF for b in block))
+
+
+def _flip_quarter_of_the_biggest_file(step_dir):
+  """Bit rot: 4 KB flipped a quarter of the way into the biggest data file (values of the right
+  shapes, read without an error: only the checksums tell)."""
+  files = [os.path.join(r, f) for r, _, fs in os.walk(step_dir) for f in fs]
+  biggest = max(files, key=os.path.getsize)
+  _flip(biggest, os.path.getsize(biggest) // 4)
+
+
 DAMAGE = {
+    "4 KB flipped a quarter into the biggest file": _flip_quarter_of_the_biggest_file,
+    "bytes flipped in a file restore never reads": lambda d: _flip(
+        os.path.join(d, "_CHECKPOINT_METADATA"), 100, 8),
     "empty step folder": _empty_folder,
     "missing item folder": lambda d: shutil.rmtree(os.path.join(d, "default")),
     "truncated array files": _truncate_arrays,
