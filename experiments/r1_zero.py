@@ -232,6 +232,7 @@ def _run_rl(cfg, base_dir, rl, spec, T, workdir):
                               every=f"rl.checkpoint_every={rl.checkpoint_every}")
         if bad == 0 and (done % rl.checkpoint_every == 0 or done == rl.steps):
           ckpt.save(done, {"state": state, "ref": ref})
+        ckpt.poll()
         signum = preemption.requested()
         if signum:
           ckpt.save(done, {"state": state, "ref": ref}, wait=True)

@@ -34,7 +34,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
-from moe_jax import checkpoint_manifest as manifest
+from moe_jax import checkpoint_manifest as manifest, distributed
 from moe_jax.config import ConfigError
 
 UNREADABLE_SUFFIX = ".unreadable"
@@ -194,6 +194,8 @@ class Checkpointer:
     self._pending: dict[int, dict] = {}  # step -> array digests, until orbax has finished it
     self._quiet = _NoOrbaxLogs()
     logging.getLogger("absl").addFilter(self._quiet)
+    if not read_only:  # what a peer's death leaves behind (distributed's watchdog says it)
+      distributed.leaving(self.describe)
 
   def steps(self) -> list[int]:
     """Step folders, ascending (a save in progress is a temporary folder, not listed)."""
@@ -253,6 +255,17 @@ class Checkpointer:
     if pending:
       self.prune()
 
+  def poll(self):
+    """Writes the manifests of saves finished since the last call (cheap: call between steps);
+    processes agree, since a manifest write ends in a barrier."""
+    if not self._pending or self._manager is None:
+      return
+    done = not self._manager.is_saving_in_progress()
+    if jax.process_count() > 1:
+      done = bool(np.min(multihost_utils.process_allgather(np.int32(done))))
+    if done:
+      self.wait()
+
   def wait(self):
     try:
       self._finish()
@@ -262,6 +275,12 @@ class Checkpointer:
   def verified(self, step: int) -> bool:
     """Whether the step's checksums are all there (written after orbax finished it)."""
     return manifest.complete(os.path.join(self.directory, str(step)))
+
+  def describe(self) -> str:
+    good, newest = self.last_good(), max(self.steps(), default=0)
+    text = (f"the last good checkpoint is step {good} in {self.directory}" if good else
+            f"no verified checkpoint in {self.directory}")
+    return text + (f" (step {newest} is newer, without checksums)" if newest > (good or 0) else "")
 
   def last_good(self) -> Optional[int]:
     """The newest verified step, or None."""

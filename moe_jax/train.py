@@ -402,6 +402,7 @@ def _train(cfg: ExperimentConfig, setup: Setup, path: str,
       diverged = bad >= t.max_bad_steps
       if bad == 0 and (done % t.checkpoint_every == 0 or done == t.steps):
         ckpt.save(done, state)
+      ckpt.poll()  # checksums of a finished save
       if done % t.log_every == 0 or done == t.steps or diverged:
         record = dict(step=done, **_mean(window))
         window = []
