@@ -134,7 +134,10 @@ def _check_arrays(tree: Any, recorded: dict) -> Optional[str]:
     return f"array {path} is {'missing' if path in recorded else 'not in its manifest'}"
   for path, x in arrays.items():
     todo = dict(recorded[path])
-    for index, data, _ in _shards(x):
+    # Whole where this process holds it whole: every recorded shard is then checked, whatever
+    # the restore's sharding; else where a restored shard covers a recorded one.
+    whole = not isinstance(x, jax.Array) or x.is_fully_addressable
+    for index, data, _ in (_shards(np.asarray(x)) if whole else _shards(x)):
       bounds = [(s.start or 0, np.shape(x)[d] if s.stop is None else s.stop)
                 for d, s in enumerate(index)]
       host = None

@@ -1,5 +1,6 @@
 """Checkpointer: sharded save, restore onto another mesh, damaged and incomplete checkpoints."""
 import io
+import json
 import os
 import shutil
 
@@ -200,3 +201,26 @@ def test_stderr_filter_drops_only_the_closed_event_loop_tracebacks():
     quiet.write(text[17:])
   quiet.flush()
   assert out.getvalue() == kept + "a line of ours\n" + chained
+
+
+def test_an_array_that_differs_from_its_digest_is_named(tmp_path):
+  """The arrays' digests are checked too, onto another mesh as well: a manifest recording other
+  values (the bytes on disk agree with it, the arrays do not) sets the step aside."""
+  mesh = jax.make_mesh((8,), ("data",))
+  state = _state(mesh)
+  ckpt = checkpoint.Checkpointer(str(tmp_path), keep=3)
+  ckpt.save(1, state)
+  ckpt.save(2, state, wait=True)
+  ckpt.close()
+  path = tmp_path / "2" / "checksums.0.json"
+  recorded = json.loads(path.read_text())
+  shards = recorded["arrays"]["['params']['w']"]
+  assert sorted(shards) == sorted(f"{2 * i}:{2 * i + 2},0:4" for i in range(8))
+  shards["6:8,0:4"] = "crc32:00000000"
+  path.write_text(json.dumps(recorded))
+  other = jax.make_mesh((2, 4), ("x", "y"))
+  reports = []
+  restored, step = checkpoint.Checkpointer(str(tmp_path), keep=3).restore_latest(
+      _abstract(state, other, P("y", "x")), report=reports.append)
+  assert step == 1 and len(reports) == 1, reports
+  assert "array ['params']['w'][6:8,0:4] fails its checksum (recorded crc32:00000000" in reports[0]
