@@ -156,9 +156,10 @@ def mismatch(stored: Any, target: Any) -> Optional[str]:
   problems = []
   if set(stored) != set(target):
     problems.append(f"holds {sorted(stored)}, the config needs {sorted(target)}")
-  for section in sorted(set(stored) & set(target)):
+  model = ("params", "moe_state", "fp8")  # first: the differences a user recognises
+  for section in sorted(set(stored) & set(target), key=lambda k: (k not in model, k)):
     have, want = _arrays(stored[section]), _arrays(target[section])
-    strict = section in ("params", "moe_state", "fp8")
+    strict = section in model
     for path in sorted(have.keys() | want.keys()):
       if path not in want:
         if strict:
