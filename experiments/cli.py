@@ -6,6 +6,8 @@
   3    numbers that cannot be trusted: a diverged run (its last good checkpoint is kept), an
        evaluation of non-finite weights
   4    the disk refused a write (full, read-only, quota); the checkpoints before it are intact
+  5    multi-process: another process of the job died (its line names it and the last good
+       checkpoint); rerun every process to resume
   130  Ctrl-C: the current step was saved if training had started (as SIGTERM, which exits 0)
 """
 import contextlib

@@ -275,8 +275,14 @@ def _run_rl(cfg, base_dir, rl, study, T, workdir):
         done = s + 1
         if rl.ref_update_every and done % rl.ref_update_every == 0:
           ref = copy(state["params"])
-        if done % rl.checkpoint_every == 0 or done == rl.steps:
+        bad = int(state["bad_steps"])  # learner updates skipped in a row (training's guard)
+        if bad >= cfg.train.max_bad_steps or (bad and done == rl.steps):  # no report on those
+          train.stop_diverged(ckpt, done, bad, cfg.train.max_bad_steps, step_name="RL step",
+                              counted="learner updates",
+                              every=f"rl.checkpoint_every={rl.checkpoint_every}")
+        if bad == 0 and (done % rl.checkpoint_every == 0 or done == rl.steps):
           ckpt.save(done, {"state": state, "ref": ref})
+        ckpt.poll()
         signum = preemption.requested()
         if signum:
           ckpt.save(done, {"state": state, "ref": ref}, wait=True)

@@ -33,6 +33,7 @@ def _parse(argv: list[str]) -> list[str]:
 
 
 def _run(cfg: config.ExperimentConfig, path: str):
+  import jax  # pylint: disable=import-outside-toplevel
   from moe_jax import checkpoint, distributed, train  # pylint: disable=import-outside-toplevel  (JAX: after the checks)
   distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
   workdir = _WORKDIR.value or os.path.join("workdir", os.path.splitext(os.path.basename(path))[0])
@@ -45,6 +46,9 @@ def _run(cfg: config.ExperimentConfig, path: str):
     cli.fail(str(e), 3)
   except checkpoint.SaveFailed as e:
     cli.fail(str(e), 4)
+  except jax.errors.JaxRuntimeError:
+    distributed.await_peer_verdict()  # a dead peer: its one line, in place of this traceback
+    raise
 
 
 def main(argv):

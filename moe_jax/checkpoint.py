@@ -5,15 +5,19 @@ bad-step counter) in `<directory>/<step>/default`. Each process writes its own s
 `restore_latest` reads them back with the shardings of a target tree, so a checkpoint written on
 one mesh shape restores onto another.
 
-Each checkpoint is judged on its own files, newest first, never from a neighbour:
+Every step carries checksums (moe_jax.checkpoint_manifest: each array's digest taken from memory
+at save time, each file's once orbax finished it), verified when it is restored. Each checkpoint
+is judged on its own files, newest first, never from a neighbour:
   * a save cut short (killed process) leaves only a temporary directory, never a step folder;
   * a step folder that is damaged (empty, no item folder, unreadable metadata, truncated or
-    missing array data) is reported in one line and skipped; a writing run renames it
+    missing array data, an array or file that fails its checksum) is reported in one line and
+    skipped; a writing run renames it
     `<step>.unreadable` (kept for inspection, and the step number is free for the next save),
     a reading one (eval, sample) leaves it where it is;
   * a readable checkpoint whose arrays do not fit the target (another model) is a
     `CheckpointMismatch`: nothing is renamed and no older checkpoint is tried.
 A save that fails (a full disk) raises `SaveFailed`; the checkpoints before it are untouched.
+Retention keeps the newest `keep` steps and, whatever their number, the newest verified one.
 """
 from __future__ import annotations
 
@@ -30,6 +34,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
+from moe_jax import checkpoint_manifest as manifest, distributed
 from moe_jax.config import ConfigError
 
 UNREADABLE_SUFFIX = ".unreadable"
@@ -92,7 +97,8 @@ class _NoOrbaxOrphanTasks(logging.Filter):
 # the run's Checkpointer is closed.
 logging.getLogger("asyncio").addFilter(_NoOrbaxOrphanTasks())
 
-_EXCEPTION_LINE = re.compile(r"^[A-Z][\w.]*(: |$)")  # a traceback's last line: "ValueError: ..."
+# A traceback's last line: "ValueError: ...", "zipfile.BadZipFile: ...", "KeyboardInterrupt".
+_EXCEPTION_LINE = re.compile(r"^[A-Za-z_][\w.]*(: |$)")
 
 
 class _QuietClosedLoop:
@@ -130,29 +136,43 @@ class _QuietClosedLoop:
     return getattr(self._stream, name)
 
 
-def _shapes(tree: Any) -> dict[str, tuple]:
-  """{path: shape} of a nested dict of arrays or array metadata (paths as jax.tree_util keystr)."""
+def _key(entry) -> str:
+  """One path entry as orbax's metadata spells it: named-tuple fields become dict keys."""
+  name = getattr(entry, "name", None)
+  return f"[{name!r}]" if name is not None else jax.tree_util.keystr((entry,))
+
+
+def _arrays(tree: Any) -> dict[str, tuple[tuple, str]]:
+  """{path: (shape, dtype name)} of a nested dict of arrays or array metadata."""
   leaves = jax.tree_util.tree_flatten_with_path(tree, is_leaf=lambda x: hasattr(x, "shape"))[0]
-  return {jax.tree_util.keystr(p): tuple(x.shape) for p, x in leaves if hasattr(x, "shape")}
+  return {"".join(_key(e) for e in p): (tuple(x.shape), np.dtype(x.dtype).name)
+          for p, x in leaves if hasattr(x, "shape")}
 
 
 def mismatch(stored: Any, target: Any) -> Optional[str]:
-  """How the checkpoint's arrays differ from the target's, or None. Compares the model's own
-  trees (params, moe_state, fp8): the optimizer state mirrors params, and orbax stores its
-  named tuples as lists, so their paths differ by construction."""
+  """How the checkpoint's arrays differ from the target's (shape or dtype), or None. A path in
+  only one tree counts for the model's own trees (params, moe_state, fp8); elsewhere (the
+  optimizer state, stored by orbax as lists) only the paths both hold are compared."""
   problems = []
   if set(stored) != set(target):
     problems.append(f"holds {sorted(stored)}, the config needs {sorted(target)}")
-  for section in ("params", "moe_state", "fp8"):
-    have = _shapes(stored.get(section) or {})
-    want = _shapes(target.get(section) or {})
+  model = ("params", "moe_state", "fp8")  # first: the differences a user recognises
+  for section in sorted(set(stored) & set(target), key=lambda k: (k not in model, k)):
+    have, want = _arrays(stored[section]), _arrays(target[section])
+    strict = section in model
     for path in sorted(have.keys() | want.keys()):
       if path not in want:
-        problems.append(f"{section}{path} is only in the checkpoint")
+        if strict:
+          problems.append(f"{section}{path} is only in the checkpoint")
       elif path not in have:
-        problems.append(f"{section}{path} is not in the checkpoint")
-      elif have[path] != want[path]:
-        problems.append(f"{section}{path} has shape {have[path]}, the config needs {want[path]}")
+        if strict:
+          problems.append(f"{section}{path} is not in the checkpoint")
+      elif have[path][0] != want[path][0]:
+        problems.append(f"{section}{path} has shape {have[path][0]}, the config needs "
+                        f"{want[path][0]}")
+      elif have[path][1] != want[path][1]:
+        problems.append(f"{section}{path} has dtype {have[path][1]}, the config needs "
+                        f"{want[path][1]}")
   if not problems:
     return None
   more = f" (and {len(problems) - 2} more)" if len(problems) > 2 else ""
@@ -163,7 +183,8 @@ class Checkpointer:
   """The checkpoints of one run under `directory` (one subdirectory per step).
 
   read_only=True (eval, sample): restores only; renames, saves and deletes nothing.
-  Otherwise keeps the last `keep` checkpoints and sets damaged ones aside.
+  Otherwise keeps the last `keep` checkpoints (and the newest verified one) and sets damaged
+  ones aside.
   """
 
   def __init__(self, directory: str, *, keep: int, async_save: bool = True,
@@ -171,8 +192,11 @@ class Checkpointer:
     self.directory = os.path.abspath(directory)
     self._keep, self._async, self.read_only = keep, async_save, read_only
     self._manager: Optional[ocp.CheckpointManager] = None
+    self._pending: dict[int, dict] = {}  # step -> array digests, until orbax has finished it
     self._quiet = _NoOrbaxLogs()
     logging.getLogger("absl").addFilter(self._quiet)
+    if not read_only:  # what a peer's death leaves behind (distributed's watchdog says it)
+      distributed.leaving(self.describe)
 
   def steps(self) -> list[int]:
     """Step folders, ascending (a save in progress is a temporary folder, not listed)."""
@@ -188,7 +212,8 @@ class Checkpointer:
     if self.read_only:
       raise RuntimeError(f"{self.directory}: opened read-only")
     if self._manager is None:
-      options = ocp.CheckpointManagerOptions(max_to_keep=self._keep, create=True,
+      # Retention is ours (prune): orbax would count unverified steps too.
+      options = ocp.CheckpointManagerOptions(max_to_keep=None, create=True,
                                              enable_async_checkpointing=self._async)
       self._manager = ocp.CheckpointManager(self.directory, options=options)
     return self._manager
@@ -199,20 +224,68 @@ class Checkpointer:
     written (this save's or an earlier asynchronous one's error)."""
     try:
       manager = self._manager_for_saving()
-      saved = step not in self.steps() and step not in manager.all_steps() and manager.save(
-          step, args=ocp.args.StandardSave(state), force=True)
+      self._finish()  # orbax waits for the previous save here anyway
+      if step in self.steps() or step in manager.all_steps():
+        return False
+      # Taken now: the caller may donate the state's buffers to its next step.
+      arrays = manifest.array_digests(state)
+      saved = manager.save(step, args=ocp.args.StandardSave(state), force=True)
+      if saved:
+        self._pending[step] = arrays
       if wait:
-        manager.wait_until_finished()
+        self._finish()
+    except SaveFailed:
+      raise
     except Exception as e:  # pylint: disable=broad-except  (tensorstore's and orbax's types)
       raise self._save_failed(step, e) from None
     return saved
 
+  def _finish(self):
+    """Waits for the save in flight, writes the manifests of the steps it finished (every
+    process its own), then applies the retention policy."""
+    if self._manager is None:
+      return
+    self._manager.wait_until_finished()
+    pending, self._pending = self._pending, {}
+    for step, arrays in sorted(pending.items()):
+      step_dir = os.path.join(self.directory, str(step))
+      if os.path.isdir(step_dir):
+        manifest.write(step_dir, arrays, jax.process_index(), jax.process_count())
+    if pending and jax.process_count() > 1:
+      multihost_utils.sync_global_devices("moe_jax_checkpoint_manifests")
+    if pending:
+      self.prune()
+
+  def poll(self):
+    """Writes the manifests of saves finished since the last call (cheap: call between steps);
+    processes agree, since a manifest write ends in a barrier."""
+    if not self._pending or self._manager is None:
+      return
+    done = not self._manager.is_saving_in_progress()
+    if jax.process_count() > 1:
+      done = bool(np.min(multihost_utils.process_allgather(np.int32(done))))
+    if done:
+      self.wait()
+
   def wait(self):
-    if self._manager is not None:
-      try:
-        self._manager.wait_until_finished()
-      except Exception as e:  # pylint: disable=broad-except
-        raise self._save_failed(None, e) from None
+    try:
+      self._finish()
+    except Exception as e:  # pylint: disable=broad-except
+      raise self._save_failed(None, e) from None
+
+  def verified(self, step: int) -> bool:
+    """Whether the step's checksums are all there (written after orbax finished it)."""
+    return manifest.complete(os.path.join(self.directory, str(step)))
+
+  def describe(self) -> str:
+    good, newest = self.last_good(), max(self.steps(), default=0)
+    text = (f"the last good checkpoint is step {good} in {self.directory}" if good else
+            f"no verified checkpoint in {self.directory}")
+    return text + (f" (step {newest} is newer, without checksums)" if newest > (good or 0) else "")
+
+  def last_good(self) -> Optional[int]:
+    """The newest verified step, or None."""
+    return next((s for s in reversed(self.steps()) if self.verified(s)), None)
 
   def _save_failed(self, step: Optional[int], error: Exception) -> SaveFailed:
     good = [s for s in self.steps() if os.path.isfile(os.path.join(self._item(s), "_METADATA"))]
@@ -221,14 +294,16 @@ class Checkpointer:
     return SaveFailed(f"could not save {which} in {self.directory} ({reason(error)}); {newest}")
 
   def prune(self):
-    """Deletes the oldest step folders beyond `keep` (a kill between a save and orbax's own
-    clean-up leaves one more)."""
+    """Deletes the oldest step folders beyond `keep`, never the newest verified one (newer
+    steps may lack their checksums: killed before the manifest, or written before checksums)."""
     steps = self.steps()
     if self.read_only or len(steps) <= self._keep:
       return
+    good = self.last_good()
     if jax.process_index() == 0:
       for step in steps[:len(steps) - self._keep]:
-        shutil.rmtree(os.path.join(self.directory, str(step)))
+        if step != good:
+          shutil.rmtree(os.path.join(self.directory, str(step)))
     if jax.process_count() > 1:
       multihost_utils.sync_global_devices("moe_jax_checkpoint_prune")
 
@@ -270,11 +345,28 @@ class Checkpointer:
         try:
           with _quiet_absl():
             state = checkpointer.restore(self._item(step), abstract_state)
-          return state, step
         except Exception as e:  # pylint: disable=broad-except
           problem = f"its data cannot be read ({reason(e)})"
+      if problem is None:
+        problem = self._verify(step, state, report)
+        if problem is None:
+          return state, step
       self._set_aside(step, problem, report)
     return None, 0
+
+  def _verify(self, step: int, state: Any, report: Callable[[str], None]) -> Optional[str]:
+    """The step's checksum problem, or None; every process checks its own shards and files,
+    and all agree (one damaged shard anywhere sets the step aside everywhere)."""
+    verified, problem = manifest.verify(os.path.join(self.directory, str(step)), state,
+                                        jax.process_index(), jax.process_count())
+    if jax.process_count() > 1:
+      bad = np.asarray(multihost_utils.process_allgather(np.int32(problem is not None)))
+      if problem is None and bad.any():
+        problem = f"process {int(np.argmax(bad))} found a shard failing its checksum"
+    if problem is None and not verified:
+      report(f"checkpoint step {step} in {self.directory} has no checksums (written before "
+             "they were, or stopped before its manifest): restored unverified")
+    return problem
 
   def _set_aside(self, step: int, problem: str, report: Callable[[str], None]):
     where = f"checkpoint step {step} in {self.directory} is unreadable: {problem}"
@@ -296,12 +388,12 @@ class Checkpointer:
     """Waits for a save in flight; SaveFailed if it failed."""
     logging.getLogger("absl").removeFilter(self._quiet)
     if self._manager is not None:
-      manager, self._manager = self._manager, None
       try:
-        manager.wait_until_finished()
+        self._finish()
       except Exception as e:  # pylint: disable=broad-except
         raise self._save_failed(None, e) from None
       finally:
+        manager, self._manager = self._manager, None
         with contextlib.suppress(Exception):
           manager.close()
 

@@ -10,6 +10,7 @@ defence against someone forging a file; nothing here is.
 """
 from __future__ import annotations
 
+import os
 import zlib
 from typing import Mapping, Optional
 
@@ -25,6 +26,15 @@ def digest(array) -> str:
   crc = zlib.crc32(header)
   # Viewed as bytes: ml_dtypes' bfloat16 / float8 have no buffer format of their own.
   crc = zlib.crc32(a.reshape(-1).view(np.uint8), crc)
+  return f"{ALGORITHM}:{crc & 0xFFFFFFFF:08x}"
+
+
+def file_digest(path: str, chunk: int = 1 << 22) -> str:
+  """'crc32:xxxxxxxx' of a file's size and bytes, read in chunks."""
+  crc = zlib.crc32(f"file|{os.path.getsize(path)}".encode())
+  with open(path, "rb") as f:
+    for block in iter(lambda: f.read(chunk), b""):
+      crc = zlib.crc32(block, crc)
   return f"{ALGORITHM}:{crc & 0xFFFFFFFF:08x}"
 
 

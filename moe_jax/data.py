@@ -208,6 +208,17 @@ def default_cache_dir() -> str:
       os.path.expanduser("~"), ".cache", "moe_jax")
 
 
+def _check_cache_dir(cache_dir: str):
+  """ConfigError (one line) if the token cache cannot be a directory: a file is in the way."""
+  path = os.path.abspath(cache_dir)
+  while path and not os.path.exists(path):
+    path = os.path.dirname(path) if os.path.dirname(path) != path else ""
+  if path and not os.path.isdir(path):
+    name = "MOE_JAX_CACHE" if os.environ.get("MOE_JAX_CACHE") else "the token cache"
+    raise ConfigError(f"{name}={cache_dir!r}: {path} is a file; the cache must be a directory "
+                      "(set MOE_JAX_CACHE to one)")
+
+
 def _fingerprint(files: Files, *extra) -> str:
   h = hashlib.blake2b(repr((_VERSION,) + extra).encode("utf-8"), digest_size=8)
   for path, rel in files:
@@ -324,6 +335,7 @@ def load_dataset(config: DataConfig, *, cache_dir: Optional[str] = None) -> Data
       raise ConfigError(f"data.path={config.path!r}: {e}; prepare one with "
                         "`python -m moe_jax.data --input GLOB --output FILE`") from None
     return Dataset(f"tokens:{config.path}", train, heldout)
+  _check_cache_dir(cache_dir)  # text sources are tokenized into it
   if config.source == "stdlib":
     files = stdlib_files()
     if not files:

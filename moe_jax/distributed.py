@@ -11,11 +11,22 @@ Where the job description comes from, first match wins:
   3. a SLURM step or an Open MPI launch with more than one task, which
      `jax.distributed.initialize` detects by itself.
 Anything else is one process, and `initialize` does nothing.
+
+A peer that dies (killed, its host gone) leaves the others blocked in a collective until JAX's
+coordination service notices its missing heartbeats and aborts them with a C++ stack dump. So
+every process also runs a watchdog thread: it publishes a counter in the coordination service's
+key-value store every HEARTBEAT_S seconds and watches the others'; a peer whose counter stands
+still for PEER_TIMEOUT_S (or a coordinator that no longer answers) ends this process at once with
+one line on stderr naming the dead process and what the run leaves behind (`leaving`), exit
+status 5. JAX's own heartbeat timeout is set later than ours.
 """
 from __future__ import annotations
 
 import os
-from typing import Optional, Sequence, Union
+import sys
+import threading
+import time
+from typing import Callable, Optional, Sequence, Union
 
 import jax
 
@@ -29,6 +40,13 @@ ENV_PROCESS_ID = "MOE_JAX_PROCESS_ID"
 _SLURM_VARS = ("SLURM_JOB_ID", "SLURM_STEP_NODELIST", "SLURM_NTASKS", "SLURM_PROCID",
                "SLURM_LOCALID")
 _OMPI_URI = "OMPI_MCA_orte_hnp_uri"
+
+HEARTBEAT_S = 2.0
+PEER_TIMEOUT_S = 30.0
+JAX_HEARTBEAT_TIMEOUT_S = 100  # JAX's default: its abort must come after our line
+PEER_DIED = 5  # exit status
+_KEY = "moe_jax_alive/"
+_LEAVING: list[Callable[[], str]] = []  # the newest run's, one at most
 
 
 def _env_int(name: str) -> Optional[int]:
@@ -75,8 +93,60 @@ def initialize(coordinator_address: Optional[str] = None,
   # Arguments left None are filled in by JAX's SLURM / Open MPI detection.
   jax.distributed.initialize(coordinator_address=coordinator_address,
                              num_processes=num_processes, process_id=process_id,
-                             local_device_ids=local_device_ids)
+                             local_device_ids=local_device_ids,
+                             heartbeat_timeout_seconds=JAX_HEARTBEAT_TIMEOUT_S)
+  threading.Thread(target=_watch, name="moe_jax_peer_watchdog", daemon=True).start()
   return True
+
+
+def leaving(describe: Callable[[], str]):
+  """A peer's death is reported with describe() (say, the newest checkpoint of the run this
+  process works on now), in place of the one given before."""
+  _LEAVING[:] = [describe]
+
+
+def await_peer_verdict():
+  """After a collective failed (gloo sees a dead peer's socket at once): gives the watchdog the
+  time to name the dead process and end this one; returns if every peer is alive after all."""
+  if jax.process_count() > 1:
+    time.sleep(PEER_TIMEOUT_S + 3 * HEARTBEAT_S)
+
+
+def _peer_died(what: str):
+  try:
+    left = "; ".join(d() for d in _LEAVING) or "no run had started"
+  except Exception as e:  # pylint: disable=broad-except  (the line must come out regardless)
+    left = f"the run's state is unknown ({type(e).__name__})"
+  print(f"error: {what}; {left}; rerun every process to resume", file=sys.stderr, flush=True)
+  os._exit(PEER_DIED)  # pylint: disable=protected-access  (the main thread is in a collective)
+
+
+def _watch():
+  import orbax.checkpoint as ocp  # pylint: disable=import-outside-toplevel  (the client, publicly)
+  try:
+    client = ocp.multihost.get_jax_distributed_client()
+  except Exception:  # pylint: disable=broad-except  (no client: JAX was not really initialized)
+    return
+  me, count = jax.process_index(), jax.process_count()
+  last = {}  # peer -> (counter, when it last changed)
+  beat = 0
+  while True:
+    beat += 1
+    try:
+      client.key_value_set(f"{_KEY}{me}", str(beat), allow_overwrite=True)
+      values = {k.rsplit("/", 1)[-1]: v for k, v in client.key_value_dir_get(_KEY)}
+    except Exception as e:  # pylint: disable=broad-except  (gRPC's errors)
+      line = next((l for l in str(e).splitlines() if l.strip()), type(e).__name__)
+      _peer_died(f"process 0 of {count} (the coordinator) no longer answers ({line[:160]})")
+    now = time.monotonic()
+    for peer in (p for p in range(count) if p != me):
+      value = values.get(str(peer))
+      if peer not in last or last[peer][0] != value:
+        last[peer] = (value, now)
+      elif now - last[peer][1] > PEER_TIMEOUT_S:
+        _peer_died(f"process {peer} of {count} stopped (no heartbeat for "
+                   f"{PEER_TIMEOUT_S:.0f} s: killed, crashed or its host is gone)")
+    time.sleep(HEARTBEAT_S)
 
 
 def process_index() -> int:

@@ -306,6 +306,22 @@ def _mean(window: list[dict]) -> dict:
   return out
 
 
+def stop_diverged(ckpt: checkpoint.Checkpointer, done: int, bad: int, max_bad: int, *,
+                  every: str, step_name: str = "step", counted: str = "steps"):
+  """The finite-update guard's stop (training's and RL's): Diverged naming the cause and the
+  newest verified checkpoint, once the saves in flight are finished."""
+  ckpt.wait()
+  good, newest = ckpt.last_good(), max(ckpt.steps(), default=0)
+  if good:
+    last = f"the last good checkpoint is {step_name} {good} in {ckpt.directory}"
+  elif newest:
+    last = f"no checkpoint is verified (the newest, {step_name} {newest}, has no checksums)"
+  else:
+    last = f"no checkpoint was saved before it ({every})"
+  raise Diverged(f"stopped at {step_name} {done}: loss, gradient or update not finite for "
+                 f"{bad} {counted} in a row (train.max_bad_steps={max_bad}); {last}")
+
+
 def _resume(cfg: ExperimentConfig, setup: Setup, path: str, ckpt: checkpoint.Checkpointer,
             say) -> tuple[Any, int]:
   """The state to continue from and its step; checks everything before the run writes."""
@@ -353,7 +369,7 @@ def _train(cfg: ExperimentConfig, setup: Setup, path: str,
   else:
     say(f"resumed from step {start} ({ckpt.directory}/{start})")
   if main:
-    workdirs.write_json(os.path.join(path, CONFIG_FILE), cfg.to_dict(), indent=2)
+    workdirs.write_config(path, cfg)
   ckpt.prune()
   log = metrics.MetricsLog(path, enabled=main, resume_step=start, report=say)
   if start == t.steps:
@@ -386,6 +402,7 @@ def _train(cfg: ExperimentConfig, setup: Setup, path: str,
       diverged = bad >= t.max_bad_steps
       if bad == 0 and (done % t.checkpoint_every == 0 or done == t.steps):
         ckpt.save(done, state)
+      ckpt.poll()  # checksums of a finished save
       if done % t.log_every == 0 or done == t.steps or diverged:
         record = dict(step=done, **_mean(window))
         window = []
@@ -402,13 +419,8 @@ def _train(cfg: ExperimentConfig, setup: Setup, path: str,
           progress.update(done, record["loss"] or float("nan"), record["tokens_per_s"] or 0.0,
                           eta, f"MFU {record['mfu'] or 0:.1%}")
       if diverged:
-        ckpt.wait()
-        good = max(ckpt.steps(), default=0)
-        last = (f"the last good checkpoint is step {good} in {ckpt.directory}" if good else
-                f"no checkpoint was saved before it (train.checkpoint_every="
-                f"{t.checkpoint_every})")
-        raise Diverged(f"stopped at step {done}: loss, gradient or update not finite for {bad} "
-                       f"steps in a row (train.max_bad_steps={t.max_bad_steps}); {last}")
+        stop_diverged(ckpt, done, bad, t.max_bad_steps,
+                      every=f"train.checkpoint_every={t.checkpoint_every}")
       if done % t.eval_every == 0 or done == t.steps:
         result = setup.evaluate(state)
         log.write(dict(step=done, **result))

@@ -6,6 +6,9 @@
            writes strict JSON (non-finite floats become null); `read_json` treats a torn or
            missing file as absent and says so.
   claim    `claim(workdir)`: prepare + lock for a writing run, agreed by every process.
+  paths    `write_config` records the config and, in config_paths.json, its file paths relative
+           to the workdir: a copied or moved workdir whose files moved with it (an R1 run's
+           corpus) still matches the config that names them at their new place.
   changes  `check_config` and `config_changes` sort the differences between the config a
            workdir's checkpoints were written with and the one resuming them: keys that change what the checkpoint
            means are refused, the rest (how the same computation runs, what is logged, how long
@@ -30,6 +33,8 @@ from jax.experimental import multihost_utils
 from moe_jax.config import ConfigError, ExperimentConfig, from_config_dict
 
 CONFIG_FILE = "config.json"
+PATHS_FILE = "config_paths.json"  # the config's file paths relative to the workdir
+PATH_KEYS = ("data.path",)
 LOCK_FILE = ".lock"
 HISTORY_FILE = "config_history.jsonl"
 
@@ -65,7 +70,12 @@ def prepare(workdir: str):
 def lock(workdir: str) -> Iterator[None]:
   """Holds the workdir's lock; ConfigError naming the holder if another run has it."""
   path = os.path.join(workdir, LOCK_FILE)
-  f = open(path, "a+")  # pylint: disable=consider-using-with  (held for the run)
+  try:
+    f = open(path, "a+")  # pylint: disable=consider-using-with  (held for the run)
+  except OSError as e:
+    what = "is a directory, not a lock file" if isinstance(e, IsADirectoryError) else (
+        f"cannot be opened ({e.strerror or e})")
+    raise ConfigError(f"{path}: {what}; remove it (the run makes its own) and rerun") from None
   try:
     try:
       fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -151,6 +161,21 @@ def record_changes(workdir: str, step: int, accepted: dict):
     f.write(json.dumps(_finite(line)) + "\n")
 
 
+def write_config(workdir: str, cfg: ExperimentConfig):
+  """config.json, and config_paths.json beside it (see the module doc)."""
+  values = _flat(cfg.to_dict())
+  write_json(os.path.join(workdir, CONFIG_FILE), cfg.to_dict(), indent=2)
+  write_json(os.path.join(workdir, PATHS_FILE),
+             {k: os.path.relpath(os.path.abspath(values[k]), os.path.abspath(workdir))
+              for k in PATH_KEYS if values.get(k)}, indent=2)
+
+
+def _moved(key: str, new: Any, workdir: str, relative: Any) -> bool:
+  """Whether `new` names, relative to the workdir, the path recorded for `key`."""
+  return (isinstance(relative, dict) and isinstance(new, str) and bool(new) and
+          relative.get(key) == os.path.relpath(os.path.abspath(new), os.path.abspath(workdir)))
+
+
 def check_config(cfg: ExperimentConfig, workdir: str, *, reading: bool = False,
                   report=print) -> dict:
   """Compares cfg with the config the workdir's run was written with (config.json).
@@ -166,6 +191,9 @@ def check_config(cfg: ExperimentConfig, workdir: str, *, reading: bool = False,
   with contextlib.suppress(ConfigError, TypeError, ValueError):
     old = from_config_dict(old).to_dict()  # fields added since then take their defaults
   refused, accepted = config_changes(old, cfg.to_dict())
+  relative = read_json(os.path.join(workdir, PATHS_FILE), report=report)
+  for key in [k for k in refused if _moved(k, refused[k][1], workdir, relative)]:
+    accepted[key] = refused.pop(key)  # the workdir moved, its files with it
   if reading:
     refused = {k: v for k, v in refused.items() if k.startswith(_MODEL_KEYS)}
   for key, (before, after) in refused.items():

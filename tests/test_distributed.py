@@ -42,7 +42,8 @@ def test_environment_and_arguments_reach_jax(fake_initialize, monkeypatch):
   monkeypatch.setenv(distributed.ENV_PROCESS_ID, "2")
   assert distributed.initialize(process_id=3) is True
   assert fake_initialize == [dict(coordinator_address="10.0.0.1:1234", num_processes=4,
-                                  process_id=3, local_device_ids=None)]
+                                  process_id=3, local_device_ids=None,
+                                  heartbeat_timeout_seconds=distributed.JAX_HEARTBEAT_TIMEOUT_S)]
   assert jax.config.jax_cpu_collectives_implementation == "gloo"
 
 
@@ -51,7 +52,8 @@ def test_cluster_launch_is_left_to_jax_detection(fake_initialize, monkeypatch):
   monkeypatch.setenv("OMPI_COMM_WORLD_SIZE", "2")
   assert distributed.initialize() is True
   assert fake_initialize == [dict(coordinator_address=None, num_processes=None,
-                                  process_id=None, local_device_ids=None)]
+                                  process_id=None, local_device_ids=None,
+                                  heartbeat_timeout_seconds=distributed.JAX_HEARTBEAT_TIMEOUT_S)]
 
 
 def test_bad_environment_names_the_variable(fake_initialize, monkeypatch):

@@ -8,6 +8,7 @@ at steps 4, 8 and 12).
 import contextlib
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -18,6 +19,7 @@ import time
 import numpy as np
 import pytest
 
+import multihost
 from moe_jax import checkpoint, data, metrics
 from runs import ENDLESS, REPO, assert_same_checkpoints, run, signal_endless_run, train_records
 
@@ -71,7 +73,26 @@ def _garbage_metadata(step_dir):
     f.write("\x00garbage{")
 
 
+def _flip(path, offset, size=4096):
+  with open(path, "r+b") as f:
+    f.seek(offset)
+    block = f.read(size)
+    f.seek(offset)
+    f.write(bytes(b ^ 0xFF for b in block))
+
+
+def _flip_quarter_of_the_biggest_file(step_dir):
+  """Bit rot: 4 KB flipped a quarter of the way into the biggest data file (values of the right
+  shapes, read without an error: only the checksums tell)."""
+  files = [os.path.join(r, f) for r, _, fs in os.walk(step_dir) for f in fs]
+  biggest = max(files, key=os.path.getsize)
+  _flip(biggest, os.path.getsize(biggest) // 4)
+
+
 DAMAGE = {
+    "4 KB flipped a quarter into the biggest file": _flip_quarter_of_the_biggest_file,
+    "bytes flipped in a file restore never reads": lambda d: _flip(
+        os.path.join(d, "_CHECKPOINT_METADATA"), 100, 8),
     "empty step folder": _empty_folder,
     "missing item folder": lambda d: shutil.rmtree(os.path.join(d, "default")),
     "truncated array files": _truncate_arrays,
@@ -301,6 +322,27 @@ def test_environment_and_config_file_problems_are_one_line(env, config_file, tmp
   assert not (tmp_path / "run").exists()
 
 
+def test_lock_that_is_a_folder_and_a_token_cache_that_is_a_file_are_one_line(env, config_file,
+                                                                           tmp_path):
+  workdir = tmp_path / "run"
+  os.makedirs(workdir / ".lock")
+  result = run(env, config_file, str(workdir))
+  assert result.returncode == 2
+  assert error_line(result) == (f"error: {workdir / '.lock'}: is a directory, not a lock file; "
+                                "remove it (the run makes its own) and rerun")
+  text = tmp_path / "text.txt"
+  text.write_text("some text to tokenize " * 200)
+  a_file = tmp_path / "cache"
+  a_file.write_text("")
+  result = run(dict(env, MOE_JAX_CACHE=str(a_file)),
+               f"{config_file}:data.source='text';data.path={str(text)!r}",
+               str(tmp_path / "other"))
+  assert result.returncode == 2
+  assert error_line(result).startswith(f"error: MOE_JAX_CACHE={str(a_file)!r}: {a_file} is a "
+                                       "file; the cache must be a directory")
+  assert not (tmp_path / "other").exists()
+
+
 def test_ctrl_c_saves_the_step_like_sigterm(env, config_file, tmp_path):
   workdir = str(tmp_path / "run")
   returncode, stdout, stderr = signal_endless_run(env, config_file, workdir, signal.SIGINT,
@@ -352,6 +394,49 @@ def test_run_that_diverges_before_its_first_checkpoint_says_there_is_none(env, c
   assert line.startswith("error: stopped at step 3: loss, gradient or update not finite"), line
   assert "no checkpoint was saved before it (train.checkpoint_every=4)" in line
   assert not os.path.exists(os.path.join(workdir, "checkpoints"))
+
+
+def test_a_killed_process_ends_its_peer_in_one_line_and_the_rerun_resumes(env, config_file,
+                                                                         tmp_path):
+  """kill -9 of one process of a two-process run: the other exits within a minute, with one
+  line naming the dead process and the last good checkpoint (not JAX's C++ abort); both rerun
+  and resume from that checkpoint."""
+  workdir = str(tmp_path / "run")
+
+  def start(i, port, *flags):
+    return subprocess.Popen(
+        [sys.executable, "-m", "experiments.run", f"--config={config_file}:{ENDLESS}",
+         "--config.mesh.data=8", f"--workdir={workdir}", f"--coordinator_address=127.0.0.1:{port}",
+         "--num_processes=2", f"--process_id={i}", *flags], cwd=REPO,
+        env=dict(env, XLA_FLAGS=multihost.xla_flags(4)), stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE, text=True)
+
+  port = multihost.free_port()
+  procs = [start(i, port, "--config.train.checkpoint_every=2") for i in (0, 1)]
+  try:
+    deadline = time.monotonic() + 300
+    while len(train_records(workdir)) < 5:
+      assert all(p.poll() is None for p in procs) and time.monotonic() < deadline
+      time.sleep(0.2)
+    procs[1].kill()
+    killed = time.monotonic()
+    _, stderr = procs[0].communicate(timeout=120)
+    waited = time.monotonic() - killed
+  finally:
+    for p in procs:
+      p.kill()
+      p.communicate()
+  assert procs[0].returncode == 5 and waited < 60, (waited, stderr[-3000:])
+  line = error_line(stderr)
+  good = re.search(r"the last good checkpoint is step (\d+) in ", line)
+  assert line.startswith("error: process 1 of 2 stopped (no heartbeat for 30 s") and good, line
+  port = multihost.free_port()
+  steps = int(good.group(1)) + 2
+  procs = [start(i, port, f"--config.train.steps={steps}") for i in (0, 1)]
+  outs = [p.communicate(timeout=300) for p in procs]
+  assert [p.returncode for p in procs] == [0, 0], outs[0][1][-3000:] + outs[1][1][-3000:]
+  assert f"resumed from step {good.group(1)}" in outs[0][0]
+  assert train_records(workdir)[-1]["step"] == steps
 
 
 def test_readme_two_process_example_runs_as_written(env, tmp_path):

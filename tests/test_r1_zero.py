@@ -150,6 +150,32 @@ def test_a_changed_rl_setting_is_refused_before_any_work(runlocal):
     r1_zero.run(config.from_config_dict(changed), workdir)
 
 
+def test_a_copied_workdir_resumes_and_a_diverging_rl_run_stops(runlocal, tmp_path):
+  """The R1 workdir copied elsewhere resumes (the base's corpus is recorded relative to it);
+  RL updates that are all skipped (rl.learning_rate=1e300 overflows) stop the run with exit 3
+  and one line naming the cause, and no report is written as if it had trained."""
+  env, workdir = runlocal
+  moved = str(tmp_path / "moved")
+  shutil.copytree(workdir, moved)
+  result = runs.run(env, CONFIG, moved)
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert "nothing to do" in result.stdout and "RL resumed from step 3" in result.stdout
+  assert "resuming with data.path" in result.stdout
+  for name in ("rl", "r1_zero.md", "r1_zero.json", "r1_zero.png"):
+    path = os.path.join(moved, name)
+    shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
+  result = runs.run(env, CONFIG, moved, "--config.rl.learning_rate=1e300")
+  assert result.returncode == 3, result.stderr[-3000:]
+  assert "Traceback" not in result.stderr, result.stderr[-3000:]
+  # numpy warns that 1e300 overflows float32 as the learner casts it; then the one line
+  lines = [l for l in result.stderr.splitlines() if l.startswith("error: ")]
+  assert len(lines) == 1, result.stderr[-3000:]
+  assert re.match(r"error: stopped at RL step \d: loss, gradient or update not finite for \d+ "
+                  r"learner updates in a row \(train.max_bad_steps=\d+\); ", lines[0]), lines
+  assert "rl.checkpoint_every=2" in lines[0] or "the last good checkpoint is RL step" in lines[0]
+  assert not os.path.exists(os.path.join(moved, "r1_zero.json"))
+
+
 def test_sigterm_saves_and_the_rerun_continues_the_same_run(runlocal, tmp_path):
   """SIGTERM during RL saves the step and exits 0; the rerun resumes from it and its steps equal
   the uninterrupted run's (problems and sampling are pure functions of (seed, step)). Runs last:
