@@ -144,11 +144,16 @@ def mtp_weight(step, cfg: ExperimentConfig) -> jax.Array:
   return jnp.where(late, m.mtp_loss_weight_late, m.mtp_loss_weight).astype(jnp.float32)
 
 
+def pipe(cfg: TrainConfig) -> tuple[int, int]:
+  """The pipeline's (micro-batches, repeats) (pipeline.py; mesh.stage gives the stages)."""
+  return cfg.microbatches, cfg.pipeline_repeats
+
+
 def train_step(state: dict, batch: dict, cfg: ExperimentConfig) -> tuple[dict, dict]:
   """One AdamW step on the global batch; not applied when the loss or gradient is not finite."""
   step = state["step"]
   loss_fn = lambda p, f: model.loss(p, state["moe_state"], batch, cfg.model, cfg.moe, cfg.fp8, f,
-                                    mtp_weight=mtp_weight(step, cfg))
+                                    mtp_weight=mtp_weight(step, cfg), pipe=pipe(cfg.train))
   # The FP8 state's gradient is its update (delayed scaling); it never meets the optimizer.
   (loss, aux), (grads, fp8_state) = jax.value_and_grad(loss_fn, argnums=(0, 1), has_aux=True)(
       state["params"], state.get("fp8"))
@@ -184,7 +189,8 @@ def train_step(state: dict, batch: dict, cfg: ExperimentConfig) -> tuple[dict, d
 def eval_step(params: dict, moe_state: dict, batch: dict, fp8_state: Any = None, *,
               cfg: ExperimentConfig) -> dict:
   """Held-out loss; the FP8 state (delayed) is only read: a forward pass does not update it."""
-  loss, aux = model.loss(params, moe_state, batch, cfg.model, cfg.moe, cfg.fp8, fp8_state)
+  loss, aux = model.loss(params, moe_state, batch, cfg.model, cfg.moe, cfg.fp8, fp8_state,
+                         pipe=pipe(cfg.train))
   return {"eval_loss": loss, "eval_ce": aux["ce"]}
 
 

@@ -9,7 +9,7 @@ from jax.sharding import AxisType, PartitionSpec as P
 from moe_jax import sharding
 from moe_jax.config import MESH_AXES, ConfigError, MeshConfig
 
-TOKENS = ("data", "fsdp", "expert")
+TOKENS = ("data", "stage", "fsdp", "expert")
 
 
 def test_rules_table_is_valid():
@@ -61,7 +61,7 @@ def test_make_mesh_data_by_expert(data, expert):
   mesh = sharding.make_mesh(MeshConfig(data=data, expert=expert))
   assert mesh.axis_names == MESH_AXES
   assert sharding.axis_sizes(mesh) == dict(data=data, fsdp=1, expert=expert, tensor=1)
-  assert mesh.axis_types == (AxisType.Auto,) * 4
+  assert mesh.axis_types == (AxisType.Auto,) * 5
   assert sharding.shard_count(mesh, "batch") == 8
   assert sharding.shard_count(mesh, "experts") == expert
   assert sharding.shard_count(mesh, "seq") == 1
