@@ -380,7 +380,7 @@ class ExperimentConfig:
               ("train.batch_size", train.batch_size, "mesh.data*stage*fsdp*expert",
                tokens * mesh.stage),
               ("train.batch_size", train.batch_size, "train.microbatches", train.microbatches),
-              ("model.embed_dim", model.embed_dim, "mesh.fsdp", mesh.fsdp),
+              ("model.embed_dim", model.embed_dim, "mesh.stage*fsdp", mesh.stage * mesh.fsdp),
               ("model.num_heads", model.num_heads, "mesh.tensor", mesh.tensor),
               ("model.dense_ffn_dim", model.dense_ffn_dim, "mesh.tensor", mesh.tensor),
               ("moe.expert_ffn_dim", moe.expert_ffn_dim, "mesh.tensor", mesh.tensor),

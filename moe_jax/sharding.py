@@ -11,10 +11,11 @@ product of X and Y. With the mesh axes data (D), stage (P), fsdp (F), expert (E)
   tokens      x[B_DPFE, S, M]          every non-tensor axis splits the batch: the expert axis is
                                        extra data parallelism outside the MoE layer, which is what
                                        lets the MoE layer all-to-all tokens over it.
-  dense       w_in[M_F, H_T]           FSDP: parameters' embed dim is split over fsdp and gathered
-              w_out[H_T, M_F]          (all-gather forward, reduce-scatter backward) where used.
-  experts     w[X_E, M_F, H_T]         expert-parallel over expert, FSDP over fsdp, Megatron over
-                                       tensor.
+  dense       w_in[M_PF, H_T]          FSDP: parameters' embed dim is split over stage and fsdp
+              w_out[H_T, M_PF]         and gathered (all-gather forward, reduce-scatter backward)
+                                       where used; a pipeline stage gathers only its own blocks.
+  experts     w[X_E, M_PF, H_T]        expert-parallel over expert, FSDP over stage and fsdp,
+                                       Megatron over tensor.
   exchange    y[X_E, B_DF, M]          after the all-to-all each expert shard holds tokens from its
                                        whole expert group ("expert_tokens").
   logits      z[B_DPFE, S, V_T]
@@ -70,7 +71,8 @@ RULES: tuple[tuple[str, MeshAxes], ...] = (
     ("layers", None),                           # MoE blocks within one stage
     ("seq", None),                              # sequence length (no sequence parallelism)
     ("vocab", TENSOR_AXIS),
-    ("embed", FSDP_AXIS),                       # model width: FSDP on parameters
+    ("embed", (STAGE_AXIS, FSDP_AXIS)),         # model width: FSDP on parameters (and ZeRO
+                                                # over stage: pipeline.py gathers each stage's)
     ("mlp", TENSOR_AXIS),                       # dense SwiGLU hidden width
     ("heads", TENSOR_AXIS),
     ("kv_heads", TENSOR_AXIS),                  # GQA key/value heads
@@ -78,7 +80,7 @@ RULES: tuple[tuple[str, MeshAxes], ...] = (
     ("q_lora", None),                           # MLA latents: small, replicated
     ("kv_lora", None),
     ("experts", EXPERT_AXIS),
-    ("expert_embed", FSDP_AXIS),                # model width of expert weights
+    ("expert_embed", (STAGE_AXIS, FSDP_AXIS)),  # model width of expert weights
     ("expert_mlp", TENSOR_AXIS),                # expert SwiGLU hidden width
 )
 
