@@ -77,6 +77,9 @@ class MoEConfig:
   norm_topk: bool = True             # divide selected gates by their sum
   capacity_factor: Optional[float] = None  # None: dropless; else rows per expert = cf*T*k/E
   grouped_backend: str = "auto"      # "auto", "ragged" (lax.ragged_dot) or "padded" (buckets)
+  # The alltoall layer's exchange: "ragged" (lax.ragged_all_to_all: only routed rows travel;
+  # GPU/TPU), "padded" (every bucket whole; XLA:CPU has no ragged one), "auto" per backend.
+  exchange: str = "auto"
   aux_loss_coef: float = 0.0         # GShard/Switch load-balancing loss weight
   seq_aux_loss_coef: float = 0.0     # V3 sequence-wise balance loss weight
   z_loss_coef: float = 0.0           # router z-loss weight
@@ -94,6 +97,7 @@ class MoEConfig:
       _fail("num_shared_experts", self.num_shared_experts, "must be an integer >= 0")
     _one_of(self, "score_fn", ("sigmoid", "softmax"))
     _one_of(self, "grouped_backend", ("auto", "ragged", "padded"))
+    _one_of(self, "exchange", ("auto", "ragged", "padded"))
     _one_of(self, "dtype", DTYPES)
     _one_of(self, "parallelism", ("none", "alltoall", "gshard"))
     _is_bool(self, "norm_topk")

@@ -163,3 +163,32 @@ def test_bad_pipeline_config_is_one_line(mesh, train_values, message):
   with pytest.raises(ConfigError) as err:
     config.from_config_dict(values)
   assert message.split(":")[0] in str(err.value) and "\n" not in str(err.value)
+
+
+def test_checkpoint_of_one_layout_resumes_under_another(tmp_path):
+  """Saved on data 2 x expert 4 without a pipeline, restored on stage 4 x fsdp 2 with 4
+  micro-batches (the parameters arrive split over stage and fsdp), the next step equals the
+  one the saving layout takes; and a resume accepts the change of layout."""
+  from moe_jax import checkpoint, workdir
+  before, after = tiny(REFERENCE), tiny(dict(stage=4, fsdp=2), microbatches=4)
+  setup, state, batch = _on_mesh(before)
+  state, _ = setup.step(state, batch)
+  ckpt = checkpoint.Checkpointer(str(tmp_path / "checkpoints"), keep=1)
+  ckpt.save(1, state, wait=True)
+  ckpt.close()
+  _, expected = setup.step(state, batch)
+
+  setup = train.Setup(after)
+  ckpt = checkpoint.Checkpointer(str(tmp_path / "checkpoints"), keep=1)
+  restored, step = ckpt.restore_latest(setup.abstract_state())
+  ckpt.close()
+  assert step == 1
+  assert restored["params"]["embed"]["embedding"].sharding.spec[1] == ("stage", "fsdp")
+  names = sharding.named_sharding(setup.mesh, train.BATCH_AXES)
+  _, got = setup.step(restored, {k: jax.device_put(np.asarray(v), names)
+                                 for k, v in batch.items()})
+  np.testing.assert_allclose(got["loss"], expected["loss"], rtol=1e-5)
+  np.testing.assert_allclose(got["load"], expected["load"], atol=1e-6)
+  refused, accepted = workdir.config_changes(before.to_dict(), after.to_dict())
+  assert not refused and set(accepted) == {"mesh.data", "mesh.stage", "mesh.fsdp",
+                                           "mesh.expert", "train.microbatches"}
