@@ -1,5 +1,6 @@
 """The sharding study: its table on a tiny model, the exact state bytes, the depth extrapolation."""
 import csv
+import dataclasses
 import importlib.util
 import os
 import pathlib
@@ -55,11 +56,11 @@ def test_table_of_two_meshes(tmp_path):
   assert data["all-to-all"] == data["a2a_min_step_bytes"] == 0 and data["a2a_ratio"] is None
 
   text = study.write_outputs(cfg, rows, str(tmp_path))
-  assert "| 1x1x8x1 |" in text and "| 8x1x1x1 |" in text
+  assert "| 1x1x1x8x1 |" in text and "| 8x1x1x1x1 |" in text
   with open(tmp_path / "table.csv") as f:
     table = list(csv.DictReader(f))
   assert tuple(table[0]) == study.COLUMNS
-  assert [r["mesh"] for r in table] == ["1x1x8x1", "8x1x1x1"]
+  assert [r["mesh"] for r in table] == ["1x1x1x8x1", "8x1x1x1x1"]
   assert int(table[1]["all-to-all"]) == 0 and float(table[0]["flops"]) > 0
   assert (tmp_path / "plot.png").stat().st_size > 10_000
   assert (tmp_path / "table.md").read_text().startswith("| mesh")
@@ -89,14 +90,19 @@ def test_extrapolation_is_linear_in_dense_and_moe_blocks():
   assert fit == pytest.approx(truth(3, 58))
   # An all-MoE model varies only the MoE blocks.
   assert study.slice_blocks(_tiny(num_layers=8, first_k_dense=0)) == [(0, 1), (0, 2)]
+  # Pipelined, MoE blocks come one per stage: the slices hold 4 and 8 on 4 stages.
+  piped = dataclasses.replace(_tiny(num_layers=10, first_k_dense=2),
+                              mesh=config.MeshConfig(stage=4, fsdp=2))
+  assert study.slice_blocks(piped) == [(1, 4), (2, 4), (1, 8)]
 
 
-@pytest.mark.parametrize("arg", ["v3_671b", "v3_671b_fsdp", "v3_671b_fsdp_tp"])
+@pytest.mark.parametrize("arg", ["v3_671b", "v3_671b_fsdp", "v3_671b_fsdp_tp", "v3_671b_pp"])
 def test_v3_layouts_are_2048_gpus_with_expert_parallelism_64(arg):
   cfg = config.from_config_dict(_config_file(arg))
   assert cfg.mesh.size == 2048 and cfg.mesh.expert == 64
   # One 4096-token sequence per token shard: the micro-batch every layout is measured at.
-  assert cfg.train.batch_size == 2048 // cfg.mesh.tensor and cfg.train.seq_len == 4096
+  tokens = cfg.mesh.size // cfg.mesh.tensor // cfg.mesh.stage
+  assert cfg.train.batch_size == tokens * cfg.train.microbatches and cfg.train.seq_len == 4096
   assert cfg.model.remat == (cfg.mesh.fsdp > 1)
 
 
