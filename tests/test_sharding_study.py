@@ -172,3 +172,36 @@ def test_the_study_from_the_command_line(tmp_path, arg):
     by_mesh = {r["mesh"]: r for r in rows}
     assert int(by_mesh["8x1x1x1"]["all-to-all"]) == 0
     assert int(by_mesh["1x1x8x1"]["all-to-all"]) > 0
+
+
+def test_pipelined_mesh_counts_its_permutes_and_bubble():
+  """stage 2 x expert 4: the pipeline's collective-permutes are counted once per tick, at least
+  its floor; the all-to-all (inside the ticks' loop) at least its own."""
+  c = _config_file()
+  c.model.embed_dim, c.model.num_layers, c.model.dense_ffn_dim = 32, 3, 64
+  c.model.kv_lora_rank, c.model.qk_nope_head_dim, c.model.qk_rope_head_dim = 16, 8, 4
+  c.model.v_head_dim, c.moe.expert_ffn_dim = 8, 16
+  c.train.batch_size, c.train.seq_len, c.train.microbatches = 8, 16, 2
+  cfg = config.from_config_dict(c)
+  (row,) = study.study_mesh(cfg, config.MeshConfig(stage=2, expert=4), study.study_devices(8))
+  assert row["bubble"] == pytest.approx(1 / 3) and row["accum_bytes"] == 0
+  assert row["collective-permute"] >= row["permute_min_step_bytes"] > 0
+  assert row["all-to-all"] >= row["a2a_min_step_bytes"] > 0
+
+
+def test_loop_bodies_count_once_per_trip():
+  hlo = """HloModule m
+
+%body (p: f32[4]) -> f32[4] {
+  %p = f32[4] parameter(0)
+  ROOT %cp = f32[4]{0} collective-permute(%p), source_target_pairs={{0,1},{1,0}}
+}
+
+ENTRY %main (a: f32[4]) -> f32[4] {
+  %a = f32[4] parameter(0)
+  %w = f32[4] while(%a), condition=%cond, body=%body, backend_config={"known_trip_count":{"n":"5"}}
+  ROOT %ar = f32[4]{0} all-reduce(%w), replica_groups={{0,1}}, to_apply=%add
+}
+"""
+  got = study.looped_collective_bytes(hlo)
+  assert got["collective-permute"] == 5 * 16 and got["all-reduce"] == 16
