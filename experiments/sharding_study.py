@@ -453,7 +453,7 @@ def plot(rows: Sequence[dict], path: str, title: str):
     ax.grid(axis="y", alpha=0.3)
     ax.set_ylim(top=ax.get_ylim()[1] * 1.2)  # room for the legend
     ax.legend(fontsize=7, loc="upper left")
-  axes[1].set_xlabel("mesh data x fsdp x expert x tensor")
+  axes[1].set_xlabel("mesh data x stage x fsdp x expert x tensor")
   fig.suptitle(title, fontsize=9)
   fig.tight_layout()
   report.save(fig, path, dpi=110)
@@ -481,7 +481,7 @@ def run(cfg: ExperimentConfig, workdir: str) -> list[dict]:
         f"{devices[0].platform} devices", flush=True)
   rows = []
   for target in targets:
-    print(f"mesh {mesh_label(target)} (data x fsdp x expert x tensor) ...", flush=True)
+    print(f"mesh {mesh_label(target)} (data x stage x fsdp x expert x tensor) ...", flush=True)
     try:
       rows += study_mesh(cfg, target, devices)
     except ConfigError as e:

@@ -372,7 +372,9 @@ def _train(cfg: ExperimentConfig, setup: Setup, path: str,
   tokens_per_step = t.batch_size * t.seq_len
   flops_per_token = metrics.train_flops_per_token(model.count_params(cfg.model, cfg.moe),
                                                   cfg.model, t.seq_len)
-  matmul_rate = metrics.measure_matmul_flops()
+  # MFU against the chip's published peak; none on CPU, where only achieved GFLOP/s is logged
+  # (a matmul timed at start-up on a shared machine once gave "MFU 107%").
+  peak = metrics.peak_flops(jax.devices()[0], cfg.model.dtype)
   preemption, window, record, preempted = _Preemption(), [], {}, None
   clock, clock_step = None, start
   try:
@@ -397,16 +399,18 @@ def _train(cfg: ExperimentConfig, setup: Setup, path: str,
         window = []
         rate = steps_timed / elapsed if steps_timed and elapsed > 0 else float("nan")
         clock, clock_step = time.perf_counter(), done  # tokens/s of this interval only
+        achieved = rate * tokens_per_step * flops_per_token / jax.device_count()
         record.update(perplexity=metrics.perplexity(record["loss"] or float("nan")),
-                      tokens_per_s=rate * tokens_per_step,
-                      mfu=rate * tokens_per_step * flops_per_token / matmul_rate)
+                      tokens_per_s=rate * tokens_per_step, gflops_per_s=achieved / 1e9,
+                      mfu=achieved / peak if peak else None)
         record = {k: (None if isinstance(v, float) and not math.isfinite(v) else v)
                   for k, v in record.items()}
         log.write(record)
         if main:
           eta = (t.steps - done) / rate if rate == rate and rate > 0 else None
           progress.update(done, record["loss"] or float("nan"), record["tokens_per_s"] or 0.0,
-                          eta, f"MFU {record['mfu'] or 0:.1%}")
+                          eta, f"MFU {record['mfu']:.1%}" if record["mfu"] is not None
+                          else f"{record['gflops_per_s'] or 0:.1f} GFLOP/s per device")
       if diverged:
         ckpt.wait()
         good = max(ckpt.steps(), default=0)
