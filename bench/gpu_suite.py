@@ -122,8 +122,8 @@ def decode(dry: bool, repeats: int):
   m = dict(embed_dim=32, num_layers=2, dense_ffn_dim=64, num_heads=2, num_kv_heads=2,
            kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=8,
            max_seq_len=64)
-  cfg = config.from_config_dict({"model": m if dry else {}, "moe": {} if not dry else
-                                 dict(num_experts=8, expert_ffn_dim=16)})
+  cfg = config.from_config_dict({"model": m if dry else {}, "train": dict(seq_len=32),
+                                 "moe": dict(num_experts=8, expert_ffn_dim=16) if dry else {}})
   params, moe_state = model.init(jax.random.key(0), cfg.model, cfg.moe)
   new = 4 if dry else 64
   rates = {}
