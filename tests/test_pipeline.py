@@ -145,7 +145,8 @@ def test_measured_bubble_matches_the_schedule(stages, repeats, microbatches):
 
 
 @pytest.mark.parametrize("mesh, train_values, message", [
-    (dict(stage=3), dict(batch_size=24), "mesh.stage=3: times train.pipeline_repeats=1 must divide the 4 MoE"),
+    (dict(stage=3), dict(batch_size=24), "mesh.stage=3: times train.pipeline_repeats=1 must "
+                                         "divide the 4 MoE"),
     (dict(stage=2), dict(microbatches=3), "train.batch_size=16: must be divisible by "
                                           "train.microbatches=3"),
     (dict(stage=2), dict(microbatches=4, pipeline_repeats=2, batch_size=16),
