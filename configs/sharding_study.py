@@ -16,6 +16,12 @@ final batch, 15360 sequences, is then 7.5 micro-batches per GPU, or 60 with tens
                    blocks rematerialised; compiled on all 2048
   v3_671b_fsdp_tp  fsdp 4 x expert 64 x tensor 8 (heads, ffn widths and vocab over tensor; the 8
                    tensor ranks share a sequence), blocks rematerialised; compiled on all 2048
+  v3_671b_pp       V3's own layout: pipeline 16 x expert 64 x fsdp 2 (V3: ZeRO-1 data parallelism
+                   2; fsdp here also splits the weights), no tensor parallelism, 32 micro-batches of
+                   one sequence per token shard (a step of 4096 sequences), GPipe schedule. The
+                   model has 3 dense + 64 MoE blocks: V3's 58 padded to 4 per stage, the load of
+                   V3's heaviest stage (61 layers over 16 stages), so the per-GPU memory is the
+                   heaviest stage's; its totals are 64/58 of V3's.
 """
 import importlib.util
 import pathlib
@@ -32,7 +38,9 @@ def _load(name: str):
 
 # variant -> (data, fsdp, tensor, model.remat) of a 2048-GPU mesh with expert 64.
 V3_LAYOUTS = {"v3_671b": (32, 1, 1, False), "v3_671b_fsdp": (1, 32, 1, True),
-              "v3_671b_fsdp_tp": (1, 4, 8, True)}
+              "v3_671b_fsdp_tp": (1, 4, 8, True), "v3_671b_pp": (1, 2, 1, True)}
+# variant -> (pipeline stages, micro-batches per step)
+V3_PIPELINES = {"v3_671b_pp": (16, 32)}
 
 
 def get_config(arg=None):
@@ -45,6 +53,10 @@ def get_config(arg=None):
     config.model.remat = remat            # keep only each block's input for the backward
     # The micro-batch: one sequence per token shard (tensor ranks share theirs).
     config.train.batch_size = data * fsdp * 64
+    if arg in V3_PIPELINES:
+      config.mesh.stage, config.train.microbatches = V3_PIPELINES[arg]
+      config.train.batch_size *= config.train.microbatches
+      config.model.num_layers = config.model.first_k_dense + 64
     config.train.seq_len = 4096           # V3's pre-training length
     config.train.optimizer_state_dtype = "bfloat16"  # V3's BF16 moments (both)
     # The padded exchange sends capacity_factor * tokens * top_k / ep rows to each expert shard;

@@ -73,6 +73,7 @@ def get_config(arg=None):
 
   config.mesh = mesh = ml_collections.ConfigDict()  # product = number of devices
   mesh.data = 1                         # data parallelism
+  mesh.stage = 1                        # pipeline stages (MoE blocks split among them)
   mesh.fsdp = 1                         # fully sharded data parallelism
   mesh.expert = 1                       # expert parallelism
   mesh.tensor = 1                       # tensor parallelism
@@ -96,6 +97,8 @@ def get_config(arg=None):
   t.max_bad_steps = 5                   # non-finite steps in a row before stopping
   t.seed = 0                            # parameter and data seed
   t.optimizer_state_dtype = "float32"   # AdamW moments: "float32" or "bfloat16"
+  t.microbatches = 1                    # pipeline micro-batches per step
+  t.pipeline_repeats = 1                # chunks per pipeline stage: 1 GPipe, >1 interleaved
 
   config.data = d = ml_collections.ConfigDict()
   d.source = "stdlib"                   # "stdlib", "text", "tokens" or "synthetic"

@@ -46,6 +46,7 @@ import dataclasses
 import functools
 import math
 import os
+import re
 import time
 from typing import Any, Optional, Sequence
 
@@ -55,7 +56,7 @@ import numpy as np
 from jax.sharding import AbstractMesh, AxisType
 
 from experiments import report
-from moe_jax import hlo_stats, sharding, train
+from moe_jax import hlo_stats, pipeline, sharding, train
 from moe_jax.config import MESH_AXES, ConfigError, ExperimentConfig, MeshConfig
 
 # (data, expert, tensor) shapes of the default study, over GRID_DEVICES devices.
@@ -72,7 +73,7 @@ KINDS = ("all-to-all", "all-gather", "reduce-scatter", "all-reduce", "collective
 COLUMNS = ("mesh", "devices", "compiled_on", "layers", "source", "param_opt_bytes", "peak_bytes",
            "accum_bytes", "flops", "expert_flops", *KINDS, "a2a_lowered_bytes",
            "a2a_min_layer_fwd_bytes", "a2a_min_step_bytes", "a2a_ratio", "a2a_ratio_lowered",
-           "compile_s")
+           "permute_min_step_bytes", "bubble", "compile_s")
 # A GPU of "80 GB" (H800/A100/H100), in bytes; the study says which layouts fit under it.
 GPU_BYTES = 80e9
 # XLA:CPU's default scheduler orders for concurrency and ignores memory: it runs each
@@ -124,7 +125,8 @@ def _plain(cfg: ExperimentConfig) -> ExperimentConfig:
 
 
 def _abstract_mesh(m: MeshConfig) -> AbstractMesh:
-  return AbstractMesh(tuple(m.shape.values()), MESH_AXES, axis_types=(AxisType.Auto,) * 4)
+  return AbstractMesh(tuple(m.shape.values()), MESH_AXES,
+                      axis_types=(AxisType.Auto,) * len(MESH_AXES))
 
 
 def state_bytes(cfg: ExperimentConfig, mesh: Optional[MeshConfig] = None,
@@ -141,6 +143,43 @@ def state_bytes(cfg: ExperimentConfig, mesh: Optional[MeshConfig] = None,
   return total
 
 
+_COMPUTATION = re.compile(r"^(?:ENTRY\s+)?%?([\w.\-]+)\s.*\{\s*$")
+_WHILE = re.compile(r"\swhile\(.*?body=%?([\w.\-]+).*?\"known_trip_count\":\{\"n\":\"(\d+)\"")
+_CALLS = re.compile(r"(?:to_apply|calls|condition|true_computation|false_computation)=%?([\w.\-]+)"
+                    r"|branch_computations=\{([^}]*)\}")
+
+
+def looped_collective_bytes(hlo_text: str) -> dict[str, int]:
+  """hlo_stats.collective_bytes with each loop body's collectives counted once per trip (XLA's
+  known_trip_count): the pipeline's ticks are a loop."""
+  bodies, entry, name = {}, None, None
+  for line in hlo_text.splitlines():
+    match = _COMPUTATION.match(line)
+    if match and not line.startswith(" "):
+      name = match.group(1)
+      bodies[name] = []
+      entry = name if line.startswith("ENTRY") else entry
+    elif name is not None:
+      bodies[name].append(line)
+  totals = dict.fromkeys(hlo_stats.KINDS, 0)
+
+  def visit(comp: str, times: int, depth: int = 0):
+    if comp not in bodies or depth > 32:
+      return
+    lines = bodies[comp]
+    for kind, n in hlo_stats.collective_bytes("\n".join(lines)).items():
+      totals[kind] += n * times
+    for line in lines:
+      loop = _WHILE.search(line)
+      if loop:
+        visit(loop.group(1), times * int(loop.group(2)), depth + 1)
+      for called, branches in _CALLS.findall(line):
+        for c in ([called] if called else branches.replace("%", "").split(",")):
+          visit(c.strip(), times, depth + 1)
+  visit(entry, 1)
+  return totals
+
+
 def moe_blocks(cfg: ExperimentConfig) -> int:
   """MoE blocks of the model, MTP modules' included (they are MoE when the model has MoE)."""
   m = cfg.model
@@ -155,6 +194,23 @@ def a2a_minimum(cfg: ExperimentConfig) -> tuple[float, float]:
   layer = (2 * tokens * cfg.moe.top_k * cfg.moe.embed_dim * jnp.dtype(cfg.moe.dtype).itemsize /
            cfg.mesh.size)
   return layer, 2 * layer * moe_blocks(cfg)
+
+
+def permute_minimum(cfg: ExperimentConfig) -> float:
+  """The pipeline's floor per device per step: every token's activation crosses each of the
+  stage - 1 boundaries forward, and its gradient backward, in the compute dtype."""
+  stages = cfg.mesh.stage
+  tokens = cfg.train.batch_size * cfg.train.seq_len
+  boundary = tokens * cfg.model.embed_dim * jnp.dtype(cfg.model.dtype).itemsize
+  return 2.0 * boundary * (stages - 1) / cfg.mesh.size
+
+
+def bubble(cfg: ExperimentConfig) -> float:
+  """The schedule's idle share of stage-ticks (pipeline.bubble_fraction); 0 without stages."""
+  if cfg.mesh.stage == 1:
+    return 0.0
+  return pipeline.bubble_fraction(cfg.mesh.stage, cfg.train.microbatches,
+                                  cfg.train.pipeline_repeats)
 
 
 def routed_expert_flops(cfg: ExperimentConfig) -> float:
@@ -193,10 +249,10 @@ def measure(cfg: ExperimentConfig, devices: Sequence, source: str = "measured") 
   memory = compiled.memory_analysis()
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost  # older JAX: one dict per program
-  collectives = hlo_stats.collective_bytes(compiled)
+  collectives = looped_collective_bytes(compiled.as_text())
   # shard_map's all-to-alls are in the lowered HLO with the dtype the layer sends; XLA:CPU runs
   # 16-bit collectives in f32, so the compiled CPU program can move twice that.
-  lowered_a2a = hlo_stats.collective_bytes(lowered.as_text(dialect="hlo"))["all-to-all"]
+  lowered_a2a = looped_collective_bytes(lowered.as_text(dialect="hlo"))["all-to-all"]
   row = {"mesh": mesh_label(cfg.mesh), "devices": cfg.mesh.size,
          "compiled_on": mesh_label(cfg.mesh), "layers": _layers(cfg), "source": source,
          "param_opt_bytes": state_bytes(cfg),
@@ -213,8 +269,12 @@ def _with_minimum(row: dict, cfg: ExperimentConfig) -> dict:
   layer, step = a2a_minimum(cfg)
   ratio = lambda measured: measured / step if step else None
   # Parameters are float32 (the master copy), so their bytes are an f32 accumulator's.
+  # A pipelined step takes its micro-batches in one backward: no gradient accumulator.
+  pipelined = cfg.mesh.stage > 1 or cfg.train.microbatches > 1
   return dict(row, expert_flops=routed_expert_flops(cfg), a2a_min_layer_fwd_bytes=layer,
-              accum_bytes=state_bytes(cfg, keys=("params",)),
+              accum_bytes=0 if pipelined else state_bytes(cfg, keys=("params",)),
+              bubble=bubble(cfg),
+              permute_min_step_bytes=permute_minimum(cfg),
               a2a_min_step_bytes=step, a2a_ratio=ratio(row["all-to-all"]),
               a2a_ratio_lowered=ratio(row["a2a_lowered_bytes"]))
 
@@ -226,11 +286,14 @@ def _layers(cfg: ExperimentConfig) -> str:
 
 
 def slice_blocks(cfg: ExperimentConfig) -> list[tuple[int, int]]:
-  """(dense, MoE) blocks of the slices: a base, plus one more of each kind the model has more of."""
+  """(dense, MoE) blocks of the slices: a base, plus one more of each kind the model has more of.
+  Pipelined, MoE blocks come in units of one per stage chunk (the compiled program holds one
+  stage's chunk: its cost does not grow with the stages)."""
   dense, moe = cfg.model.first_k_dense, cfg.model.num_layers - cfg.model.first_k_dense
-  base = (min(dense, 1), min(moe, 1))
+  unit = cfg.mesh.stage * cfg.train.pipeline_repeats
+  base = (min(dense, 1), min(moe, unit))
   return ([base] + ([(base[0] + 1, base[1])] if dense > base[0] else []) +
-          ([(base[0], base[1] + 1)] if moe > base[1] else []))
+          ([(base[0], base[1] + unit)] if moe > base[1] else []))
 
 
 def sliced(cfg: ExperimentConfig, dense: int, moe: int) -> ExperimentConfig:
@@ -304,8 +367,9 @@ def _ratio_text(row: dict) -> str:
 
 
 def markdown_table(rows: Sequence[dict]) -> str:
-  head = ("mesh (d x f x e x t)", "layers", "source", "param+opt", "peak", "+ grad acc",
-          "GFLOP (XLA)", "GFLOP experts", *KINDS[:4], "a2a min", "a2a / min")
+  head = ("mesh (d x p x f x e x t)", "layers", "source", "param+opt", "peak", "+ grad acc",
+          "GFLOP (XLA)", "GFLOP experts", *KINDS, "a2a min", "a2a / min", "permute min",
+          "bubble")
   cells = []
   for r in rows:
     mesh = r["mesh"] if r["compiled_on"] == r["mesh"] else f"{r['mesh']} (on {r['compiled_on']})"
@@ -313,8 +377,8 @@ def markdown_table(rows: Sequence[dict]) -> str:
     cells.append((r["compiled_on"] if r["source"] == "measured, slice" else mesh, r["layers"],
                   r["source"], _size(r["param_opt_bytes"]), _size(r["peak_bytes"]),
                   _size(r["peak_bytes"] + r["accum_bytes"]), *gflop,
-                  *(_size(r[k]) for k in KINDS[:4]), _size(r["a2a_min_step_bytes"]),
-                  _ratio_text(r)))
+                  *(_size(r[k]) for k in KINDS), _size(r["a2a_min_step_bytes"]),
+                  _ratio_text(r), _size(r["permute_min_step_bytes"]), f"{r['bubble']:.0%}"))
   return "\n".join(report.table(head, cells))
 
 
@@ -329,6 +393,10 @@ def notes(cfg: ExperimentConfig, rows: Sequence[dict]) -> list[str]:
            "training FLOPs, computed (6 x 3 x embed x expert_ffn/tensor x rows x MoE blocks).",
            "a2a min: 2 directions x tokens x top_k x embed x bytes per element per MoE layer "
            "forward / devices, x2 for the step (backward) x MoE blocks; 0 when expert=1.",
+           "Collectives are counted once per loop trip (the pipeline's ticks are a loop). "
+           "permute min: the pipeline's floor, every token's activation and its gradient across "
+           "each of the stage - 1 boundaries / devices; bubble: the schedule's idle share of "
+           "stage-ticks, (stages - 1) / (repeats x micro-batches + stages - 1).",
            "'as sent': the lowered HLO's all-to-all bytes, in the dtype the layer sends (XLA:CPU "
            "runs 16-bit collectives in f32).",
            "+ grad acc: peak plus an f32 gradient accumulator of the device's parameter shards "
@@ -385,7 +453,7 @@ def plot(rows: Sequence[dict], path: str, title: str):
     ax.grid(axis="y", alpha=0.3)
     ax.set_ylim(top=ax.get_ylim()[1] * 1.2)  # room for the legend
     ax.legend(fontsize=7, loc="upper left")
-  axes[1].set_xlabel("mesh data x fsdp x expert x tensor")
+  axes[1].set_xlabel("mesh data x stage x fsdp x expert x tensor")
   fig.suptitle(title, fontsize=9)
   fig.tight_layout()
   report.save(fig, path, dpi=110)
@@ -413,7 +481,7 @@ def run(cfg: ExperimentConfig, workdir: str) -> list[dict]:
         f"{devices[0].platform} devices", flush=True)
   rows = []
   for target in targets:
-    print(f"mesh {mesh_label(target)} (data x fsdp x expert x tensor) ...", flush=True)
+    print(f"mesh {mesh_label(target)} (data x stage x fsdp x expert x tensor) ...", flush=True)
     try:
       rows += study_mesh(cfg, target, devices)
     except ConfigError as e:

@@ -77,6 +77,9 @@ class MoEConfig:
   norm_topk: bool = True             # divide selected gates by their sum
   capacity_factor: Optional[float] = None  # None: dropless; else rows per expert = cf*T*k/E
   grouped_backend: str = "auto"      # "auto", "ragged" (lax.ragged_dot) or "padded" (buckets)
+  # The alltoall layer's exchange: "ragged" (lax.ragged_all_to_all: only routed rows travel;
+  # GPU/TPU), "padded" (every bucket whole; XLA:CPU has no ragged one), "auto" per backend.
+  exchange: str = "auto"
   aux_loss_coef: float = 0.0         # GShard/Switch load-balancing loss weight
   seq_aux_loss_coef: float = 0.0     # V3 sequence-wise balance loss weight
   z_loss_coef: float = 0.0           # router z-loss weight
@@ -94,6 +97,7 @@ class MoEConfig:
       _fail("num_shared_experts", self.num_shared_experts, "must be an integer >= 0")
     _one_of(self, "score_fn", ("sigmoid", "softmax"))
     _one_of(self, "grouped_backend", ("auto", "ragged", "padded"))
+    _one_of(self, "exchange", ("auto", "ragged", "padded"))
     _one_of(self, "dtype", DTYPES)
     _one_of(self, "parallelism", ("none", "alltoall", "gshard"))
     _is_bool(self, "norm_topk")
@@ -142,13 +146,15 @@ class FP8Config:
             "to feed)")
 
 
-MESH_AXES = ("data", "fsdp", "expert", "tensor")
+# Outermost first. `stage` splits the decoder's MoE blocks into pipeline stages (pipeline.py).
+MESH_AXES = ("data", "stage", "fsdp", "expert", "tensor")
 
 
 @dataclasses.dataclass(frozen=True)
 class MeshConfig:
   """Device mesh sizes; their product must equal the device count (checked in sharding.py)."""
   data: int = 1
+  stage: int = 1                     # pipeline stages (the MoE blocks split evenly among them)
   fsdp: int = 1
   expert: int = 1
   tensor: int = 1
@@ -286,13 +292,15 @@ class TrainConfig:
   max_bad_steps: int = 5             # non-finite steps in a row before the run stops
   seed: int = 0
   optimizer_state_dtype: str = "float32"  # AdamW moments: "float32" or "bfloat16"
+  microbatches: int = 1              # pipeline micro-batches per step (pipeline.py)
+  pipeline_repeats: int = 1          # chunks per stage: 1 GPipe, > 1 interleaved (circular)
   # Fault injection for tests of the numerics guard: these steps (0-based) get NaN gradients.
   inject_nan_at_steps: tuple[int, ...] = ()
 
   def __post_init__(self):
     _finite(self)
     _positive(self, "steps", "batch_size", "seq_len", "log_every", "eval_every", "eval_batches",
-              "checkpoint_every", "keep_checkpoints", "max_bad_steps")
+              "checkpoint_every", "keep_checkpoints", "max_bad_steps", "microbatches", "pipeline_repeats")
     _non_negative(self, "learning_rate", "warmup_steps", "min_lr_ratio", "weight_decay",
                   "grad_clip", "seed")
     _one_of(self, "optimizer_state_dtype", DTYPES)
@@ -381,8 +389,10 @@ class ExperimentConfig:
     tokens = mesh.data * mesh.fsdp * mesh.expert
     # Each mesh axis must split the dims it shards evenly (see the rules in sharding.py).
     splits = [("moe.num_experts", moe.num_experts, "mesh.expert", mesh.expert),
-              ("train.batch_size", train.batch_size, "mesh.data*fsdp*expert", tokens),
-              ("model.embed_dim", model.embed_dim, "mesh.fsdp", mesh.fsdp),
+              ("train.batch_size", train.batch_size, "mesh.data*stage*fsdp*expert",
+               tokens * mesh.stage),
+              ("train.batch_size", train.batch_size, "train.microbatches", train.microbatches),
+              ("model.embed_dim", model.embed_dim, "mesh.stage*fsdp", mesh.stage * mesh.fsdp),
               ("model.num_heads", model.num_heads, "mesh.tensor", mesh.tensor),
               ("model.dense_ffn_dim", model.dense_ffn_dim, "mesh.tensor", mesh.tensor),
               ("moe.expert_ffn_dim", moe.expert_ffn_dim, "mesh.tensor", mesh.tensor),
@@ -392,6 +402,7 @@ class ExperimentConfig:
     for key, value, axis, size in splits:
       if value % size:
         _fail(key, value, f"must be divisible by {axis}={size}")
+    _check_pipeline(model, mesh, train)
     _check_data_path(self.data)
 
   def check_devices(self, num_devices: int, num_processes: int = 1):
@@ -404,6 +415,25 @@ class ExperimentConfig:
   def to_dict(self) -> dict:
     """Plain JSON-able values; `from_config_dict` of it gives this config back."""
     return dataclasses.asdict(self)
+
+
+def _check_pipeline(model: ModelConfig, mesh: MeshConfig, train: TrainConfig):
+  """The pipeline (pipeline.py) splits the MoE blocks evenly over mesh.stage, and each
+  micro-batch over the token axes inside a stage."""
+  blocks = model.num_layers - model.first_k_dense if model.first_k_dense < model.num_layers else 0
+  chunks = mesh.stage * train.pipeline_repeats
+  if chunks > 1 and (blocks == 0 or blocks % chunks):
+    _fail("mesh.stage", mesh.stage, f"times train.pipeline_repeats={train.pipeline_repeats} "
+          f"must divide the {blocks} MoE blocks (model.num_layers={model.num_layers} minus "
+          f"model.first_k_dense={model.first_k_dense})")
+  if train.pipeline_repeats > 1 and train.microbatches < mesh.stage:
+    _fail("train.microbatches", train.microbatches, f"must be >= mesh.stage={mesh.stage} for "
+          f"the interleaved schedule (train.pipeline_repeats={train.pipeline_repeats})")
+  rows, inner = train.batch_size // train.microbatches, mesh.data * mesh.fsdp * mesh.expert
+  if train.microbatches > 1 and rows % inner:
+    _fail("train.microbatches", train.microbatches, f"leaves micro-batches of {rows} sequences "
+          f"(train.batch_size={train.batch_size}); they must split over mesh.data*fsdp*expert="
+          f"{inner}")
 
 
 def _check_data_path(data: DataConfig):

@@ -45,7 +45,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from moe_jax import attention, moe, sharding
+from moe_jax import attention, moe, pipeline, sharding
 from moe_jax.config import FP8Config, ModelConfig, MoEConfig
 from moe_jax.fp8 import Matmuls
 from moe_jax.layers import RMSNorm, fp8_matmuls, logical_param
@@ -194,10 +194,15 @@ class Transformer(nn.Module):
   ({"layer_<i>": attention cache}): T new tokens at `pos`, main model only. routes_BxTxLxK:
   router replay for the L MoE blocks of the main model, in order (moe.apply's `replay`); MTP
   blocks route themselves. Each MoE aux holds its router's own choice, "experts" [B, T, K].
+
+  Pipelined (a training forward on a mesh with stage > 1, or pipe[0] > 1 micro-batches): the
+  MoE blocks of the main model run through pipeline.run with pipe = (micro-batches, repeats);
+  embeddings, dense blocks, head and MTP run outside it, their tokens split over every axis.
   """
   cfg: ModelConfig
   moe_cfg: MoEConfig
   fp8_cfg: FP8Config = FP8Config()
+  pipe: tuple[int, int] = (1, 1)
 
   @nn.compact
   def __call__(self, tokens_BxT: jax.Array, pos=0, caches: Optional[dict] = None,
@@ -216,8 +221,12 @@ class Transformer(nn.Module):
       return self.moe_cfg if is_moe_layer(cfg, index) else None
 
     x_BxTxD, auxes, new_caches = embed(tokens_BxT), [], {}
+    pipelined = (caches is None and not self.is_initializing() and
+                 (sharding.stage_count() > 1 or self.pipe[0] > 1))
     for i in range(cfg.num_layers):
       name = f"layer_{i}"
+      if pipelined and is_moe_layer(cfg, i):
+        continue
       replay = None if routes_BxTxLxK is None or not is_moe_layer(cfg, i) else \
           routes_BxTxLxK[:, :, len(auxes)]
       x_BxTxD, aux, cache = block_class(cfg, caches is None)(cfg, ffn_cfg(i), self.fp8_cfg,
@@ -225,6 +234,9 @@ class Transformer(nn.Module):
           x_BxTxD, pos, None if caches is None else caches[name], replay)
       new_caches[name] = cache
       auxes += [aux] if aux is not None else []
+    if pipelined:
+      x_BxTxD, pipe_auxes = self._pipeline(x_BxTxD, routes_BxTxLxK)
+      auxes += pipe_auxes
     logits_BxTxV = project(RMSNorm(cfg.norm_eps, name="final_norm")(x_BxTxD), head_DxV,
                            jnp.float32)
     if caches is not None:
@@ -237,6 +249,23 @@ class Transformer(nn.Module):
       mtp_logits.append(sharding.constrain(logits_k, LOGIT_AXES))
       auxes += [aux] if aux is not None else []
     return sharding.constrain(logits_BxTxV, LOGIT_AXES), mtp_logits, auxes, None
+
+  def _pipeline(self, x_BxTxD: jax.Array, routes) -> tuple[jax.Array, list[dict]]:
+    """The main model's MoE blocks through pipeline.run, on this module's own variables."""
+    cfg = self.cfg
+    if routes is not None or self.fp8_cfg.recipe == "delayed":
+      raise ValueError("the pipeline (mesh.stage > 1 or train.microbatches > 1) takes neither "
+                       "router replay nor fp8.recipe='delayed'")
+    names = [f"layer_{i}" for i in range(cfg.num_layers) if is_moe_layer(cfg, i)]
+    block = block_class(cfg)(cfg, self.moe_cfg, self.fp8_cfg)
+
+    def layer_fn(params, state, x):
+      y, aux, _ = block.apply({"params": params, "moe_state": {"ffn": state}}, x, 0)
+      return y, aux
+    y_BxTxD, auxes, _ = pipeline.run(
+        layer_fn, [self.variables["params"][n] for n in names],
+        [self.variables["moe_state"][n]["ffn"] for n in names], x_BxTxD, *self.pipe)
+    return sharding.constrain(y_BxTxD, ACTIVATION_AXES), auxes
 
 
 def moe_paths(cfg: ModelConfig) -> dict[str, tuple[str, ...]]:

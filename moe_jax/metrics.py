@@ -185,6 +185,29 @@ def train_flops_per_token(counts: dict, cfg: ModelConfig, seq_len: int) -> float
   return 6.0 * matmul_parameters(counts) + attention_flops_per_token(cfg, seq_len)
 
 
+# Published dense (no sparsity) peak FLOP/s per chip, by device_kind substring and compute
+# dtype: the denominator of MFU. CPUs have none; their MFU needs a quiet calibration (bench/).
+PEAK_FLOPS = (
+    ("H100", {"bfloat16": 989e12, "float32": 494.7e12}),  # SXM; float32 runs as TF32
+    ("H200", {"bfloat16": 989e12, "float32": 494.7e12}),
+    ("H800", {"bfloat16": 989e12, "float32": 494.7e12}),
+    ("A100", {"bfloat16": 312e12, "float32": 156e12}),
+    ("TPU v4", {"bfloat16": 275e12}),
+    ("TPU v5p", {"bfloat16": 459e12}),
+    ("TPU v5 lite", {"bfloat16": 197e12}),
+)
+
+
+def peak_flops(device: Any, dtype: str) -> Optional[float]:
+  """The published dense peak of one device for this compute dtype; None where unknown (CPU)."""
+  if device.platform == "cpu":
+    return None
+  for name, peaks in PEAK_FLOPS:
+    if name.lower() in device.device_kind.lower():
+      return peaks.get(dtype)
+  return None
+
+
 def measure_matmul_flops(devices: Optional[Sequence[Any]] = None, *, size: Optional[int] = None,
                          repeats: int = 5) -> float:
   """FLOP/s of a plain float32 matmul on all devices at once (one [n, n] @ [n, n] per device),

@@ -52,11 +52,11 @@ def _layer_number(name: str) -> int:
 
 
 def _module(model_cfg: ModelConfig, moe_cfg: MoEConfig,
-            fp8_cfg: FP8Config = FP8Config()) -> Transformer:
+            fp8_cfg: FP8Config = FP8Config(), pipe: tuple[int, int] = (1, 1)) -> Transformer:
   if moe_cfg.embed_dim != model_cfg.embed_dim:
     raise ValueError(f"moe.embed_dim={moe_cfg.embed_dim}: must equal "
                      f"model.embed_dim={model_cfg.embed_dim}")
-  return Transformer(model_cfg, moe_cfg, fp8_cfg)
+  return Transformer(model_cfg, moe_cfg, fp8_cfg, tuple(pipe))
 
 
 def _init_boxed(key: jax.Array, model_cfg: ModelConfig, moe_cfg: MoEConfig,
@@ -142,10 +142,10 @@ def check_routes(routes, tokens_BxS, model_cfg: ModelConfig, moe_cfg: MoEConfig)
                      f"shape {list(want)} (batch, seq, MoE blocks of the main model, top_k)")
 
 
-@functools.partial(jax.jit, static_argnums=(3, 4, 5))
+@functools.partial(jax.jit, static_argnums=(3, 4, 5), static_argnames=("pipe",))
 def apply(params: Params, moe_state: MoEState, tokens_BxS: jax.Array, model_cfg: ModelConfig,
           moe_cfg: MoEConfig, fp8_cfg: FP8Config = FP8Config(),
-          fp8_state: Optional[dict] = None, routes=None) -> tuple[jax.Array, dict]:
+          fp8_state: Optional[dict] = None, routes=None, *, pipe=(1, 1)) -> tuple[jax.Array, dict]:
   """Training forward, dense projections in FP8 per fp8_cfg, routing replayed from `routes`
   [B, S, L, K] when given (module doc). Returns (logits_BxSxV float32, aux).
 
@@ -153,9 +153,11 @@ def apply(params: Params, moe_state: MoEState, tokens_BxS: jax.Array, model_cfg:
   "z_loss" [L_moe], "balance_loss" (sum of the blocks' weighted balance losses) and
   "mtp_logits" [mtp_depth, B, S, V] (None without MTP), "experts" [B, S, L, K] int32 (the own
   choice of the main model's MoE blocks, replay or not).
+  pipe: (micro-batches, repeats) of the pipeline (pipeline.py), used on a mesh with stage > 1
+  or with more than one micro-batch.
   """
   check_routes(routes, tokens_BxS, model_cfg, moe_cfg)
-  logits_BxSxV, mtp_logits, auxes, _ = _module(model_cfg, moe_cfg, fp8_cfg).apply(
+  logits_BxSxV, mtp_logits, auxes, _ = _module(model_cfg, moe_cfg, fp8_cfg, pipe).apply(
       _variables(params, moe_state, model_cfg, fp8_cfg, fp8_state), tokens_BxS,
       routes_BxTxLxK=routes)
   aux = _stack_aux(auxes, mtp_logits, moe_cfg)
@@ -174,16 +176,17 @@ def cross_entropy(logits_BxSxV: jax.Array, targets_BxS: jax.Array,
   return jnp.sum(nll_BxS * mask_BxS) / jnp.maximum(jnp.sum(mask_BxS), 1.0)
 
 
-@functools.partial(jax.jit, static_argnums=(3, 4, 5))
+@functools.partial(jax.jit, static_argnums=(3, 4, 5), static_argnames=("pipe",))
 def loss(params: Params, moe_state: MoEState, batch: dict[str, jax.Array],
          model_cfg: ModelConfig, moe_cfg: MoEConfig, fp8_cfg: FP8Config = FP8Config(),
-         fp8_state: Optional[dict] = None, mtp_weight=None, routes=None) -> tuple[jax.Array, dict]:
+         fp8_state: Optional[dict] = None, mtp_weight=None, routes=None, *,
+         pipe=(1, 1)) -> tuple[jax.Array, dict]:
   """ce + mtp_weight * mtp_ce + balance_loss; targets equal to pad_id are ignored. mtp_weight
   (traced or not) defaults to model_cfg.mtp_loss_weight; a trainer passes its schedule's value.
-  routes: router replay for the inputs (see `apply`).
+  routes: router replay for the inputs (see `apply`); pipe: the pipeline's (see `apply`).
   For "delayed", the gradient w.r.t. fp8_state is the updated state (see the module docstring)."""
   logits_BxSxV, aux = apply(params, moe_state, batch["inputs"], model_cfg, moe_cfg, fp8_cfg,
-                            fp8_state, routes)
+                            fp8_state, routes, pipe=pipe)
   targets_BxS = batch["targets"]
   S = targets_BxS.shape[1]
   valid_BxS = targets_BxS != model_cfg.pad_id

@@ -6,18 +6,23 @@ library spells a mesh axis (shard_map bodies use the constants below).
 
 Notation (scaling-book): `A[B_X, D_Y]` is an array with dims B and D where B is split over mesh
 axis X and D over mesh axis Y; a dim without subscript is replicated. `B_XY` is split over the
-product of X and Y. With the mesh axes data (D), fsdp (F), expert (E) and tensor (T):
+product of X and Y. With the mesh axes data (D), stage (P), fsdp (F), expert (E), tensor (T):
 
-  tokens      x[B_DFE, S, M]           every non-tensor axis splits the batch: the expert axis is
+  tokens      x[B_DPFE, S, M]          every non-tensor axis splits the batch: the expert axis is
                                        extra data parallelism outside the MoE layer, which is what
                                        lets the MoE layer all-to-all tokens over it.
-  dense       w_in[M_F, H_T]           FSDP: parameters' embed dim is split over fsdp and gathered
-              w_out[H_T, M_F]          (all-gather forward, reduce-scatter backward) where used.
-  experts     w[X_E, M_F, H_T]         expert-parallel over expert, FSDP over fsdp, Megatron over
-                                       tensor.
+  dense       w_in[M_PF, H_T]          FSDP: parameters' embed dim is split over stage and fsdp
+              w_out[H_T, M_PF]         and gathered (all-gather forward, reduce-scatter backward)
+                                       where used; a pipeline stage gathers only its own blocks.
+  experts     w[X_E, M_PF, H_T]        expert-parallel over expert, FSDP over stage and fsdp,
+                                       Megatron over tensor.
   exchange    y[X_E, B_DF, M]          after the all-to-all each expert shard holds tokens from its
                                        whole expert group ("expert_tokens").
-  logits      z[B_DFE, S, V_T]
+  logits      z[B_DPFE, S, V_T]
+  pipeline    w[P_P, L, ...]           the MoE blocks' weights stacked by stage ("stages") and
+              x[P_P, b_DFE, S, M]      layer within it ("layers"); a stage's micro-batch buffer.
+                                       Inside a stage (`stage_local`) no name maps to stage: the
+                                       stage dim is the vmapped one (pipeline.py).
 
 A mesh axis splits at most one dim of an array. When two names of one array want the same mesh
 axis, the rule listed first in `RULES` wins and the other dim gets no mesh axis at all (flax's
@@ -37,6 +42,8 @@ boundaries, shard_map only where collectives are explicit.
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import math
 from typing import Any, Optional, Sequence, Union
 
@@ -49,9 +56,9 @@ from moe_jax.config import MESH_AXES, MeshConfig
 
 # Mesh axes, outermost first: data parallelism crosses the slowest links (between hosts), tensor
 # parallelism the fastest (within a host).
-DATA_AXIS, FSDP_AXIS, EXPERT_AXIS, TENSOR_AXIS = MESH_AXES
-# The axes that split tokens; a psum over them reduces over the whole batch.
-TOKEN_AXES = (DATA_AXIS, FSDP_AXIS, EXPERT_AXIS)
+DATA_AXIS, STAGE_AXIS, FSDP_AXIS, EXPERT_AXIS, TENSOR_AXIS = MESH_AXES
+# The axes that split tokens; a psum over them reduces over the whole batch (outside a stage).
+TOKEN_AXES = (DATA_AXIS, STAGE_AXIS, FSDP_AXIS, EXPERT_AXIS)
 
 MeshAxes = Union[None, str, tuple[str, ...]]
 LogicalNames = Union[Sequence[Optional[str]], PartitionSpec]
@@ -59,10 +66,13 @@ LogicalNames = Union[Sequence[Optional[str]], PartitionSpec]
 # Logical name -> mesh axes. Order is priority when two names of one array want the same axis.
 RULES: tuple[tuple[str, MeshAxes], ...] = (
     ("batch", TOKEN_AXES),                      # sequences, or flattened tokens
-    ("expert_tokens", (DATA_AXIS, FSDP_AXIS)),  # tokens on the expert side of the all-to-all
+    ("expert_tokens", (DATA_AXIS, STAGE_AXIS, FSDP_AXIS)),  # tokens after the all-to-all
+    ("stages", STAGE_AXIS),                     # pipeline stages of stacked MoE blocks
+    ("layers", None),                           # MoE blocks within one stage
     ("seq", None),                              # sequence length (no sequence parallelism)
     ("vocab", TENSOR_AXIS),
-    ("embed", FSDP_AXIS),                       # model width: FSDP on parameters
+    ("embed", (STAGE_AXIS, FSDP_AXIS)),         # model width: FSDP on parameters (and ZeRO
+                                                # over stage: pipeline.py gathers each stage's)
     ("mlp", TENSOR_AXIS),                       # dense SwiGLU hidden width
     ("heads", TENSOR_AXIS),
     ("kv_heads", TENSOR_AXIS),                  # GQA key/value heads
@@ -70,7 +80,7 @@ RULES: tuple[tuple[str, MeshAxes], ...] = (
     ("q_lora", None),                           # MLA latents: small, replicated
     ("kv_lora", None),
     ("experts", EXPERT_AXIS),
-    ("expert_embed", FSDP_AXIS),                # model width of expert weights
+    ("expert_embed", (STAGE_AXIS, FSDP_AXIS)),  # model width of expert weights
     ("expert_mlp", TENSOR_AXIS),                # expert SwiGLU hidden width
 )
 
@@ -89,10 +99,45 @@ def check_rules(rules: Sequence[tuple[str, MeshAxes]]) -> dict[str, MeshAxes]:
 
 
 _TABLE = check_rules(RULES)
+# True while tracing one pipeline stage's body (vmapped over the stage axis): no logical name
+# may then map to the stage axis, which the vmap already holds.
+_IN_STAGE = contextvars.ContextVar("in_stage", default=False)
+
+
+@contextlib.contextmanager
+def stage_local():
+  """Traces the body of one pipeline stage: logical names stop mapping to the stage axis."""
+  token = _IN_STAGE.set(True)
+  try:
+    yield
+  finally:
+    _IN_STAGE.reset(token)
+
+
+def _rules() -> tuple[tuple[str, MeshAxes], ...]:
+  if not _IN_STAGE.get():
+    return RULES
+  return tuple((name, _without(axes, {STAGE_AXIS})) for name, axes in RULES)
+
+
+def in_stage() -> bool:
+  """Whether a pipeline stage's body is being traced (see `stage_local`)."""
+  return _IN_STAGE.get()
+
+
+def token_axes() -> tuple[str, ...]:
+  """The axes splitting this program's tokens: TOKEN_AXES, less stage inside a stage."""
+  return tuple(a for a in TOKEN_AXES if not (_IN_STAGE.get() and a == STAGE_AXIS))
+
+
+def stage_count() -> int:
+  """Pipeline stages of the current mesh (1 without a mesh)."""
+  mesh = jax.sharding.get_abstract_mesh()
+  return 1 if mesh.empty else dict(mesh.shape).get(STAGE_AXIS, 1)
 
 
 def make_mesh(config: MeshConfig, devices: Optional[Sequence[jax.Device]] = None) -> Mesh:
-  """The (data, fsdp, expert, tensor) mesh over all (global) devices, every axis Auto."""
+  """The (data, stage, fsdp, expert, tensor) mesh over all (global) devices, every axis Auto."""
   devices = jax.devices() if devices is None else list(devices)
   # jax.make_mesh silently drops devices beyond the product; a short mesh is a config error.
   config.check_devices(len(devices))
@@ -101,7 +146,7 @@ def make_mesh(config: MeshConfig, devices: Optional[Sequence[jax.Device]] = None
 
 
 def axis_sizes(mesh: Mesh) -> dict[str, int]:
-  """Devices along each mesh axis, e.g. {"data": 2, "fsdp": 1, "expert": 4, "tensor": 1}."""
+  """Devices along each mesh axis, e.g. {"data": 2, "stage": 1, "fsdp": 1, "expert": 4, ...}."""
   return dict(mesh.shape)
 
 
@@ -117,7 +162,7 @@ def logical_to_spec(names: LogicalNames) -> PartitionSpec:
     if name in seen:
       raise ValueError(f"logical axis {name!r} names two dims of {names}")
     seen.add(name)
-  return nn.logical_to_mesh_axes(names, RULES)
+  return nn.logical_to_mesh_axes(names, _rules())
 
 
 def shard_count(mesh: Mesh, name: str) -> int:
@@ -175,6 +220,15 @@ def constrain(x: jax.Array, names: LogicalNames) -> jax.Array:
       return x
     spec = PartitionSpec(*(_without(axes, manual) for axes in spec))
   return jax.lax.with_sharding_constraint(x, spec)
+
+
+def constrain_stages(x: jax.Array) -> jax.Array:
+  """Splits dim 0 (pipeline stages) over the stage axis, other dims left to the partitioner."""
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty or STAGE_AXIS in mesh.manual_axes:
+    return x
+  rest = (PartitionSpec.UNCONSTRAINED,) * (x.ndim - 1)
+  return jax.lax.with_sharding_constraint(x, PartitionSpec(STAGE_AXIS, *rest))
 
 
 def _without(axes: MeshAxes, drop: set[str]) -> MeshAxes:

@@ -144,11 +144,16 @@ def mtp_weight(step, cfg: ExperimentConfig) -> jax.Array:
   return jnp.where(late, m.mtp_loss_weight_late, m.mtp_loss_weight).astype(jnp.float32)
 
 
+def pipe(cfg: TrainConfig) -> tuple[int, int]:
+  """The pipeline's (micro-batches, repeats) (pipeline.py; mesh.stage gives the stages)."""
+  return cfg.microbatches, cfg.pipeline_repeats
+
+
 def train_step(state: dict, batch: dict, cfg: ExperimentConfig) -> tuple[dict, dict]:
   """One AdamW step on the global batch; not applied when the loss or gradient is not finite."""
   step = state["step"]
   loss_fn = lambda p, f: model.loss(p, state["moe_state"], batch, cfg.model, cfg.moe, cfg.fp8, f,
-                                    mtp_weight=mtp_weight(step, cfg))
+                                    mtp_weight=mtp_weight(step, cfg), pipe=pipe(cfg.train))
   # The FP8 state's gradient is its update (delayed scaling); it never meets the optimizer.
   (loss, aux), (grads, fp8_state) = jax.value_and_grad(loss_fn, argnums=(0, 1), has_aux=True)(
       state["params"], state.get("fp8"))
@@ -184,7 +189,8 @@ def train_step(state: dict, batch: dict, cfg: ExperimentConfig) -> tuple[dict, d
 def eval_step(params: dict, moe_state: dict, batch: dict, fp8_state: Any = None, *,
               cfg: ExperimentConfig) -> dict:
   """Held-out loss; the FP8 state (delayed) is only read: a forward pass does not update it."""
-  loss, aux = model.loss(params, moe_state, batch, cfg.model, cfg.moe, cfg.fp8, fp8_state)
+  loss, aux = model.loss(params, moe_state, batch, cfg.model, cfg.moe, cfg.fp8, fp8_state,
+                         pipe=pipe(cfg.train))
   return {"eval_loss": loss, "eval_ce": aux["ce"]}
 
 
@@ -382,7 +388,9 @@ def _train(cfg: ExperimentConfig, setup: Setup, path: str,
   tokens_per_step = t.batch_size * t.seq_len
   flops_per_token = metrics.train_flops_per_token(model.count_params(cfg.model, cfg.moe),
                                                   cfg.model, t.seq_len)
-  matmul_rate = metrics.measure_matmul_flops()
+  # MFU against the chip's published peak; none on CPU, where only achieved GFLOP/s is logged
+  # (a matmul timed at start-up on a shared machine once gave "MFU 107%").
+  peak = metrics.peak_flops(jax.devices()[0], cfg.model.dtype)
   preemption, window, record, preempted = _Preemption(), [], {}, None
   clock, clock_step = None, start
   try:
@@ -408,16 +416,18 @@ def _train(cfg: ExperimentConfig, setup: Setup, path: str,
         window = []
         rate = steps_timed / elapsed if steps_timed and elapsed > 0 else float("nan")
         clock, clock_step = time.perf_counter(), done  # tokens/s of this interval only
+        achieved = rate * tokens_per_step * flops_per_token / jax.device_count()
         record.update(perplexity=metrics.perplexity(record["loss"] or float("nan")),
-                      tokens_per_s=rate * tokens_per_step,
-                      mfu=rate * tokens_per_step * flops_per_token / matmul_rate)
+                      tokens_per_s=rate * tokens_per_step, gflops_per_s=achieved / 1e9,
+                      mfu=achieved / peak if peak else None)
         record = {k: (None if isinstance(v, float) and not math.isfinite(v) else v)
                   for k, v in record.items()}
         log.write(record)
         if main:
           eta = (t.steps - done) / rate if rate == rate and rate > 0 else None
           progress.update(done, record["loss"] or float("nan"), record["tokens_per_s"] or 0.0,
-                          eta, f"MFU {record['mfu'] or 0:.1%}")
+                          eta, f"MFU {record['mfu']:.1%}" if record["mfu"] is not None
+                          else f"{record['gflops_per_s'] or 0:.1f} GFLOP/s per device")
       if diverged:
         stop_diverged(ckpt, done, bad, t.max_bad_steps,
                       every=f"train.checkpoint_every={t.checkpoint_every}")

@@ -41,7 +41,8 @@ HISTORY_FILE = "config_history.jsonl"
 # Keys a resume may change. Everything else (model and MoE shape, FP8 numerics, optimiser and
 # schedule, seed, batch, data) is part of what the checkpoint is: changing it is a new run.
 RESUMABLE = ("experiment", "hf_path", "seeds", "mesh.", "model.dtype", "model.remat", "moe.dtype",
-             "moe.grouped_backend", "moe.parallelism", "train.steps", "train.log_every",
+             "moe.grouped_backend", "moe.parallelism", "train.microbatches",
+             "train.pipeline_repeats", "train.steps", "train.log_every",
              "train.eval_every", "train.eval_batches", "train.checkpoint_every",
              "train.keep_checkpoints", "train.max_bad_steps", "train.inject_nan_at_steps",
              "serve.")

@@ -68,7 +68,7 @@ def test_ints_widen_to_floats_only():
     ({"moe": {"embed_dim": 16}}, r"^moe\.embed_dim=16: must equal model\.embed_dim=32"),
     ({"mesh": {"data": 1, "expert": 3}}, r"^moe\.num_experts=8: must be divisible by mesh\.expert=3"),
     ({"train": {"batch_size": 12}},
-     r"^train\.batch_size=12: must be divisible by mesh\.data\*fsdp\*expert=8$"),
+     r"^train\.batch_size=12: must be divisible by mesh\.data\*stage\*fsdp\*expert=8$"),
     ({"mesh": {"data": 2, "tensor": 4}}, r"^model\.num_heads=2: must be divisible by mesh\.tensor=4"),
     ({"mesh": {"data": 4, "tensor": 2}, "train": {"batch_size": 4}},
      r"^model\.vocab_size=259: must be divisible by mesh\.tensor=2"),

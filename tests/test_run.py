@@ -108,7 +108,7 @@ BAD = [  # (override flags, key the one-line message must name)
     (["--config.moe.capacity_factor=0"], "moe.capacity_factor=0.0"),
     (["--config.mesh.expert=3"], "moe.num_experts=8"),
     (["--config.mesh.tensor=2"], "model.vocab_size=259"),
-    (["--config.mesh.data=2"], "mesh='data=2xfsdp=1xexpert=1xtensor=1'"),
+    (["--config.mesh.data=2"], "mesh='data=2xstage=1xfsdp=1xexpert=1xtensor=1'"),
     (["--config.data.source=tokens", "--config.data.path=/no/such.tok"], "data.path"),
     (["--config.data.source=text", "--config.data.path=/no/such/dir"], "data.path"),
     (["--config.experiment=trian"], "experiment='trian'"),

@@ -9,7 +9,8 @@ from jax.sharding import AxisType, PartitionSpec as P
 from moe_jax import sharding
 from moe_jax.config import MESH_AXES, ConfigError, MeshConfig
 
-TOKENS = ("data", "fsdp", "expert")
+TOKENS = ("data", "stage", "fsdp", "expert")
+PF = ("stage", "fsdp")  # parameters' model width: FSDP, and ZeRO over pipeline stages
 
 
 def test_rules_table_is_valid():
@@ -30,23 +31,32 @@ def test_check_rules_rejects_duplicates_and_unknown_axes():
 
 
 @pytest.mark.parametrize("names, spec", [
-    (("embed", "mlp"), P("fsdp", "tensor")),
-    (("mlp", "embed"), P("tensor", "fsdp")),
-    (("vocab", "embed"), P("tensor", "fsdp")),
-    (("embed", "heads", "head_dim"), P("fsdp", "tensor", None)),
+    (("embed", "mlp"), P(PF, "tensor")),
+    (("mlp", "embed"), P("tensor", PF)),
+    (("vocab", "embed"), P("tensor", PF)),
+    (("embed", "heads", "head_dim"), P(PF, "tensor", None)),
     (("kv_lora", "heads", None), P(None, "tensor", None)),
-    (("experts", "expert_embed", "expert_mlp"), P("expert", "fsdp", "tensor")),
+    (("experts", "expert_embed", "expert_mlp"), P("expert", PF, "tensor")),
     # Activations: batch, listed first, takes fsdp and expert from embed and experts.
     (("batch", "seq", "embed"), P(TOKENS, None, None)),
     (("embed", "batch"), P(None, TOKENS)),
     (("batch", "experts"), P(TOKENS, None)),
     (("batch", "seq", "vocab"), P(TOKENS, None, "tensor")),
-    (("experts", "expert_tokens", "embed"), P("expert", ("data", "fsdp"), None)),
+    (("experts", "expert_tokens", "embed"), P("expert", ("data", "stage", "fsdp"), None)),
+    # Stacked pipeline blocks: stage holds the stage dim, so embed (wanting stage too) gets none.
+    (("stages", "layers", "embed"), P("stage", None, None)),
     ((), P()),
 ])
 def test_logical_to_spec(names, spec):
   assert sharding.logical_to_spec(names) == spec
   assert sharding.logical_to_spec(P(*names)) == spec
+
+
+def test_no_name_maps_to_the_stage_axis_inside_a_stage():
+  with sharding.stage_local():
+    assert sharding.logical_to_spec(("batch", "seq")) == P(("data", "fsdp", "expert"), None)
+    assert sharding.token_axes() == ("data", "fsdp", "expert")
+  assert sharding.token_axes() == TOKENS
 
 
 def test_logical_to_spec_rejects_unknown_and_repeated_names():
@@ -60,8 +70,8 @@ def test_logical_to_spec_rejects_unknown_and_repeated_names():
 def test_make_mesh_data_by_expert(data, expert):
   mesh = sharding.make_mesh(MeshConfig(data=data, expert=expert))
   assert mesh.axis_names == MESH_AXES
-  assert sharding.axis_sizes(mesh) == dict(data=data, fsdp=1, expert=expert, tensor=1)
-  assert mesh.axis_types == (AxisType.Auto,) * 4
+  assert sharding.axis_sizes(mesh) == dict(data=data, stage=1, fsdp=1, expert=expert, tensor=1)
+  assert mesh.axis_types == (AxisType.Auto,) * 5
   assert sharding.shard_count(mesh, "batch") == 8
   assert sharding.shard_count(mesh, "experts") == expert
   assert sharding.shard_count(mesh, "seq") == 1
@@ -71,7 +81,7 @@ def test_make_mesh_data_by_expert(data, expert):
                                    dict(fsdp=2, expert=2, tensor=2), dict(data=4, tensor=2)])
 def test_make_mesh_with_tensor(shape):
   mesh = sharding.make_mesh(MeshConfig(**shape))
-  assert sharding.axis_sizes(mesh) == {**dict(data=1, fsdp=1, expert=1), **shape}
+  assert sharding.axis_sizes(mesh) == {**dict(data=1, stage=1, fsdp=1, expert=1), **shape}
   assert sharding.shard_count(mesh, "batch") == 4
   assert sharding.shard_count(mesh, "mlp") == 2
   assert sorted(d.id for d in mesh.devices.flat) == list(range(8))
@@ -158,8 +168,8 @@ def test_param_shardings_from_boxed_flax_params():
   with jax.set_mesh(mesh):
     variables = jax.jit(model.init, out_shardings=shardings)(jax.random.key(0), x)
   params = nn.unbox(variables)["params"]
-  assert params["w_in"].sharding.spec == P("fsdp", "tensor")
-  assert params["w_out"].sharding.spec == P("tensor", "fsdp")
+  assert params["w_in"].sharding.spec == P(PF, "tensor")
+  assert params["w_out"].sharding.spec == P("tensor", PF)
   assert params["scale"].sharding.spec == P()
   assert params["w_in"].addressable_shards[0].data.shape == (8, 16)
 

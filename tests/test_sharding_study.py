@@ -1,5 +1,6 @@
 """The sharding study: its table on a tiny model, the exact state bytes, the depth extrapolation."""
 import csv
+import dataclasses
 import importlib.util
 import os
 import pathlib
@@ -55,11 +56,11 @@ def test_table_of_two_meshes(tmp_path):
   assert data["all-to-all"] == data["a2a_min_step_bytes"] == 0 and data["a2a_ratio"] is None
 
   text = study.write_outputs(cfg, rows, str(tmp_path))
-  assert "| 1x1x8x1 |" in text and "| 8x1x1x1 |" in text
+  assert "| 1x1x1x8x1 |" in text and "| 8x1x1x1x1 |" in text
   with open(tmp_path / "table.csv") as f:
     table = list(csv.DictReader(f))
   assert tuple(table[0]) == study.COLUMNS
-  assert [r["mesh"] for r in table] == ["1x1x8x1", "8x1x1x1"]
+  assert [r["mesh"] for r in table] == ["1x1x1x8x1", "8x1x1x1x1"]
   assert int(table[1]["all-to-all"]) == 0 and float(table[0]["flops"]) > 0
   assert (tmp_path / "plot.png").stat().st_size > 10_000
   assert (tmp_path / "table.md").read_text().startswith("| mesh")
@@ -89,14 +90,19 @@ def test_extrapolation_is_linear_in_dense_and_moe_blocks():
   assert fit == pytest.approx(truth(3, 58))
   # An all-MoE model varies only the MoE blocks.
   assert study.slice_blocks(_tiny(num_layers=8, first_k_dense=0)) == [(0, 1), (0, 2)]
+  # Pipelined, MoE blocks come one per stage: the slices hold 4 and 8 on 4 stages.
+  piped = dataclasses.replace(_tiny(num_layers=10, first_k_dense=2),
+                              mesh=config.MeshConfig(stage=4, fsdp=2))
+  assert study.slice_blocks(piped) == [(1, 4), (2, 4), (1, 8)]
 
 
-@pytest.mark.parametrize("arg", ["v3_671b", "v3_671b_fsdp", "v3_671b_fsdp_tp"])
+@pytest.mark.parametrize("arg", ["v3_671b", "v3_671b_fsdp", "v3_671b_fsdp_tp", "v3_671b_pp"])
 def test_v3_layouts_are_2048_gpus_with_expert_parallelism_64(arg):
   cfg = config.from_config_dict(_config_file(arg))
   assert cfg.mesh.size == 2048 and cfg.mesh.expert == 64
   # One 4096-token sequence per token shard: the micro-batch every layout is measured at.
-  assert cfg.train.batch_size == 2048 // cfg.mesh.tensor and cfg.train.seq_len == 4096
+  tokens = cfg.mesh.size // cfg.mesh.tensor // cfg.mesh.stage
+  assert cfg.train.batch_size == tokens * cfg.train.microbatches and cfg.train.seq_len == 4096
   assert cfg.model.remat == (cfg.mesh.fsdp > 1)
 
 
@@ -166,3 +172,36 @@ def test_the_study_from_the_command_line(tmp_path, arg):
     by_mesh = {r["mesh"]: r for r in rows}
     assert int(by_mesh["8x1x1x1"]["all-to-all"]) == 0
     assert int(by_mesh["1x1x8x1"]["all-to-all"]) > 0
+
+
+def test_pipelined_mesh_counts_its_permutes_and_bubble():
+  """stage 2 x expert 4: the pipeline's collective-permutes are counted once per tick, at least
+  its floor; the all-to-all (inside the ticks' loop) at least its own."""
+  c = _config_file()
+  c.model.embed_dim, c.model.num_layers, c.model.dense_ffn_dim = 32, 3, 64
+  c.model.kv_lora_rank, c.model.qk_nope_head_dim, c.model.qk_rope_head_dim = 16, 8, 4
+  c.model.v_head_dim, c.moe.expert_ffn_dim = 8, 16
+  c.train.batch_size, c.train.seq_len, c.train.microbatches = 8, 16, 2
+  cfg = config.from_config_dict(c)
+  (row,) = study.study_mesh(cfg, config.MeshConfig(stage=2, expert=4), study.study_devices(8))
+  assert row["bubble"] == pytest.approx(1 / 3) and row["accum_bytes"] == 0
+  assert row["collective-permute"] >= row["permute_min_step_bytes"] > 0
+  assert row["all-to-all"] >= row["a2a_min_step_bytes"] > 0
+
+
+def test_loop_bodies_count_once_per_trip():
+  hlo = """HloModule m
+
+%body (p: f32[4]) -> f32[4] {
+  %p = f32[4] parameter(0)
+  ROOT %cp = f32[4]{0} collective-permute(%p), source_target_pairs={{0,1},{1,0}}
+}
+
+ENTRY %main (a: f32[4]) -> f32[4] {
+  %a = f32[4] parameter(0)
+  %w = f32[4] while(%a), condition=%cond, body=%body, backend_config={"known_trip_count":{"n":"5"}}
+  ROOT %ar = f32[4]{0} all-reduce(%w), replica_groups={{0,1}}, to_apply=%add
+}
+"""
+  got = study.looped_collective_bytes(hlo)
+  assert got["collective-permute"] == 5 * 16 and got["all-reduce"] == 16

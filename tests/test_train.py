@@ -140,7 +140,7 @@ def test_batches_are_the_global_batch_on_the_mesh(setup):
                             seq_len=cfg.seq_len, seed=cfg.seed)
   for key in ("inputs", "targets"):
     np.testing.assert_array_equal(np.asarray(batch[key]), expected[key])
-    assert batch[key].sharding.spec[0] == ("data", "fsdp", "expert")
+    assert batch[key].sharding.spec[0] == ("data", "stage", "fsdp", "expert")
 
 
 def test_evaluate_is_deterministic(setup):

@@ -12,8 +12,10 @@ each device updates the router bias identically.
   the end adds routed and shared experts together.
   Bucket size C: with a capacity factor, `cf * T_local * K / ep` (drops counted per destination);
   dropless, `T_local * K`, the only static size that can never overflow: up to `ep` times the
-  bytes actually needed. XLA:CPU has no ragged all-to-all; `ragged_all_to_all` on GPU/TPU sends
-  only the rows that exist. With `fp8.dispatch` the rows go out in FP8 (`fp8.dispatch_rows`).
+  bytes actually needed. `moe.exchange="ragged"` (the GPU/TPU default) sends only the rows that
+  exist with `lax.ragged_all_to_all` into the same bucket layout, so everything around it is
+  unchanged; XLA:CPU has no ragged all-to-all, so CPU keeps the padded exchange. With
+  `fp8.dispatch` the rows go out in FP8 (`fp8.dispatch_rows`) through the padded exchange.
 - `gshard` (SPMD einsum): tokens in groups of one shard each, one-hot dispatch into
   [experts, groups, capacity] buckets, expert einsums on expert-sharded weights, one-hot combine;
   the sharding constraints make the SPMD partitioner insert the all-to-alls. The baseline.
@@ -31,6 +33,46 @@ from moe_jax.config import FP8Config, MoEConfig
 from moe_jax.moe import dispatch, grouped, products, routing
 from moe_jax.moe.local import add_shared
 from moe_jax.moe.params import param_specs
+
+# The ragged collective; tests put an emulation here to run the ragged path on XLA:CPU.
+RAGGED_ALL_TO_ALL = jax.lax.ragged_all_to_all
+
+
+def resolve_exchange(exchange: str) -> str:
+  if exchange != "auto":
+    return exchange
+  return "padded" if jax.default_backend() == "cpu" else "ragged"
+
+
+def _ragged(v_RxF, fill, send_sizes_P, bucket: int):
+  """Block j of `bucket` rows goes to peer j, only its first send_sizes[j] rows; this device's
+  rows land in block `my index` of the peer's result, whose other rows hold `fill`."""
+  ep = send_sizes_P.shape[0]
+  recv_sizes_P = jax.lax.all_to_all(send_sizes_P, sharding.EXPERT_AXIS, 0, 0, tiled=True)
+  offsets_P = jnp.arange(ep, dtype=jnp.int32) * bucket
+  mine_P = jnp.full((ep,), jax.lax.axis_index(sharding.EXPERT_AXIS) * bucket, jnp.int32)
+  return RAGGED_ALL_TO_ALL(v_RxF, jnp.full_like(v_RxF, fill), offsets_P, send_sizes_P, mine_P,
+                           recv_sizes_P, axis_name=sharding.EXPERT_AXIS)
+
+
+@jax.custom_vjp
+def ragged_exchange(v_RxF, send_sizes_P, bucket_like_B):
+  """The ragged all-to-all of bucketed rows (see `_ragged`; the bucket size is the length of
+  bucket_like_B, so that it stays static), empty rows zero; its gradient is the exchange back."""
+  return _ragged(v_RxF, 0, send_sizes_P, bucket_like_B.shape[0])
+
+
+def _ragged_fwd(v, sizes, bucket_like):
+  return ragged_exchange(v, sizes, bucket_like), (sizes, bucket_like)
+
+
+def _ragged_bwd(res, g):
+  sizes, bucket_like = res
+  back = jax.lax.all_to_all(sizes, sharding.EXPERT_AXIS, 0, 0, tiled=True)
+  return _ragged(g, 0, back, bucket_like.shape[0]), None, None
+
+
+ragged_exchange.defvjp(_ragged_fwd, _ragged_bwd)
 
 # Inside the layer weights stay split over experts and ffn width; their embed dims (fsdp) are
 # gathered at the shard_map boundary.
@@ -89,7 +131,7 @@ def _alltoall_body(params, state, x_TxD, fp8_state, replay_TxK, cfg: MoEConfig, 
   t = x_TxD.shape[0]
   e_local = params["experts"]["gate"].shape[0]
   assert e_local * ep == cfg.num_experts, (e_local, ep)
-  token_axes = tuple(a for a in sharding.TOKEN_AXES if jax.sharding.get_abstract_mesh().shape[a] > 1)
+  token_axes = tuple(a for a in sharding.token_axes() if jax.sharding.get_abstract_mesh().shape[a] > 1)
   total = lambda v: jax.lax.psum(v, token_axes) if token_axes else v
 
   own = routing.route(params, state, x_TxD, cfg)
@@ -105,11 +147,20 @@ def _alltoall_body(params, state, x_TxD, fp8_state, replay_TxK, cfg: MoEConfig, 
 
   exchange = lambda v: (jax.lax.all_to_all(v, sharding.EXPERT_AXIS, 0, 0, tiled=True)
                         if ep > 1 else v)
-  if fp8_cfg.dispatch:
+  ragged = ep > 1 and not fp8_cfg.dispatch and resolve_exchange(cfg.exchange) == "ragged"
+  if ragged:  # rows per destination shard, within its bucket
+    sent_P = jnp.minimum(routing.load(r.idx_TxK // e_local, ep), bucket).astype(jnp.int32)
+    bucket_like = jnp.zeros((bucket,), jnp.int8)
+    x_recv = ragged_exchange(x_send, sent_P, bucket_like)
+    expert_recv = _ragged(expert_send, e_local, sent_P, bucket)
+    back = jax.lax.all_to_all(sent_P, sharding.EXPERT_AXIS, 0, 0, tiled=True)
+    exchange = lambda v: ragged_exchange(v, back, bucket_like)
+  elif fp8_cfg.dispatch:
     x_recv = fp8.dispatch_rows(x_send, fp8_cfg, sharding.EXPERT_AXIS if ep > 1 else None)
+    expert_recv = exchange(expert_send)
   else:
     x_recv = exchange(x_send)
-  expert_recv = exchange(expert_send)
+    expert_recv = exchange(expert_send)
 
   backend = grouped.resolve_backend(cfg.grouped_backend)
   block, bucket = grouped.layout(t * k, e_local, backend)
@@ -143,7 +194,10 @@ def apply_alltoall(params: dict, state: dict, x_TxD: jax.Array, cfg: MoEConfig, 
   fn = jax.shard_map(body, mesh=mesh,
                      in_specs=(_param_specs(cfg, mesh), {"router_bias": _spec((None,), mesh)},
                                tokens, _fp8_state_specs(fp8_state, mesh)) + (tokens,) * len(replay),
-                     out_specs=(tokens, jax.sharding.PartitionSpec(), tokens))
+                     out_specs=(tokens, jax.sharding.PartitionSpec(), tokens),
+                     # Batched over pipeline stages (pipeline.py), jax 0.10.2's varying-axes
+                     # check trips over an iota inside one_hot; tests check the gradients.
+                     check_vma=not sharding.in_stage())
   y_TxD, aux, experts_TxK = fn(params, state, x_TxD, fp8_state, *replay)
   return y_TxD, dict(aux, experts=experts_TxK)
 
