@@ -180,21 +180,6 @@ class Admission:
     self.reserved -= 1
     return self.pages.allocate()
 
-
-
-def shared_entropy() -> int:
-  """Fresh entropy for requests without a seed; every process draws the same (each runs the
-  same loop on the same requests and must take the same decisions)."""
-  value = secrets.randbits(31)
-  if jax.process_count() > 1:
-    value = int(multihost_utils.broadcast_one_to_all(np.int32(value)))
-  return value
-
-
-def request_seed(entropy: int, job_id: int) -> int:
-  digest = hashlib.sha256(f"{entropy}:{job_id}".encode()).digest()
-  return int.from_bytes(digest[:4], "little") & 0x7FFFFFFF
-
   def cancel(self, job_id: int) -> bool:
     """Drops a request whose caller went away (between steps, from the thread that steps): a
     waiting one leaves the queue; a running one frees its blocks (full ones stay cached) and
@@ -219,3 +204,17 @@ def request_seed(entropy: int, job_id: int) -> int:
     return {"running": len(self.running), "waiting": len(self.waiting),
             "blocks_used": self.pages.capacity - self.pages.available(),
             "blocks_total": self.pages.capacity}
+
+
+def shared_entropy() -> int:
+  """Fresh entropy for requests without a seed; every process draws the same (each runs the
+  same loop on the same requests and must take the same decisions)."""
+  value = secrets.randbits(31)
+  if jax.process_count() > 1:
+    value = int(multihost_utils.broadcast_one_to_all(np.int32(value)))
+  return value
+
+
+def request_seed(entropy: int, job_id: int) -> int:
+  digest = hashlib.sha256(f"{entropy}:{job_id}".encode()).digest()
+  return int.from_bytes(digest[:4], "little") & 0x7FFFFFFF
