@@ -39,9 +39,17 @@ def test_replaying_the_own_choice_changes_nothing():
   assert aux["experts"].shape == (8, 5, CFG.top_k) and aux["experts"].dtype == jnp.int32
   y2, aux2 = jax.jit(lambda p, x, r: moe.apply(p, state, x, CFG, replay=r))(params, x,
                                                                             aux["experts"])
-  np.testing.assert_array_equal(y2, y)
+  # The same experts and gates in two programs compiled apart, whose float sums may round in
+  # another order: each a sum of at most D + F + K + T terms (the matmuls, the top-k sum, the
+  # statistics over the tokens), within that many ulps of its terms' size (y's own scale here).
+  n = CFG.embed_dim + CFG.expert_ffn_dim + CFG.top_k + x.size // x.shape[-1]
+  eps = float(np.finfo(np.float32).eps)
+  np.testing.assert_allclose(y2, y, rtol=0, atol=n * eps * float(jnp.abs(y).max()))
   for key in aux:
-    np.testing.assert_array_equal(aux2[key], aux[key], err_msg=key)
+    if jnp.issubdtype(aux[key].dtype, jnp.integer) or key == "load":  # ids and counts: exact
+      np.testing.assert_array_equal(aux2[key], aux[key], err_msg=key)
+    else:
+      np.testing.assert_allclose(aux2[key], aux[key], rtol=n * eps, atol=0, err_msg=key)
 
 
 def test_replayed_experts_run_while_statistics_keep_the_own_choice():
