@@ -111,6 +111,29 @@ def test_the_kl_without_replay_is_measured_against_the_learners_own_routing(stat
   assert "behaviour_kl_without_replay" not in metrics
 
 
+GRAD_TOL = 1e-5  # gradients of two programs summing in different orders (rtol and atol)
+
+
+def first_update_bounds(grads, params, lr, train_cfg):
+  """How far two first RL steps may move each parameter apart, when their gradients agree to
+  GRAD_TOL. Adam's first update is lr * x / (|x| + eps) with x = c * g, c = min(1, clip / |g|):
+  the sign of g, scaled down only where |g| is near eps / c. Two gradients within n of each
+  other move f(x) = x / (|x| + eps) by at most n / (max(|g| - n, 0) + eps / c), and never by
+  more than 2 (opposite signs): so lr * 2 where g is within noise of 0, lr * n / |g| elsewhere.
+  Plus float32 rounding of the update (a few ulps of lr) and of p - update (an ulp of p).
+  weight_decay is 0 in these configs, so the update is Adam's alone."""
+  norm = float(np.sqrt(sum(np.sum(np.square(g, dtype=np.float64)) for g in jax.tree.leaves(grads))))
+  c = min(1.0, train_cfg.grad_clip / norm) if train_cfg.grad_clip > 0 else 1.0
+  eps, ulp = 1e-8, float(np.finfo(np.float32).eps)
+
+  def bound(g, p):
+    g = np.abs(np.asarray(g, np.float64))
+    noise = GRAD_TOL * (1 + g) + 4 * ulp * g  # the gradient's tolerance, and c's own rounding
+    moved = np.minimum(2.0, noise / (np.maximum(g - noise, 0) + eps / c))
+    return lr * (moved + 8 * ulp) + 2 * ulp * (np.abs(np.asarray(p)) + lr)
+  return jax.tree.map(bound, grads, params)
+
+
 def test_sharded_step_equals_single_device(state):
   batch = make_batch(state, seed=2)
   ref = jax.tree.map(lambda p: p * 0.99, state["params"])
@@ -131,12 +154,14 @@ def test_sharded_step_equals_single_device(state):
     got, got_metrics = fn(*placed)
     grads = jax.jit(functools.partial(learner.rl_grads, cfg=cfg, rl=RL))(*placed)[0]
   assert got["params"]["layer_1"]["ffn"]["experts"]["gate"].sharding.spec[0] == "expert"
-  close = lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+  # The mesh sums the batch's gradient in another order than one device: it agrees to GRAD_TOL.
+  close = lambda a, b: np.testing.assert_allclose(a, b, rtol=GRAD_TOL, atol=GRAD_TOL)
   jax.tree.map(close, grads, want_grads)
-  # Adam's first step is about lr * g / |g|: where g is ~1e-8, float noise in g moves the update
-  # by a visible fraction of lr (1e-3), so the parameters agree to a tenth of lr.
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=0, atol=1e-4), got["params"],
-               want["params"])
+  bounds = first_update_bounds(want_grads, state["params"], RL.learning_rate, CFG.train)
+  jax.tree.map(lambda a, b, bound: np.testing.assert_array_less(np.abs(a - b), bound),
+               got["params"], want["params"], bounds)
+  tight = [(b < 0.1 * RL.learning_rate).mean() for b in jax.tree.leaves(bounds)]
+  assert np.mean(tight) > 0.5, tight  # most of the update is held to a tenth of lr or better
   jax.tree.map(close, got["moe_state"], want["moe_state"])
   for key, value in want_metrics.items():
     np.testing.assert_allclose(got_metrics[key], value, rtol=1e-5, atol=1e-5, err_msg=key)
