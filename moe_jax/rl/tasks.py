@@ -148,21 +148,23 @@ def problem(spec: TaskSpec, split: str, seed: int, index: int) -> Problem:
                    "raise digits or count, or move heldout_fraction away from 0 or 1")
 
 
-def problems(spec: TaskSpec, split: str, count: int, seed: int, *, start: int = 0,
-             unique: bool = False) -> list[Problem]:
+def problems(spec, split: str, count: int, seed: int, *, start: int = 0,
+             unique: bool = False, draw=None, key=None) -> list[Problem]:
   """Problems start..start+count-1 of `split`; with `unique`, repeats (by canonical form) are
-  skipped and later indices fill their places, for evaluation sets."""
+  skipped and later indices fill their places, for evaluation sets. `draw(spec, split, seed,
+  index)` and `key(problem)` default to this task family's; other families pass their own."""
+  draw, key = draw or problem, key or canonical
   if isinstance(count, bool) or not isinstance(count, int) or count < 0:
     _bad("count", count, "must be an integer >= 0")
   out, seen, index = [], set(), start
   while len(out) < count:
-    p = problem(spec, split, seed, index)
+    p = draw(spec, split, seed, index)
     index += 1
-    if unique and canonical(p) in seen:
+    if unique and key(p) in seen:
       if index - start > _MAX_ATTEMPTS + count:
         _bad("count", count, f"exceeds the distinct {split} problems found for {spec}")
       continue
-    seen.add(canonical(p))
+    seen.add(key(p))
     out.append(p)
   return out
 

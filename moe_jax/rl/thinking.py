@@ -123,19 +123,8 @@ def problem(spec: ThinkSpec, split: str, seed: int, index: int) -> tasks.Problem
 def problems(spec: ThinkSpec, split: str, count: int, seed: int, *, start: int = 0,
              unique: bool = False) -> list[tasks.Problem]:
   """Problems start..start+count-1 of `split`; with `unique`, repeats are skipped."""
-  if isinstance(count, bool) or not isinstance(count, int) or count < 0:
-    _bad("count", count, "must be an integer >= 0")
-  out, seen, index = [], set(), start
-  while len(out) < count:
-    p = problem(spec, split, seed, index)
-    index += 1
-    if unique and canonical(p) in seen:
-      if index - start > _MAX_ATTEMPTS + count:
-        _bad("count", count, f"exceeds the distinct {split} problems found for {spec}")
-      continue
-    seen.add(canonical(p))
-    out.append(p)
-  return out
+  return tasks.problems(spec, split, count, seed, start=start, unique=unique, draw=problem,
+                        key=canonical)
 
 
 # ---- The two forms ------------------------------------------------------------------------------
