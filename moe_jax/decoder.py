@@ -225,6 +225,9 @@ class Transformer(nn.Module):
           x_BxTxD, pos, None if caches is None else caches[name], replay)
       new_caches[name] = cache
       auxes += [aux] if aux is not None else []
+    # The last block's output: what an MTP module drafts from (serve/spec_decode.py reads it
+    # with mutable=["intermediates"]; without that, sow keeps nothing).
+    self.sow("intermediates", "hidden", x_BxTxD)
     logits_BxTxV = project(RMSNorm(cfg.norm_eps, name="final_norm")(x_BxTxD), head_DxV,
                            jnp.float32)
     if caches is not None:
