@@ -93,3 +93,75 @@ def test_greedy_one_hot_rule_accepts_exactly_the_argmax():
   assert speculative.accept(p, np.eye(V)[[2, 4]], [2, 4], rng) == ([2, 4, 1], 2)
   assert speculative.accept(p, np.eye(V)[[2, 5]], [2, 5], rng) == ([2, 4], 1)
   assert speculative.accept(p, np.eye(V)[[3, 4]], [3, 4], rng) == ([2], 0)
+
+
+_BASE = ModelConfig(embed_dim=32, num_layers=2, first_k_dense=1, dense_ffn_dim=64, num_heads=4,
+                    q_lora_rank=16, kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=4,
+                    v_head_dim=8, head_dim=8, num_kv_heads=2, max_seq_len=64, init_std=0.2,
+                    mtp_depth=1)
+CONFIGS = {"mla": _BASE, "mha": dataclasses.replace(_BASE, attention="mha")}
+MOE = MoEConfig(embed_dim=32, num_experts=8, top_k=2, expert_ffn_dim=16)
+PROMPTS = 24
+
+
+@pytest.fixture(scope="module", params=sorted(CONFIGS))
+def setup(request):
+  cfg = CONFIGS[request.param]
+  params, state = model.init(jax.random.key(0), cfg, MOE)
+  rng = np.random.default_rng(0)
+  prompts = [[int(t) for t in rng.integers(0, 256, size=rng.integers(2, 14))]
+             for _ in range(PROMPTS)]
+  return cfg, params, state, prompts
+
+
+def _run(setup, requests, **kw):
+  cfg, params, state, _ = setup
+  engine = Engine(params, state, cfg, MOE, num_blocks=128, block_size=4, max_batch=8, **kw)
+  return engine, engine.generate(requests)
+
+
+def _oracle(setup, wrong_every=0):
+  """A drafter that knows the main model's greedy continuation (a full forward), every
+  `wrong_every`-th draft made wrong: drafts get accepted and rejected at chosen places."""
+  cfg, params, state, _ = setup
+
+  def draft(engine, live, rngs, B):
+    del rngs, B
+    drafts, qs = [], []
+    for job, seq in live:
+      room = job.request.max_tokens - (len(seq.tokens) - len(job.prompt)) - 1
+      tokens = list(seq.tokens)
+      for _ in range(min(engine.speculative_tokens, room)):
+        logits, _ = model.apply(params, state, np.asarray([tokens]), cfg, MOE)
+        tokens.append(int(np.argmax(logits[0, -1])))
+      d = tokens[len(seq.tokens):]
+      if wrong_every:
+        d = [(t + 1) % cfg.vocab_size if (len(tokens) + j) % wrong_every == 0 else t
+             for j, t in enumerate(d)]
+      drafts.append(d)
+      qs.append([np.eye(cfg.vocab_size)[t] for t in d])
+    return drafts, qs
+  return draft
+
+
+@pytest.mark.parametrize("k,drafter", [(2, "mtp"), (3, "oracle"), (3, "half-wrong")])
+def test_greedy_speculative_equals_plain_decoding(setup, monkeypatch, k, drafter):
+  from moe_jax.serve import spec_decode
+  if drafter != "mtp":
+    monkeypatch.setattr(spec_decode, "_draft", _oracle(setup, 0 if drafter == "oracle" else 2))
+  requests = [Request(p, max_tokens=7, ignore_eos=True, top_logprobs=2) for p in setup[3]]
+  _, plain = _run(setup, requests)
+  engine, fast = _run(setup, requests, speculative_tokens=k)
+  for a, b in zip(plain, fast):
+    assert a.choices[0].token_ids == b.choices[0].token_ids
+    np.testing.assert_allclose(a.choices[0].logprobs, b.choices[0].logprobs, atol=1e-4)
+    assert [sorted(t) for t in a.choices[0].top_logprobs] == \
+        [sorted(t) for t in b.choices[0].top_logprobs]
+    assert a.usage == b.usage
+  drafted = sum(v for key, v in engine.stats.items() if key.startswith("drafted_"))
+  accepted = sum(v for key, v in engine.stats.items() if key.startswith("accepted_"))
+  assert drafted > 0
+  if drafter == "oracle":
+    assert accepted == drafted
+  if drafter == "half-wrong":
+    assert 0 < accepted < drafted
