@@ -165,3 +165,89 @@ def test_greedy_speculative_equals_plain_decoding(setup, monkeypatch, k, drafter
     assert accepted == drafted
   if drafter == "half-wrong":
     assert 0 < accepted < drafted
+
+
+def _exact_four(setup, prompt, temperature, top_p, top_k):
+  """{(t1..t4): probability} of the first four tokens under plain sampling, from the full
+  forward and the engine's own filters."""
+  cfg, params, state, _ = setup
+  settings = (np.full(1, temperature, np.float32), np.full(1, top_p, np.float32),
+              np.full(1, top_k, np.int32))
+  out = {(): 1.0}
+  for _ in range(4):
+    grown = {}
+    for pre, prob in out.items():
+      logits, _ = model.apply(params, state, np.asarray([prompt + list(pre)]), cfg, MOE)
+      p = np.asarray(probabilities(logits[:, -1], *settings), np.float64)[0]
+      grown.update({pre + (t,): prob * p[t] for t in np.flatnonzero(p)})
+    out = grown
+  return out
+
+
+def _flat_oracle(setup, greedy=False):
+  """A sampling drafter whose q is the main model's own next-token logits at half their scale
+  (a full forward), filtered like p: it overlaps p, so drafts are accepted and rejected. With
+  greedy, q's argmax is drafted (as vLLM's MTP does at every temperature)."""
+  cfg, params, state, _ = setup
+
+  def draft(engine, live, rngs, B):
+    del B
+    drafts, qs = [], []
+    for (job, seq), rng in zip(live, rngs):
+      r = job.request
+      room = r.max_tokens - (len(seq.tokens) - len(job.prompt)) - 1
+      tokens, q_rows = list(seq.tokens), []
+      for _ in range(min(engine.speculative_tokens, room) if seq.hidden is not None else 0):
+        logits, _ = model.apply(params, state, np.asarray([tokens]), cfg, MOE)
+        q = np.asarray(probabilities(0.5 * logits[:, -1], np.full(1, r.temperature, np.float32),
+                                     np.full(1, r.top_p, np.float32),
+                                     np.full(1, r.top_k, np.int32)), np.float64)[0]
+        tokens.append(int(np.argmax(q)) if greedy else speculative.draw(q, rng.random()))
+        q_rows.append(q)
+      drafts.append(tokens[len(seq.tokens):])
+      qs.append(q_rows)
+    return drafts, qs
+  return draft
+
+
+@pytest.mark.parametrize("temperature,top_p,drafter", [(1.0, 1.0, "mtp"), (1.0, 1.0, "flat"),
+                                                       (0.6, 0.9, "flat")])
+def test_engine_sampling_matches_the_exact_distribution(setup, monkeypatch, temperature, top_p,
+                                                        drafter):
+  """Tokens 3 and 4 come from one draft and its verification (token 2's step has no hidden state
+  yet); the joint of all four against the exact one, top_k 2 keeping it to 16 cells. The tiny
+  random MTP module's top 2 never meets the main model's (every draft rejected), so a drafter
+  that overlaps p checks acceptance too."""
+  from moe_jax.serve import spec_decode
+  if drafter == "flat":
+    monkeypatch.setattr(spec_decode, "_draft", _flat_oracle(setup))
+  cfg, params, state, prompts = setup
+  if cfg.attention == "mha":
+    pytest.skip("sampling does not depend on the attention kind; the greedy test covers MHA")
+  prompt, top_k = prompts[0], 2
+  exact = _exact_four(setup, prompt, temperature, top_p, top_k)
+  cells = sorted(exact)
+  engine = Engine(params, state, cfg, MOE, num_blocks=512, block_size=4, max_batch=64,
+                  speculative_tokens=1)
+
+  def counts():
+    c = np.zeros(len(cells))
+    for seed in range(E2E_REQUESTS):
+      done = engine.generate([Request(prompt, max_tokens=4, n=64, seed=seed, ignore_eos=True,
+                                      temperature=temperature, top_p=top_p, top_k=top_k)])
+      for choice in done[0].choices:
+        c[cells.index(tuple(choice.token_ids))] += 1
+    return c
+  probs = np.array([exact[c] for c in cells])
+  assert not _rejects(counts(), probs)
+  assert engine.stats["drafted_1"] > 0
+  if drafter == "mtp":
+    return
+  assert 0 < engine.stats["accepted_1"] < engine.stats["drafted_1"]
+  # The wrong rule: greedy drafts accepted as they are.
+  monkeypatch.setattr(spec_decode, "_draft", _flat_oracle(setup, greedy=True))
+  monkeypatch.setattr(speculative, "accept", speculative.accept_as_drafted)
+  assert _rejects(counts(), probs)
+
+
+E2E_REQUESTS = 60  # x 64 samples
