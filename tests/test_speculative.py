@@ -251,3 +251,42 @@ def test_engine_sampling_matches_the_exact_distribution(setup, monkeypatch, temp
 
 
 E2E_REQUESTS = 60  # x 64 samples
+
+
+V3_MODEL = ModelConfig(vocab_size=64, embed_dim=32, num_layers=3, first_k_dense=1,
+                       dense_ffn_dim=48, num_heads=4, num_kv_heads=4, q_lora_rank=24,
+                       kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=8,
+                       max_seq_len=32, mtp_depth=1, pad_id=-1)
+V3_MOE = MoEConfig(embed_dim=32, num_experts=16, top_k=4, expert_ffn_dim=16, n_groups=4,
+                   topk_groups=2, routed_scaling=2.5)
+
+
+def test_v3_checkpoint_mtp_layer_drafts(tmp_path):
+  """A DeepSeek-V3-format checkpoint's MTP layer is the drafter: its draft at position 0 (where
+  the MTP block's attention sees only itself) equals the training forward's MTP logits there,
+  and greedy speculative output equals plain decoding."""
+  from moe_jax import generate
+  from moe_jax.interop import hf
+  from moe_jax.serve import spec_decode
+  params, state = model.init(jax.random.key(0), V3_MODEL, V3_MOE)
+  state = jax.tree.map(lambda b: b + jax.random.normal(jax.random.key(1), b.shape), state)
+  hf.export(str(tmp_path), params, state, V3_MODEL, V3_MOE)
+  ckpt = hf.load(str(tmp_path))
+  tokens = np.asarray([[5, 9, 17, 3]], np.int32)
+  _, aux = model.apply(ckpt.params, ckpt.moe_state, tokens, ckpt.model, ckpt.moe)
+  caches = generate.init_caches(ckpt.model, 1, 4)
+  moe = dataclasses.replace(ckpt.moe, capacity_factor=None)
+  *_, hidden = jax.jit(generate.forward_cached_hidden, static_argnums=(5, 6))(
+      ckpt.params, ckpt.moe_state, tokens, 0, caches, ckpt.model, moe)
+  drafted, _ = spec_decode.mtp_draft(ckpt.params, ckpt.moe_state, hidden[:, 0], tokens[:, 1],
+                                     ckpt.model, moe, 0)
+  np.testing.assert_allclose(drafted, aux["mtp_logits"][0][:, 0], atol=1e-4, rtol=1e-4)
+  rng = np.random.default_rng(5)
+  requests = [Request([int(t) for t in rng.integers(0, 64, size=6)], max_tokens=8,
+                      ignore_eos=True) for _ in range(8)]
+  outputs = []
+  for k in (0, 2):
+    engine = Engine(ckpt.params, ckpt.moe_state, ckpt.model, ckpt.moe, num_blocks=64,
+                    block_size=4, max_batch=8, speculative_tokens=k)
+    outputs.append([c.choices[0].token_ids for c in engine.generate(requests)])
+  assert outputs[0] == outputs[1] and engine.stats["drafted_1"] > 0
