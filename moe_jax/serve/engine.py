@@ -14,7 +14,8 @@ Each `step()`:
      is computed, in chunks, one row per prompt in the same calls; each prompt's n sequences
      then share its full blocks and get a copy of the partial last one.
   3. runs one decode step for every running sequence, batched (the batch padded to a power of
-     two: a few compiled shapes serve every mix of requests).
+     two: a few compiled shapes serve every mix of requests). With speculative_tokens = k > 0,
+     the MTP module drafts up to k tokens and one forward verifies them (spec_decode.py).
   4. retires finished sequences: their full blocks stay cached (findable by hash), the rest free.
 
 The model is the decoder's cached forward (`generate.forward_cached`), so any loaded model serves:
@@ -67,7 +68,8 @@ def _pow2(n: int, floor: int = 1) -> int:
 
 class Engine(Admission):
   """See the module docstring. `stats` counts prefilled and cached prompt tokens, prefill calls,
-  decode steps and the shapes compiled; `alive` / `error` say whether the engine can go on."""
+  decode steps, drafted_<j> / accepted_<j> (speculative: drafts at position j and those kept)
+  and the shapes compiled; `alive` / `error` say whether the engine can go on."""
 
   def __init__(self, params, moe_state, model_cfg: ModelConfig, moe_cfg: MoEConfig, *,
                num_blocks: int = 256, block_size: int = 16, max_batch: int = 16,

@@ -16,6 +16,8 @@ its own), so its drafts are weaker than V3's; the output's distribution does not
 """
 from __future__ import annotations
 
+# pylint: disable=protected-access  (this module is the engine's decode step, on its helpers)
+
 import functools
 
 import jax
@@ -74,7 +76,7 @@ def _draft(engine, live, rngs, B):
       h[i], tok[i] = s.hidden, s.tokens[-1]
   settings = _settings(live, B)
   for j in range(max(limits)):
-    with engine._on_mesh():  # pylint: disable=protected-access
+    with engine._on_mesh():
       logits, h = mtp_draft(engine.params, engine.moe_state, h, tok, engine.model_cfg,
                             engine.moe_cfg, min(j, depth - 1))
       q = kv.host(probabilities(logits, *settings))
@@ -97,7 +99,7 @@ def decode(engine, live) -> None:
   for (job, seq), d in zip(live, drafts):
     n = len(seq.tokens) - 1
     while (n + len(d)) // engine.block_size >= len(seq.blocks):
-      seq.blocks.append(engine._allocate(job))  # pylint: disable=protected-access
+      seq.blocks.append(engine._allocate(job))
     rows.append(([seq.tokens[-1]] + d, n, seq.blocks))
   logits, hidden, routes = _verify(engine, rows, T, B)
   settings = [np.repeat(x, T) for x in _settings(live, B)]
@@ -117,7 +119,7 @@ def decode(engine, live) -> None:
     if routes is not None:
       seq.routes.append(routes[i, :fed])
     seq.computed += fed
-    engine._register_full_blocks(seq)  # pylint: disable=protected-access
+    engine._register_full_blocks(seq)
 
 
 def _verify(engine, rows, T, B):
@@ -129,7 +131,7 @@ def _verify(engine, rows, T, B):
     tokens[i, :len(new)], pos[i], n[i] = new, start, len(new)
     tables[i, :len(table)] = table
   engine.shapes.add((B, T, W))
-  with engine._on_mesh():  # pylint: disable=protected-access
+  with engine._on_mesh():
     logits, hidden, engine.pool, routes = kv.verify(
         engine.params, engine.moe_state, engine.pool, tokens, pos, n, tables, engine.model_cfg,
         engine.moe_cfg)
@@ -152,7 +154,6 @@ def _emit(engine, job, seq, tokens, rows):
       alternatives = {int(t): float(v) for t, v in zip(top[0][j], top[1][j])}
     sample_logp = float(np.log(p[j, token])) if hot else 0.0
     try:
-      engine._append(job, seq, (int(token), float(logp[j, token]), sample_logp),  # pylint: disable=protected-access
-                     alternatives)
+      engine._append(job, seq, (int(token), float(logp[j, token]), sample_logp), alternatives)
     except Exception as e:  # pylint: disable=broad-except  (its callback or text: its failure)
-      engine._fail(job, e)  # pylint: disable=protected-access
+      engine._fail(job, e)
