@@ -290,3 +290,28 @@ def test_v3_checkpoint_mtp_layer_drafts(tmp_path):
                     block_size=4, max_batch=8, speculative_tokens=k)
     outputs.append([c.choices[0].token_ids for c in engine.generate(requests)])
   assert outputs[0] == outputs[1] and engine.stats["drafted_1"] > 0
+
+
+def test_stops_n_streaming_and_usage_as_without_speculation(setup, monkeypatch):
+  """A stop token inside a run of accepted drafts ends the sequence there; n = 2, the streamed
+  tokens and usage are those of plain decoding."""
+  from moe_jax.serve import spec_decode
+  monkeypatch.setattr(spec_decode, "_draft", _oracle(setup))
+  cfg, params, state, prompts = setup
+  _, plain = _run(setup, [Request(p, max_tokens=7, ignore_eos=True) for p in prompts[:6]])
+  requests = [Request(p, max_tokens=7, n=2, stop_token_ids=[done.choices[0].token_ids[3]])
+              for p, done in zip(prompts[:6], plain)]
+  results = []
+  for k in (0, 3):
+    engine = Engine(params, state, cfg, MOE, num_blocks=128, block_size=4, max_batch=8,
+                    speculative_tokens=k)
+    streamed = {}
+    ids = [engine.submit(r, on_token=lambda c, t, lp, i=i: streamed.setdefault((i, c), [])
+                         .append(t)) for i, r in enumerate(requests)]
+    done = {}
+    while len(done) < len(ids):
+      done.update(engine.step())
+    results.append(([[(c.token_ids, c.finish_reason, c.stop_token) for c in done[i].choices]
+                     for i in ids], [done[i].usage for i in ids], streamed))
+  assert results[0] == results[1]
+  assert all(c[1] == "stop" for row in results[1][0] for c in row)
