@@ -315,3 +315,12 @@ def test_stops_n_streaming_and_usage_as_without_speculation(setup, monkeypatch):
                      for i in ids], [done[i].usage for i in ids], streamed))
   assert results[0] == results[1]
   assert all(c[1] == "stop" for row in results[1][0] for c in row)
+
+
+def test_speculation_without_an_mtp_module_is_refused():
+  cfg = dataclasses.replace(_BASE, mtp_depth=0)
+  params, state = model.init(jax.random.key(0), cfg, MOE)
+  with pytest.raises(ValueError, match=r"serve.speculative_tokens=2: the model has no MTP"):
+    Engine(params, state, cfg, MOE, num_blocks=8, speculative_tokens=2)
+  with pytest.raises(ValueError, match=r"serve.speculative_tokens=-1"):
+    Engine(params, state, cfg, MOE, num_blocks=8, speculative_tokens=-1)
