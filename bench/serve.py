@@ -11,6 +11,9 @@
   fp8_cache     float8 latent storage against the float cache: bytes per token, the largest logit
                 difference and greedy agreement over --fp8_steps teacher-forced decode steps (also
                 on an all-dense copy of the shape, which has no expert choices to flip)
+  speculative   batch-1 decode tokens/s with the MTP module drafting k = 1, 2 tokens against
+                plain decoding, and each drafted position's acceptance (random weights: the cost
+                of drafts that are rejected, not a trained drafter's speed-up)
 
 The model is configs/tiny_moe.py's shape with max_seq_len 2,304 and RANDOM weights (no training
 run needed): timings do not depend on the weights, but the FP8 agreement of a random model (near-
@@ -257,8 +260,46 @@ def _fp8_compare(variant, m, prompt, steps):
         weights="random (tiny_moe shape)")
 
 
+def _spec_rate(engine: Engine, rng, new: int) -> float:
+  """Batch-1 decode tokens/s from the first decode step on (tokens_generated counts them)."""
+  engine.submit(Request(_prompt(rng, 64), max_tokens=new, ignore_eos=True))
+  engine.step()
+  before, start = engine.stats["tokens_generated"], time.perf_counter()
+  while engine.has_work():
+    engine.step()
+  return (engine.stats["tokens_generated"] - before) / (time.perf_counter() - start)
+
+
+def speculative(m, args, rng):
+  """Batch-1 decode with the MTP module drafting k = 1, 2 tokens against plain decoding, and the
+  acceptance of each drafted position. RANDOM weights (the tiny shape with one MTP module):
+  drafts are nearly always rejected, so this row is the cost of a useless drafter, not the
+  speed-up of a trained one."""
+  params, state, model_cfg, moe_cfg = m
+  model_cfg = dataclasses.replace(model_cfg, mtp_depth=1)
+  params, state = model.init(jax.random.key(0), model_cfg, moe_cfg)
+  engines = {k: Engine(params, state, model_cfg, moe_cfg, num_blocks=64, block_size=16,
+                       max_batch=1, prefix_cache=False, speculative_tokens=k) for k in (0, 1, 2)}
+  for engine in engines.values():
+    _spec_rate(engine, rng, 4)  # compiles
+    engine.stats.clear()
+  rates = {k: [] for k in engines}
+  for _ in range(args.rounds):
+    for k, engine in engines.items():
+      rates[k].append(_spec_rate(engine, rng, args.decode_tokens))
+  for k in (1, 2):
+    stats = engines[k].stats
+    _line("speculative", k=k, batch=1, new_tokens=args.decode_tokens,
+          plain_tokens_per_s=round(statistics.median(rates[0]), 1),
+          speculative_tokens_per_s=round(statistics.median(rates[k]), 1),
+          speedup=round(statistics.median([a / b for a, b in zip(rates[k], rates[0])]), 2),
+          acceptance=[round(stats[f"accepted_{j}"] / max(stats[f"drafted_{j}"], 1), 3)
+                      for j in range(1, k + 1)],
+          weights="random (tiny_moe shape, mtp_depth 1)")
+
+
 BENCHES = {"ttft": ttft, "no_sharing": no_sharing, "decode_batch": decode_batch, "cost": cost,
-           "cold_batch": cold_batch, "fp8_cache": fp8_cache}
+           "cold_batch": cold_batch, "fp8_cache": fp8_cache, "speculative": speculative}
 
 
 def main():

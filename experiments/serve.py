@@ -159,7 +159,8 @@ def load_engine(cfg: ExperimentConfig, workdir: str) -> Engine:
                 block_size=s.block_size, max_batch=s.max_batch, prefill_chunk=s.prefill_chunk,
                 prefix_cache=s.prefix_cache,
                 disk_dir=s.disk_dir or os.path.join(workdir, "prefix_cache"),
-                fp8_cache=s.fp8_cache, mesh=mesh, tokenizer=tokenizer)
+                fp8_cache=s.fp8_cache, mesh=mesh, tokenizer=tokenizer,
+                speculative_tokens=s.speculative_tokens)
 
 
 def _write_lines(path: str, lines: list[dict]):

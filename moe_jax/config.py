@@ -327,6 +327,7 @@ class ServeConfig:
   prefix_cache: bool = True          # reuse cached blocks of earlier prompts
   disk_dir: str = ""                 # the prefix cache's disk tier; "" = <workdir>/prefix_cache
   fp8_cache: bool = False            # store the cache as float8_e4m3fn with per-token scales
+  speculative_tokens: int = 0        # tokens the MTP module drafts per step (0: off; needs MTP)
   price_hit: float = 0.5             # cost report, per million tokens (V3's list prices)
   price_miss: float = 2.0
   price_output: float = 8.0
@@ -344,6 +345,9 @@ class ServeConfig:
             "'r1_zero' (moe_jax/serve/chat.py)")
     _non_negative(self, "price_hit", "price_miss", "price_output")
     _is_bool(self, "prefix_cache", "fp8_cache")
+    if isinstance(self.speculative_tokens, bool) or not isinstance(self.speculative_tokens, int) \
+        or self.speculative_tokens < 0:
+      _fail("speculative_tokens", self.speculative_tokens, "must be an integer >= 0 (0: off)")
     if isinstance(self.num_blocks, bool) or not isinstance(self.num_blocks, int) or \
         self.num_blocks < 2:
       _fail("num_blocks", self.num_blocks, "must be an integer >= 2 (block 0 is reserved)")

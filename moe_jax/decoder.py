@@ -237,6 +237,9 @@ class Transformer(nn.Module):
     if pipelined:
       x_BxTxD, pipe_auxes = self._pipeline(x_BxTxD, routes_BxTxLxK)
       auxes += pipe_auxes
+    # The last block's output: what an MTP module drafts from (serve/spec_decode.py reads it
+    # with mutable=["intermediates"]; without that, sow keeps nothing).
+    self.sow("intermediates", "hidden", x_BxTxD)
     logits_BxTxV = project(RMSNorm(cfg.norm_eps, name="final_norm")(x_BxTxD), head_DxV,
                            jnp.float32)
     if caches is not None:

@@ -92,13 +92,21 @@ def forward_cached_routes(params: dict, moe_state: dict, tokens_BxT: jax.Array, 
                           caches: dict, model_cfg: ModelConfig, moe_cfg: MoEConfig):
   """forward_cached, plus the experts each new token chose in each MoE block of the main model:
   -> (logits_BxTxV, caches, routes_BxTxLxK int32), what router replay feeds back to model.apply."""
+  return forward_cached_hidden(params, moe_state, tokens_BxT, pos, caches, model_cfg,
+                               moe_cfg)[:3]
+
+
+def forward_cached_hidden(params: dict, moe_state: dict, tokens_BxT: jax.Array, pos,
+                          caches: dict, model_cfg: ModelConfig, moe_cfg: MoEConfig):
+  """forward_cached_routes, plus the last block's output [B, T, D] (before the final norm: what
+  an MTP module takes as its hidden state). Traced inside its callers' jit."""
   variables = {"params": params, "moe_state": decoder.to_flax_state(moe_state, model_cfg)}
-  logits_BxTxV, _, auxes, caches = decoder.Transformer(model_cfg, moe_cfg).apply(
-      variables, tokens_BxT, pos, caches)
+  (logits_BxTxV, _, auxes, caches), inter = decoder.Transformer(model_cfg, moe_cfg).apply(
+      variables, tokens_BxT, pos, caches, mutable=["intermediates"])
   B, T = tokens_BxT.shape
   routes = jnp.stack([a["experts"] for a in auxes], axis=2) if auxes else \
       jnp.zeros((B, T, 0, moe_cfg.top_k), jnp.int32)
-  return logits_BxTxV, caches, routes
+  return logits_BxTxV, caches, routes, inter["intermediates"]["hidden"][0]
 
 
 def generate(params: dict, moe_state: dict, prompt_BxP: jax.Array, model_cfg: ModelConfig,

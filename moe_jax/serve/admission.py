@@ -40,6 +40,8 @@ class Seq:
   top: list = dataclasses.field(default_factory=list)     # {id: log-prob} per sampled token
   sample_logprobs: list[float] = dataclasses.field(default_factory=list)  # sampling.sample's
   stop: Optional[tuple[int, float]] = None  # the stop token that ended it, its sampling log-prob
+  hidden: Optional[np.ndarray] = None  # speculative: the main model's hidden state [D] that
+  # sampled the last token (spec_decode.py); None until its first decode step
 
 
 @dataclasses.dataclass

@@ -14,7 +14,8 @@ Each `step()`:
      is computed, in chunks, one row per prompt in the same calls; each prompt's n sequences
      then share its full blocks and get a copy of the partial last one.
   3. runs one decode step for every running sequence, batched (the batch padded to a power of
-     two: a few compiled shapes serve every mix of requests).
+     two: a few compiled shapes serve every mix of requests). With speculative_tokens = k > 0,
+     the MTP module drafts up to k tokens and one forward verifies them (spec_decode.py).
   4. retires finished sequences: their full blocks stay cached (findable by hash), the rest free.
 
 The model is the decoder's cached forward (`generate.forward_cached`), so any loaded model serves:
@@ -51,7 +52,7 @@ from jax._src import config as jax_config  # the thread-local setting has no pub
 
 from moe_jax import sharding
 from moe_jax.config import ModelConfig, MoEConfig
-from moe_jax.serve import keys, kv
+from moe_jax.serve import keys, kv, spec_decode
 from moe_jax.serve.admission import Admission, Job, Seq, request_seed, shared_entropy
 from moe_jax.serve.keys import ByteTokenizer, fingerprint  # pylint: disable=unused-import  (API)
 from moe_jax.serve.pages import NULL_BLOCK, Pages, block_hash
@@ -67,18 +68,25 @@ def _pow2(n: int, floor: int = 1) -> int:
 
 class Engine(Admission):
   """See the module docstring. `stats` counts prefilled and cached prompt tokens, prefill calls,
-  decode steps and the shapes compiled; `alive` / `error` say whether the engine can go on."""
+  decode steps, drafted_<j> / accepted_<j> (speculative: drafts at position j and those kept)
+  and the shapes compiled; `alive` / `error` say whether the engine can go on."""
 
   def __init__(self, params, moe_state, model_cfg: ModelConfig, moe_cfg: MoEConfig, *,
                num_blocks: int = 256, block_size: int = 16, max_batch: int = 16,
                prefill_chunk: int = 512, prefix_cache: bool = True,
                disk_dir: Optional[str] = None, fp8_cache: bool = False, mesh=None,
-               tokenizer=None, record_routes: bool = False, prefill_tokens: int = 4096):
+               tokenizer=None, record_routes: bool = False, prefill_tokens: int = 4096,
+               speculative_tokens: int = 0):
     for name, value, low in (("num_blocks", num_blocks, 2), ("block_size", block_size, 1),
                              ("max_batch", max_batch, 1), ("prefill_chunk", prefill_chunk, 1),
-                             ("prefill_tokens", prefill_tokens, 1)):
+                             ("prefill_tokens", prefill_tokens, 1),
+                             ("speculative_tokens", speculative_tokens, 0)):
       if isinstance(value, bool) or not isinstance(value, int) or value < low:
         raise ValueError(f"serve.{name}={value!r}: must be an integer >= {low}")
+    if speculative_tokens and not model_cfg.mtp_depth:
+      raise ValueError(f"serve.speculative_tokens={speculative_tokens}: the model has no MTP "
+                       f"module to draft with (model.mtp_depth=0); use 0")
+    self.speculative_tokens = speculative_tokens  # drafts per step (spec_decode.py); 0: off
     self.params, self.moe_state, self.model_cfg = params, moe_state, model_cfg
     self.moe_cfg = dataclasses.replace(moe_cfg, capacity_factor=None)
     self.block_size, self.max_batch, self.prefill_chunk = block_size, max_batch, prefill_chunk
@@ -303,6 +311,9 @@ class Engine(Admission):
                            routes=list(seq.routes)))
 
   def _decode(self, live: list[tuple[Job, Seq]]):
+    if self.speculative_tokens:
+      spec_decode.decode(self, live)
+      return
     rows = []
     for job, seq in live:
       position = len(seq.tokens) - 1

@@ -111,14 +111,30 @@ def step(params, moe_state, pool, tokens_BxT, pos_B, n_B, tables_BxW, model_cfg:
   sequence's last real token [B, V] float32, pool), and with record_routes the experts every
   new token chose in each MoE block of the main model, [B, T, L, K] int32 (rows past n_B are
   padding)."""
-  T = tokens_BxT.shape[1]
-  views = {name: _gather(layer, tables_BxW, model_cfg.dtype) for name, layer in pool.items()}
-  logits_BxTxV, views, routes_BxTxLxK = generate.forward_cached_routes(
-      params, moe_state, tokens_BxT, pos_B, views, model_cfg, moe_cfg)
-  pool = {name: _scatter(pool[name], views[name], tables_BxW, pos_B, n_B, T) for name in pool}
+  logits_BxTxV, pool, routes_BxTxLxK, _ = _forward(params, moe_state, pool, tokens_BxT, pos_B,
+                                                   n_B, tables_BxW, model_cfg, moe_cfg)
   last_B = jnp.maximum(n_B - 1, 0)
   logits_BxV = jnp.take_along_axis(logits_BxTxV, last_B[:, None, None], axis=1)[:, 0]
   return (logits_BxV, pool, routes_BxTxLxK) if record_routes else (logits_BxV, pool)
+
+
+@functools.partial(jax.jit, static_argnums=(7, 8), donate_argnums=(2,))
+def verify(params, moe_state, pool, tokens_BxT, pos_B, n_B, tables_BxW, model_cfg: ModelConfig,
+           moe_cfg: MoEConfig):
+  """`step` that keeps every position (speculative decoding's verification): -> (logits
+  [B, T, V] float32, the last block's output [B, T, D], pool, routes [B, T, L, K])."""
+  logits_BxTxV, pool, routes_BxTxLxK, hidden_BxTxD = _forward(
+      params, moe_state, pool, tokens_BxT, pos_B, n_B, tables_BxW, model_cfg, moe_cfg)
+  return logits_BxTxV, hidden_BxTxD, pool, routes_BxTxLxK
+
+
+def _forward(params, moe_state, pool, tokens_BxT, pos_B, n_B, tables_BxW, model_cfg, moe_cfg):
+  T = tokens_BxT.shape[1]
+  views = {name: _gather(layer, tables_BxW, model_cfg.dtype) for name, layer in pool.items()}
+  logits_BxTxV, views, routes_BxTxLxK, hidden_BxTxD = generate.forward_cached_hidden(
+      params, moe_state, tokens_BxT, pos_B, views, model_cfg, moe_cfg)
+  pool = {name: _scatter(pool[name], views[name], tables_BxW, pos_B, n_B, T) for name in pool}
+  return logits_BxTxV, pool, routes_BxTxLxK, hidden_BxTxD
 
 
 @functools.partial(jax.jit, donate_argnums=(0,))

@@ -30,6 +30,24 @@ def _top_k_filter(logits_BxV: jax.Array, top_k_B: jax.Array) -> jax.Array:
   return jnp.where(logits_BxV >= kth_Bx1, logits_BxV, -jnp.inf)
 
 
+def _scaled(logits_BxV, temperature_B, top_p_B, top_k_B):
+  """The sampling distribution's logits: temperature, then top-k, then top-p."""
+  hot_B = temperature_B > 0
+  scaled_BxV = logits_BxV / jnp.where(hot_B, temperature_B, 1.0)[:, None]
+  return top_p_filter(_top_k_filter(scaled_BxV, top_k_B), top_p_B[:, None])
+
+
+@jax.jit
+def probabilities(logits_BxV, temperature_B, top_p_B, top_k_B):
+  """The distribution `sample` draws from, [B, V] float32: a one-hot argmax when greedy.
+  Speculative decoding applies it to both the main model's and the drafter's logits."""
+  logits_BxV = logits_BxV.astype(jnp.float32)
+  hot_B = temperature_B > 0
+  soft_BxV = jax.nn.softmax(_scaled(logits_BxV, temperature_B, top_p_B, top_k_B), axis=-1)
+  hard_BxV = jax.nn.one_hot(jnp.argmax(logits_BxV, axis=-1), logits_BxV.shape[-1])
+  return jnp.where(hot_B[:, None], soft_BxV, hard_BxV)
+
+
 @jax.jit
 def sample(logits_BxV, temperature_B, top_p_B, top_k_B, seed_B, choice_B, index_B):
   """-> (tokens [B] int32, their log-probabilities [B] float32 under the model, and under the
@@ -37,8 +55,7 @@ def sample(logits_BxV, temperature_B, top_p_B, top_k_B, seed_B, choice_B, index_
   logits_BxV = logits_BxV.astype(jnp.float32)
   logprobs_BxV = jax.nn.log_softmax(logits_BxV, axis=-1)
   hot_B = temperature_B > 0
-  scaled_BxV = logits_BxV / jnp.where(hot_B, temperature_B, 1.0)[:, None]
-  scaled_BxV = top_p_filter(_top_k_filter(scaled_BxV, top_k_B), top_p_B[:, None])
+  scaled_BxV = _scaled(logits_BxV, temperature_B, top_p_B, top_k_B)
 
   def draw(seed, choice, index, row_V):
     key = jax.random.fold_in(jax.random.fold_in(jax.random.PRNGKey(seed), choice), index)
