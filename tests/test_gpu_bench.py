@@ -3,6 +3,7 @@ runs every step and prints the table; and MFU's peak table."""
 import json
 import os
 import subprocess
+import sys
 
 import jax
 import pytest
@@ -13,7 +14,9 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def test_gpu_script_dry_run_runs_every_step_and_prints_the_table():
-  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  # The script runs `$PYTHON` (default `python`): this interpreter, whether or not its venv is
+  # on PATH.
+  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHON=sys.executable)
   env["XLA_FLAGS"] = " ".join(f for f in env.get("XLA_FLAGS", "").split()
                               if "device_count" not in f)  # one device, as on the GPU
   result = subprocess.run(["bash", "bench/gpu.sh", "--dry-run"], cwd=REPO, env=env,
