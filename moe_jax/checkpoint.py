@@ -27,6 +27,7 @@ import os
 import re
 import shutil
 import sys
+import traceback
 from typing import Any, Callable, Optional, TextIO
 
 import jax
@@ -84,13 +85,20 @@ class _NoOrbaxLogs(logging.Filter):
 
 
 class _NoOrbaxOrphanTasks(logging.Filter):
-  """Drops asyncio's "Task exception was never retrieved" for orbax's write tasks: when one
-  write of a save fails (a full disk), its sibling writes fail too and are garbage-collected
-  unread, at a moment that depends on the collector (during the save, or at exit). The save's
-  first error is the one-line SaveFailed; these repeat it with a traceback each."""
+  """Drops asyncio's "Task (or _GatheringFuture) exception was never retrieved" for orbax's
+  writes: when one write of a save fails (a full disk), its sibling writes fail too and are
+  garbage-collected unread, at a moment that depends on the collector (during the save, or at
+  exit). The save's first error is the one-line SaveFailed; these repeat it with a traceback
+  each. A task names its orbax coroutine in the message; a gathering future only in its
+  traceback, so both are read."""
 
   def filter(self, record: logging.LogRecord) -> bool:
-    return not (record.name == "asyncio" and f"{os.sep}orbax{os.sep}" in record.getMessage())
+    if record.name != "asyncio":
+      return True
+    text = record.getMessage()
+    if record.exc_info and record.exc_info[2] is not None:
+      text += "".join(traceback.format_tb(record.exc_info[2]))
+    return f"{os.sep}orbax{os.sep}" not in text
 
 
 # On the asyncio logger for good, not per Checkpointer: the orphaned tasks may be collected after
