@@ -22,6 +22,7 @@ status 5. JAX's own heartbeat timeout is set later than ours.
 """
 from __future__ import annotations
 
+import atexit
 import os
 import sys
 import threading
@@ -46,6 +47,7 @@ PEER_TIMEOUT_S = 30.0
 JAX_HEARTBEAT_TIMEOUT_S = 100  # JAX's default: its abort must come after our line
 PEER_DIED = 5  # exit status
 _KEY = "moe_jax_alive/"
+_STOP = threading.Event()  # set at exit: the watchdog leaves before JAX shuts down
 _LEAVING: list[Callable[[], str]] = []  # the newest run's, one at most
 
 
@@ -95,8 +97,18 @@ def initialize(coordinator_address: Optional[str] = None,
                              num_processes=num_processes, process_id=process_id,
                              local_device_ids=local_device_ids,
                              heartbeat_timeout_seconds=JAX_HEARTBEAT_TIMEOUT_S)
-  threading.Thread(target=_watch, name="moe_jax_peer_watchdog", daemon=True).start()
+  watchdog = threading.Thread(target=_watch, name="moe_jax_peer_watchdog", daemon=True)
+  watchdog.start()
+  # Registered after JAX's own shutdown, so it runs before it (atexit is last in, first out):
+  # a watchdog still inside a client call while the service shuts down crashed process 0
+  # with SIGSEGV at exit (jax 0.12.1).
+  atexit.register(_stop_watchdog, watchdog)
   return True
+
+
+def _stop_watchdog(watchdog: threading.Thread):
+  _STOP.set()
+  watchdog.join(timeout=2 * HEARTBEAT_S + 5)
 
 
 def leaving(describe: Callable[[], str]):
@@ -130,7 +142,7 @@ def _watch():
   me, count = jax.process_index(), jax.process_count()
   last = {}  # peer -> (counter, when it last changed)
   beat = 0
-  while True:
+  while not _STOP.is_set():
     beat += 1
     try:
       client.key_value_set(f"{_KEY}{me}", str(beat), allow_overwrite=True)
@@ -146,7 +158,8 @@ def _watch():
       elif now - last[peer][1] > PEER_TIMEOUT_S:
         _peer_died(f"process {peer} of {count} stopped (no heartbeat for "
                    f"{PEER_TIMEOUT_S:.0f} s: killed, crashed or its host is gone)")
-    time.sleep(HEARTBEAT_S)
+    if _STOP.wait(HEARTBEAT_S):
+      return
 
 
 def process_index() -> int:
