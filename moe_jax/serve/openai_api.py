@@ -11,7 +11,7 @@ are refused by name rather than silently ignored.
 
 /v1/chat/completions takes `messages` instead of `prompt` (roles system, developer, user and
 assistant; content a string or a list of text parts), max_tokens or max_completion_tokens
-(default: the rest of the model's context), `logprobs: true` with top_logprobs 0..5; tools and
+(default: the rest of the model's context), `logprobs: true` with top_logprobs 0..20; tools and
 response formats other than text are refused. The template that turns messages into a prompt is
 chat.py's. Usage is OpenAI's with DeepSeek's prompt_cache_hit_tokens / prompt_cache_miss_tokens,
 completion_tokens_details.reasoning_tokens for a thinking template, and `cost` at the server's
