@@ -190,15 +190,19 @@ class Admission:
     if job is None:
       return False
     if self.running.pop(job_id, None) is not None:
-      for seq in job.seqs:
-        for block in seq.blocks:
-          self.pages.release(block)
-      self.reserved -= job.left
-      job.left = 0
+      self._release(job)
     else:
       self.waiting.remove(job_id)
     self.stats["requests_cancelled"] += 1
     return True
+
+  def _release(self, job: Job):
+    """Gives back a job's blocks (full ones stay cached) and what it reserved but never used."""
+    for seq in job.seqs:
+      for block in seq.blocks:
+        self.pages.release(block)
+    self.reserved -= job.left
+    job.left = 0
 
   def load(self) -> dict:
     """How busy the engine is (for /metrics): requests running and waiting, KV blocks held by

@@ -374,10 +374,7 @@ class Engine(Admission):
       choices = []
     for seq in job.seqs:
       job.usage.completion_tokens += len(seq.tokens) - len(job.prompt)
-      for block in seq.blocks:
-        self.pages.release(block)
-    self.reserved -= job.left
-    job.left = 0
+    self._release(job)
     return Completion(job.prompt, choices, job.usage, job.error)
 
   def _choice(self, job: Job, seq: Seq) -> Choice:
