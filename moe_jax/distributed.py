@@ -97,6 +97,11 @@ def initialize(coordinator_address: Optional[str] = None,
                              num_processes=num_processes, process_id=process_id,
                              local_device_ids=local_device_ids,
                              heartbeat_timeout_seconds=JAX_HEARTBEAT_TIMEOUT_S)
+  if jax.default_backend() == "cpu" and jax.__version_info__ >= (0, 12):
+    # jax 0.12.1: two processes whose executables came from a warm persistent compilation
+    # cache hung in their first gloo collective, 2 times of 2 (BUILD_NOTES.md, "Multi-process
+    # on CPU"). Compiling costs seconds; a hang costs the run.
+    jax.config.update("jax_enable_compilation_cache", False)
   watchdog = threading.Thread(target=_watch, name="moe_jax_peer_watchdog", daemon=True)
   watchdog.start()
   # Registered after JAX's own shutdown, so it runs before it (atexit is last in, first out):
