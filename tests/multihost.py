@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import pathlib
+import signal
 import socket
 import subprocess
 import sys
@@ -46,13 +47,14 @@ def _child_env(devices: int, port: int, num_processes: int, process_id: int) -> 
   env["XLA_FLAGS"] = xla_flags(devices)
   env["JAX_PLATFORMS"] = "cpu"
   env["PYTHONUNBUFFERED"] = "1"
+  env["PYTHONFAULTHANDLER"] = "1"  # SIGABRT on a timeout prints every thread's stack
   env[distributed.ENV_NUM_PROCESSES] = str(num_processes)
   env[distributed.ENV_PROCESS_ID] = str(process_id)
   env[distributed.ENV_COORDINATOR] = f"127.0.0.1:{port}"
   return env
 
 
-def _tail(path: pathlib.Path, chars: int = 3000) -> str:
+def _tail(path: pathlib.Path, chars: int = 6000) -> str:
   return path.read_text(errors="replace")[-chars:]
 
 
@@ -95,6 +97,15 @@ def run_processes(script: Union[str, os.PathLike], num_processes: int = 2,
         else:
           time.sleep(0.05)
     finally:
+      hung = [p for p in procs if p.poll() is None]
+      if problem is not None and problem.startswith("timed out"):
+        for p in hung:  # where each one hangs, in its stderr, before it goes
+          p.send_signal(signal.SIGABRT)
+        for p in hung:
+          try:
+            p.wait(timeout=10)
+          except subprocess.TimeoutExpired:
+            pass
       for p in procs:
         if p.poll() is None:
           p.kill()
