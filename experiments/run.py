@@ -13,7 +13,7 @@ from ml_collections import config_flags
 
 import experiments
 from experiments import cli
-from moe_jax import config
+from moe_jax import config, ctrl_c
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "config file (configs/*.py), optionally with :arg", lock_config=True)
@@ -75,6 +75,7 @@ def main(argv):
 
 
 def entry():
+  ctrl_c.catch()
   app.run(main, flags_parser=_parse)
 
 

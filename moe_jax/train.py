@@ -33,7 +33,7 @@ import numpy as np
 import optax
 from jax.experimental import multihost_utils
 
-from moe_jax import checkpoint, data, metrics, model, sharding, workdir as workdirs
+from moe_jax import checkpoint, ctrl_c, data, metrics, model, sharding, workdir as workdirs
 from moe_jax.config import ConfigError, ExperimentConfig, TrainConfig
 
 BATCH_AXES = ("batch", "seq")
@@ -279,6 +279,7 @@ class _Preemption:
   SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
   def __init__(self):
+    ctrl_c.raise_if_pressed()  # a Ctrl-C during start-up that a library swallowed
     self.signum = 0
     self._old = {s: signal.signal(s, self._handler) for s in self.SIGNALS}
 

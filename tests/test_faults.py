@@ -355,6 +355,25 @@ def test_ctrl_c_saves_the_step_like_sigterm(env, config_file, tmp_path):
   assert int(checkpoint.read_numpy(os.path.join(workdir, "checkpoints"), last)["step"]) == last
 
 
+def test_a_swallowed_ctrl_c_during_start_up_still_stops_the_run(monkeypatch):
+  from moe_jax import ctrl_c
+  monkeypatch.setattr(ctrl_c, "_pressed", [])
+  old = signal.getsignal(signal.SIGINT)
+  try:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    ctrl_c.catch()
+    ctrl_c.raise_if_pressed()  # nothing pressed yet
+    try:
+      os.kill(os.getpid(), signal.SIGINT)
+      time.sleep(1)  # the handler runs in the main thread at the next bytecode
+    except KeyboardInterrupt:  # a library catching too much
+      pass
+    with pytest.raises(KeyboardInterrupt):
+      ctrl_c.raise_if_pressed()
+  finally:
+    signal.signal(signal.SIGINT, old)
+
+
 def test_ctrl_c_before_training_is_one_line(env, config_file, tmp_path):
   # The endless variant: with a warm compilation cache the 12-step run could end within the 3 s
   # (exit 0) before the signal came.
