@@ -5,15 +5,19 @@ Anything wrong is one line on stderr and an exit status (experiments/cli.py list
 anything is written where it can be known before. SIGTERM saves the current step and exits 0,
 Ctrl-C the same with status 130; a rerun resumes where it stopped.
 """
-import os
-import signal
+if __name__ == "__main__":  # before the imports below: a Ctrl-C while they load is kept
+  from moe_jax import ctrl_c as _ctrl_c
+  _ctrl_c.catch()
 
-from absl import app, flags, logging
-from ml_collections import config_flags
+import os  # noqa: E402
+import signal  # noqa: E402
 
-import experiments
-from experiments import cli
-from moe_jax import config, ctrl_c
+from absl import app, flags, logging  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+import experiments  # noqa: E402
+from experiments import cli  # noqa: E402
+from moe_jax import config, ctrl_c  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "config file (configs/*.py), optionally with :arg", lock_config=True)
@@ -35,6 +39,7 @@ def _parse(argv: list[str]) -> list[str]:
 def _run(cfg: config.ExperimentConfig, path: str):
   import jax  # pylint: disable=import-outside-toplevel
   from moe_jax import checkpoint, distributed, train  # pylint: disable=import-outside-toplevel  (JAX: after the checks)
+  ctrl_c.arm()  # not earlier: raised inside a C extension's import it becomes an ImportError
   distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
   workdir = _WORKDIR.value or os.path.join("workdir", os.path.splitext(os.path.basename(path))[0])
   try:
