@@ -398,7 +398,10 @@ def test_ctrl_c_before_training_is_one_line(env, config_file, tmp_path):
   process = subprocess.Popen(
       [sys.executable, "-m", "experiments.run", f"--config={config_file}:{ENDLESS}",
        f"--workdir={tmp_path / 'run'}"], cwd=REPO, env=env, stdout=subprocess.PIPE,
-      stderr=subprocess.PIPE, text=True)
+      stderr=subprocess.PIPE, text=True,
+      # As from a terminal. Under `/usr/bin/time pytest` (GNU time ignores SIGINT and SIGQUIT)
+      # the run inherits the ignoring and rightly keeps it: this test then timed out.
+      preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
   time.sleep(3)  # importing JAX and building the setup
   process.send_signal(signal.SIGINT)
   _, stderr = process.communicate(timeout=120)
