@@ -149,8 +149,8 @@ def test_greedy_speculative_equals_plain_decoding(setup, monkeypatch, k, drafter
   from moe_jax.serve import spec_decode
   if drafter != "mtp":
     monkeypatch.setattr(spec_decode, "_draft", _oracle(setup, 0 if drafter == "oracle" else 2))
-  # The oracle runs a full forward per draft (slow): a dozen prompts do for its bookkeeping.
-  prompts = setup[3] if drafter == "mtp" else setup[3][:12]
+  # The oracle runs a full forward per draft (slow): six prompts do for its bookkeeping.
+  prompts = setup[3] if drafter == "mtp" else setup[3][:6]
   requests = [Request(p, max_tokens=7, ignore_eos=True, top_logprobs=2) for p in prompts]
   _, plain = _run(setup, requests)
   engine, fast = _run(setup, requests, speculative_tokens=k)
