@@ -392,6 +392,9 @@ def test_a_swallowed_ctrl_c_during_start_up_still_stops_the_run(monkeypatch):
       gc.callbacks.remove(press)
 
 
+# preexec_fn makes subprocess fork rather than spawn; Python 3.12 warns about forking a process
+# with threads (JAX's). The child only resets a signal before exec, which takes no lock.
+@pytest.mark.filterwarnings("ignore:os.fork\\(\\) was called:RuntimeWarning")
 def test_ctrl_c_before_training_is_one_line(env, config_file, tmp_path):
   # The endless variant: with a warm compilation cache the 12-step run could end within the 3 s
   # (exit 0) before the signal came.
