@@ -99,8 +99,8 @@ def initialize(coordinator_address: Optional[str] = None,
                              heartbeat_timeout_seconds=JAX_HEARTBEAT_TIMEOUT_S)
   if jax.default_backend() == "cpu" and jax.__version_info__ >= (0, 12):
     # jax 0.12.1: two processes whose executables came from a warm persistent compilation
-    # cache hung in their first gloo collective, 2 times of 2 (BUILD_NOTES.md, "Multi-process
-    # on CPU"). Compiling costs seconds; a hang costs the run.
+    # cache hung in their first gloo collective, 2 times of 2 (BUILD_NOTES.md, "Sharding and
+    # multi-process"). Compiling costs seconds; a hang costs the run.
     jax.config.update("jax_enable_compilation_cache", False)
   watchdog = threading.Thread(target=_watch, name="moe_jax_peer_watchdog", daemon=True)
   watchdog.start()

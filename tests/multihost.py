@@ -97,8 +97,8 @@ def run_processes(script: Union[str, os.PathLike], num_processes: int = 2,
         else:
           time.sleep(0.05)
     finally:
-      hung = [p for p in procs if p.poll() is None]
       if problem is not None and problem.startswith("timed out"):
+        hung = [p for p in procs if p.poll() is None]
         for p in hung:  # where each one hangs, in its stderr, before it goes
           p.send_signal(signal.SIGABRT)
         for p in hung:
